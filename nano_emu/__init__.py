@@ -1,0 +1,6 @@
+"""nano_emu: Emu3-style token-based multimodal generation, from scratch in PyTorch.
+
+Images (and video) become discrete codes through a VQ tokenizer (vq.py), codes and text are written into one
+token string (layout.py), one decoder-only transformer models that string (gpt.py), and an autoregressive
+sampler with classifier-free guidance and grid constraints draws from it (sampler.py).
+"""
