@@ -1,0 +1,246 @@
+"""A compact Llama-style decoder: the one next-token model behind text, images and video.
+
+Emu3's language model is a plain Llama-2/3 decoder (RMSNorm, rotary positions, grouped-query attention, SwiGLU,
+no biases, untied output head); only its vocabulary is special, because it also holds the 32768 visual tokens.
+Module and parameter names follow the Llama/Emu3 checkpoints (`self_attn.q_proj`, `mlp.gate_proj`, ...) so the
+released weights map onto this file with a literal name map (weights.py).
+
+One `forward` does two jobs:
+- training / full recompute (`input_pos=None`): logits for every position of a (B, T) batch;
+- decoding with a static KV cache (gpt-fast): `setup_cache(...)` allocates the cache once, each call writes its
+  keys/values at `input_pos` and returns logits for the last position only, so a 184622-wide vocabulary never
+  materialises for a whole 8k-token prompt.
+Left-padded batches pass an `attention_mask` (1 = token, 0 = padding): padded keys are masked out and positions
+count only real tokens (`cumsum(mask) - 1`), as Emu3 does, so each row gives what it would give alone.
+
+References: Emu3 (github.com/baaivision/Emu3, emu3/mllm/modeling_emu3.py), Llama (github.com/meta-llama/llama),
+gpt-fast (github.com/pytorch-labs/gpt-fast) for the static cache, nanoGPT for the manual attention next to SDPA.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 1288
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 4           # < n_head: grouped-query attention (Emu3: 8 kv heads for 32 query heads)
+    dim: int = 256
+    intermediate_size: int = 704  # SwiGLU hidden width
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 512       # the context the model is meant for; longer inputs raise a clear error
+    sdpa: bool = True            # False: the readable manual attention below (same math, for stepping through)
+
+    def __post_init__(self):
+        assert self.dim % self.n_head == 0, f"dim {self.dim} must be divisible by n_head {self.n_head}"
+        assert self.n_head % self.n_kv_head == 0, f"n_head {self.n_head} must be a multiple of n_kv_head {self.n_kv_head}"
+        self.head_dim = self.dim // self.n_head
+
+    @classmethod
+    def tiny(cls, vocab_size: int, **overrides) -> "GPTConfig":
+        """A few million parameters: trains on a 2-core CPU in minutes (train_tiny.py)."""
+        return cls(**{**dict(vocab_size=vocab_size, n_layer=4, n_head=4, n_kv_head=2, dim=256,
+                             intermediate_size=704, rope_theta=10000.0, max_seq_len=512), **overrides})
+
+    @classmethod
+    def emu3_8b(cls, **overrides) -> "GPTConfig":
+        """The released Emu3-Gen / Emu3-Chat numbers (config.json): 8.49B parameters.
+        max_seq_len is 9216 for Gen and 131072 for Chat; the loader reads it from config.json."""
+        return cls(**{**dict(vocab_size=184622, n_layer=32, n_head=32, n_kv_head=8, dim=4096,
+                             intermediate_size=14336, norm_eps=1e-5, rope_theta=1e6, max_seq_len=9216), **overrides})
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # the statistics are computed in float32 even when the model runs in bf16 (as Emu3/Llama do), the
+        # result is cast back before the weight multiplies it, which is the released order of operations
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin tables for integer `positions` (B, T), computed on the fly (cheap, and any position works)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    freqs = positions[..., None].float() * inv_freq     # (B, T, head_dim/2)
+    angles = torch.cat([freqs, freqs], dim=-1)          # (B, T, head_dim): the "rotate_half" layout
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    # HF/Emu3 convention: the two halves of the head dimension are rotated as pairs (x_i, x_{i+d/2}),
+    # not adjacent (x_{2i}, x_{2i+1}) as in Meta's Llama code; the released weights are laid out for this.
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]    # cos/sin (B, 1, T, head_dim) broadcast over heads
+
+
+class KVCache(nn.Module):
+    """Static cache (gpt-fast): one buffer per layer, allocated once, written in place at `input_pos`,
+    so a decode step always has the same shapes (compile/CUDA-graph friendly)."""
+
+    def __init__(self, batch_size, n_kv_head, max_len, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_kv_head, max_len, head_dim)
+        # persistent=False keeps caches out of state_dict(): they are working memory, not weights
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos, k, v):
+        self.k[:, :, input_pos] = k
+        self.v[:, :, input_pos] = v
+        return self.k, self.v
+
+
+def manual_attention(q, k, v, mask):
+    """softmax(q k^T / sqrt(d)) v written out, with the softmax in float32 as Emu3's eager path.
+    q (B, H, T, D), k/v (B, H, S, D) with kv heads already repeated; mask (B, 1, T, S) bool or None = causal."""
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))   # (B, H, T, S)
+    if mask is None:
+        T, S = q.size(-2), k.size(-2)
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = F.softmax(scores.float(), dim=-1).to(q.dtype)
+    return probs @ v                                              # (B, H, T, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.q_proj = nn.Linear(config.dim, config.n_head * config.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.dim, config.n_kv_head * config.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.dim, config.n_kv_head * config.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.n_head * config.head_dim, config.dim, bias=False)
+        self.kv_cache = None   # a KVCache once GPT.setup_cache() has run
+
+    def forward(self, x, cos, sin, mask, input_pos):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)      # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)   # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)   # (B, Hkv, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)                               # (B, Hkv, S, D)
+        if self.config.sdpa:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=self.n_head != self.n_kv_head)
+        else:
+            groups = self.n_head // self.n_kv_head   # each kv head serves `groups` query heads
+            y = manual_attention(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))  # (B, T, C)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.dim, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.dim, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))   # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, input_pos):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)   # untied, as Emu3
+        self.key_valid = None   # (B, S) bool once setup_cache() has run: which cache slots hold real tokens
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                # residual projections start small so the residual stream does not grow with depth (GPT-2)
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def setup_cache(self, batch_size: int, max_len: int, dtype=None, device=None):
+        """Allocate the static KV cache for `batch_size` rows of up to `max_len` tokens (prompt + generation)."""
+        if max_len > self.config.max_seq_len:
+            raise ValueError(f"a cache of {max_len} tokens exceeds the model's context of "
+                             f"{self.config.max_seq_len} (GPTConfig.max_seq_len); shorten the prompt or the output")
+        ref = self.lm_head.weight
+        dtype, device = dtype or ref.dtype, device or ref.device
+        for layer in self.layers:
+            layer.self_attn.kv_cache = KVCache(batch_size, self.config.n_kv_head, max_len,
+                                               self.config.head_dim, dtype, device)
+        self.key_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+
+    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """idx (B, T) token ids. attention_mask (B, T): 1 for tokens, 0 for left padding (optional).
+        input_pos None: full causal pass, returns logits (B, T, V).
+        input_pos (T,) cache slots to write: decode step, returns logits (B, 1, V) for the last position."""
+        B, T = idx.shape
+        x = self.embed_tokens(idx)                                                 # (B, T, C)
+        if input_pos is None:
+            if T > self.config.max_seq_len:
+                raise ValueError(f"sequence of {T} tokens exceeds the model's context of {self.config.max_seq_len}")
+            if attention_mask is None:
+                positions = torch.arange(T, device=idx.device).expand(B, T)
+                mask = None   # plain causal: lets SDPA take its is_causal fast path
+            else:
+                valid = attention_mask.bool()
+                positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+                causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+                mask = self._mask(causal, valid, torch.arange(T, device=idx.device))
+        else:
+            if self.key_valid is None:
+                raise RuntimeError("call setup_cache(batch_size, max_len) before decoding with input_pos")
+            self.key_valid[:, input_pos] = True if attention_mask is None else attention_mask.bool()
+            # a token's position = how many real tokens precede it, so left padding does not shift a row
+            positions = (self.key_valid.long().cumsum(-1)[:, input_pos] - 1).clamp(min=0)   # (B, T)
+            slots = torch.arange(self.key_valid.size(1), device=idx.device)
+            causal = input_pos[:, None] >= slots[None, :]                                   # (T, S)
+            mask = self._mask(causal, self.key_valid, input_pos)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, input_pos)
+        if input_pos is not None:
+            x = x[:, -1:]   # decoding only needs the next token's distribution
+        return self.lm_head(self.norm(x)).float()
+
+    @staticmethod
+    def _mask(causal, key_valid, query_slots):
+        """(B, 1, T, S) bool: causal AND the key is a real token. Every query may also see itself, so a padding
+        query never has an all-masked row (softmax of all -inf is NaN); padding outputs are never used."""
+        S = key_valid.size(1)
+        self_slot = query_slots[:, None] == torch.arange(S, device=key_valid.device)[None, :]   # (T, S)
+        return ((causal[None] & key_valid[:, None, :]) | self_slot[None])[:, None]
