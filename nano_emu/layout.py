@@ -1,0 +1,225 @@
+"""One token string for text, images and video: Emu3's layout.
+
+Emu3 ("Emu3: Next-Token Prediction is All You Need", Wang et al. 2024) gives text, images and video one
+vocabulary and one sequence. Text is text tokens; an image of h x w VQ codes is written as
+
+    BOI "h*w" IMG  v v .. v EOL  v v .. v EOL  ...  (h rows)  EOF EOI
+
+where v = first_visual + code, EOL closes each row, EOF closes a frame and the meta text "h*w" (plain text,
+tokenized by the text tokenizer, so Emu3's tokenizer spells "90*90" digit by digit) tells the reader the grid
+before it starts. A video of t latent frames repeats the rows per frame with EOF after each and says "t*h*w".
+
+    generation prompt ('G'):    BOS caption BOI "h*w" IMG      -> the model continues with the rows
+    understanding prompt ('U'): BOS [template text] image block [question ...]  -> the model answers in text
+
+This module writes such strings (`encode`, `image_block`, the two prompts) and reads them back (`decode`). A
+malformed string (row of the wrong length, a missing marker, a text token inside a row) raises LayoutError
+saying where and what; it is repaired only when the caller asks (`repair=True`), never silently.
+`grid_schedule` lists what may follow IMG at each offset; the sampler turns it into its constraint table.
+"""
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+VISUAL = -1   # wildcard in a grid schedule: "any visual token may stand here"
+
+EMU3_CHAT_TEMPLATE = "You are a helpful assistant. USER: {image}{question}. ASSISTANT:"   # Emu3-Chat, mode 'U'
+
+
+class LayoutError(ValueError):
+    """A token sequence that does not follow the layout."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    pad: int
+    bos: int
+    eos: int
+    img: int           # starts the vision tokens ("<|image token|>", the paper's SOT)
+    boi: int           # begins an image block ("<|image start|>", SOV)
+    eoi: int           # ends it ("<|image end|>", EOV)
+    eol: int           # end of a row
+    eof: int           # end of a (latent) frame
+    first_visual: int  # visual token id = first_visual + VQ code
+    codebook_size: int
+
+    @property
+    def vocab_size(self) -> int:
+        return self.first_visual + self.codebook_size
+
+    @classmethod
+    def emu3(cls) -> "Layout":
+        """The released Emu3 ids (QWen BPE 0..151642, then specials, then 32768 visual tokens)."""
+        return cls(pad=151643, bos=151849, eos=151850, img=151851, boi=151852, eoi=151853,
+                   eol=151846, eof=151847, first_visual=151854, codebook_size=32768)
+
+    @classmethod
+    def tiny(cls, codebook_size: int = 1024) -> "Layout":
+        """Toy models: text is UTF-8 bytes 0..255 (tokenizer.ByteTokenizer), then 8 specials, then the codes."""
+        return cls(pad=256, bos=257, eos=258, img=259, boi=260, eoi=261, eol=262, eof=263,
+                   first_visual=264, codebook_size=codebook_size)
+
+    # --- naming and classifying tokens ---------------------------------------------------------------------
+
+    def is_visual(self, tokens: torch.Tensor) -> torch.Tensor:
+        return (tokens >= self.first_visual) & (tokens < self.first_visual + self.codebook_size)
+
+    def is_special(self, token: int) -> bool:
+        return token in (self.pad, self.bos, self.eos, self.img, self.boi, self.eoi, self.eol, self.eof)
+
+    def name(self, token: int) -> str:
+        """A readable name for error messages."""
+        for role in ("pad", "bos", "eos", "img", "boi", "eoi", "eol", "eof"):
+            if token == getattr(self, role):
+                return role.upper()
+        if self.first_visual <= token < self.vocab_size:
+            return f"visual token (code {token - self.first_visual})"
+        return f"text token {token}"
+
+    # --- writing -------------------------------------------------------------------------------------------
+
+    def image_block(self, codes: torch.Tensor, tokenizer) -> list[int]:
+        """codes (h, w) for an image or (t, h, w) for a video -> BOI meta IMG rows.. EOF .. EOI."""
+        if codes.dim() not in (2, 3) or codes.dtype.is_floating_point:
+            raise ValueError(f"codes must be an integer tensor of shape (h, w) or (t, h, w), got "
+                             f"{codes.dtype} {tuple(codes.shape)}")
+        if codes.numel() and (codes.min() < 0 or codes.max() >= self.codebook_size):
+            raise ValueError(f"codes must lie in [0, {self.codebook_size}), got [{codes.min()}, {codes.max()}]")
+        meta = "*".join(str(n) for n in codes.shape)           # "h*w" or "t*h*w"
+        frames = codes if codes.dim() == 3 else codes[None]     # (t, h, w)
+        t, h, w = frames.shape
+        grid = torch.cat([frames + self.first_visual,
+                          torch.full((t, h, 1), self.eol, dtype=frames.dtype)], dim=2)   # (t, h, w+1): EOL column
+        grid = torch.cat([grid.reshape(t, h * (w + 1)),
+                          torch.full((t, 1), self.eof, dtype=frames.dtype)], dim=1)     # (t, h*(w+1)+1): + EOF
+        return [self.boi, *tokenizer.encode(meta), self.img, *grid.flatten().tolist(), self.eoi]
+
+    def encode(self, parts: list, tokenizer, bos: bool = True, eos: bool = False) -> list[int]:
+        """parts: strings (text) and integer tensors (image/video codes), in order."""
+        tokens = [self.bos] if bos else []
+        for part in parts:
+            tokens += tokenizer.encode(part) if isinstance(part, str) else self.image_block(part, tokenizer)
+        return tokens + [self.eos] if eos else tokens
+
+    def generation_prompt(self, text: str, h: int, w: int, tokenizer, frames: int | None = None) -> list[int]:
+        """Emu3's mode 'G': BOS text BOI "h*w" IMG (or "t*h*w" for a video); the model writes the rows."""
+        meta = f"{h}*{w}" if frames is None else f"{frames}*{h}*{w}"
+        return [self.bos, *tokenizer.encode(text), self.boi, *tokenizer.encode(meta), self.img]
+
+    def understanding_prompt(self, codes: torch.Tensor, question: str, tokenizer,
+                             template: str = "{image}{question}") -> list[int]:
+        """Emu3's mode 'U': BOS, the template with the image block at {image} and the question at {question}.
+        Emu3-Chat uses EMU3_CHAT_TEMPLATE; the tiny models see just the image and write the caption."""
+        before, after = template.split("{image}")
+        return [self.bos, *tokenizer.encode(before.format(question=question)), *self.image_block(codes, tokenizer),
+                *tokenizer.encode(after.format(question=question))]
+
+    def grid_schedule(self, h: int, w: int, frames: int = 1) -> list[int]:
+        """What may follow IMG at each offset: VISUAL (any code) or the one structural token that must stand
+        there. Rows of w codes + EOL, EOF after every frame, then EOI and EOS."""
+        frame = ([VISUAL] * w + [self.eol]) * h + [self.eof]
+        return frame * frames + [self.eoi, self.eos]
+
+    # --- reading -------------------------------------------------------------------------------------------
+
+    def decode(self, tokens, tokenizer, repair: bool = False) -> list:
+        """Token ids -> list of parts: str for text runs, LongTensor (h, w) or (t, h, w) for image blocks.
+        Stops at EOS; BOS and PAD are skipped. Raises LayoutError on malformed structure unless `repair`."""
+        tokens = tokens.tolist() if torch.is_tensor(tokens) else list(tokens)
+        parts, text, i = [], [], 0
+        while i < len(tokens):
+            tok = tokens[i]
+            if tok == self.eos:
+                break
+            if tok == self.boi:
+                if text:
+                    parts.append(tokenizer.decode(text))
+                    text = []
+                codes, i = self._read_block(tokens, i, tokenizer, repair)
+                parts.append(codes)
+                continue
+            if tok in (self.bos, self.pad):
+                pass
+            elif self.is_special(tok) or self.first_visual <= tok < self.vocab_size:
+                if not repair:
+                    raise LayoutError(f"token {i}: {self.name(tok)} outside an image block")
+            else:
+                text.append(tok)
+            i += 1
+        if text:
+            parts.append(tokenizer.decode(text))
+        return parts
+
+    def decode_image(self, tokens, tokenizer, repair: bool = False) -> torch.Tensor:
+        """The codes of the first image block in `tokens`."""
+        for part in self.decode(tokens, tokenizer, repair):
+            if torch.is_tensor(part):
+                return part
+        raise LayoutError("no image block (BOI ... EOI) in the sequence")
+
+    def _read_block(self, tokens: list[int], start: int, tokenizer, repair: bool):
+        """Read the image block whose BOI is at `start`: the meta text, then the grid. Returns (codes, end)."""
+        try:
+            img_at = tokens.index(self.img, start)
+        except ValueError:
+            raise LayoutError(f"token {start}: BOI is never followed by IMG") from None
+        meta = tokenizer.decode(tokens[start + 1:img_at])
+        match = re.fullmatch(r"\s*(\d+)\*(\d+)(?:\*(\d+))?\s*", meta)
+        if match is None:
+            raise LayoutError(f"token {start + 1}: image meta text {meta!r} is not 'h*w' or 't*h*w'")
+        dims = [int(g) for g in match.groups() if g is not None]
+        t, h, w = dims if len(dims) == 3 else (None, *dims)
+        return self.read_grid(tokens, h, w, frames=t, start=img_at + 1, repair=repair)
+
+    def read_grid(self, tokens, h: int, w: int, frames: int | None = None, start: int = 0, repair: bool = False):
+        """Read the rows that follow IMG, from tokens[start] through EOI. Returns (codes, index after EOI):
+        codes (h, w) when `frames` is None (an image), else (frames, h, w)."""
+        tokens = tokens.tolist() if torch.is_tensor(tokens) else tokens
+        t = frames or 1
+        # split the block into frames (by EOF) and rows (by EOL), remembering where every row starts
+        grid, rows, row, row_start, i = [], [], [], start, start
+        while i < len(tokens) and tokens[i] != self.eoi:
+            tok = tokens[i]
+            if self.first_visual <= tok < self.vocab_size:
+                row.append(tok - self.first_visual)
+            elif tok == self.eol:
+                rows.append((row, row_start))
+                row, row_start = [], i + 1
+            elif tok == self.eof:
+                if row and not repair:
+                    raise LayoutError(f"token {i}: EOF in the middle of a row (missing EOL)")
+                grid.append(rows)
+                rows, row, row_start = [], [], i + 1
+            elif not repair:
+                raise LayoutError(f"token {i}: {self.name(tok)} inside an image block (expected a visual "
+                                  f"token, EOL, EOF or EOI)")
+            i += 1
+        if i == len(tokens) and not repair:
+            raise LayoutError(f"the image block starting at token {start} is never closed by EOI")
+        if rows or row:
+            if not repair:
+                raise LayoutError(f"token {i}: the last frame of the block is not closed by EOF")
+            grid.append(rows + ([(row, row_start)] if row else []))
+
+        if not repair:   # the most local complaint first: a bad row says exactly where it starts
+            for f, rows in enumerate(grid):
+                for r, (row, at) in enumerate(rows):
+                    if len(row) != w:
+                        raise LayoutError(f"token {at}: row {r} of frame {f} has {len(row)} visual tokens, "
+                                          f"expected {w}")
+                if len(rows) != h:
+                    raise LayoutError(f"image block starting at token {start}: frame {f} has {len(rows)} rows, "
+                                      f"expected {h}")
+            if len(grid) != t:
+                raise LayoutError(f"image block starting at token {start}: {len(grid)} frames, expected {t}")
+        # repair: cut or pad every row to w codes, every frame to h rows, the block to t frames
+        fixed = [self._fit([self._fit(row, w) for row, _ in rows], h, fill=[0] * w) for rows in grid]
+        codes = torch.tensor(self._fit(fixed, t, fill=[[0] * w] * h), dtype=torch.long)   # (t, h, w)
+        return (codes[0] if frames is None else codes), min(i + 1, len(tokens))
+
+    @staticmethod
+    def _fit(items: list, n: int, fill=0) -> list:
+        """Cut to n items or pad by repeating the last one (`fill` if empty). A no-op on well-formed blocks."""
+        return items[:n] + [items[-1] if items else fill] * (n - len(items))
