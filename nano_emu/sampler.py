@@ -1,0 +1,206 @@
+"""Autoregressive sampling: prefill, one-token decode steps, classifier-free guidance, grid constraints.
+
+An image is drawn one token at a time after the prompt `BOS caption BOI "h*w" IMG`:
+1. prefill: the (left-padded) prompts go through the GPT once, filling the static KV cache;
+2. each step: log-probabilities of the next token -> CFG mix -> grid constraint -> temperature / top-k /
+   top-p -> sample; the token is fed back as a one-token decode step.
+
+Classifier-free guidance runs the conditional and the unconditional prompts as ONE doubled batch
+[cond; uncond] through one forward per step (LlamaGen, min-dalle). The released Emu3 code instead runs two
+sequential forwards per token (transformers' UnbatchedClassifierFreeGuidanceLogitsProcessor), which is why it
+takes ~16k forwards for one 720x720 image. Both halves are fed the same sampled token, so the unconditional
+branch sees the same image tokens, exactly as in Emu3. The shorter prompt is left-padded and its padding is
+masked out of attention (Emu3 issue #56 reports degraded images from batched CFG with padding); positions count
+only real tokens, as Emu3's do (RoPE is relative, so this matters only for rounding at large positions).
+The mix is Emu3's, in log-prob space: log p = uncond + g * (cond - uncond) on log_softmax outputs. LlamaGen
+mixes raw logits instead. The two differ only by a per-row constant (-(1-g)*logsumexp(uncond) - g*logsumexp(cond)),
+which softmax, temperature, top-k and top-p all ignore, so they draw from the same distribution; we keep Emu3's
+form so each processing step matches the released code. g = 1 skips the unconditional branch entirely, so it
+IS unguided sampling, token for token.
+
+Grid constraints: `Layout.grid_schedule` says what may stand at each offset after IMG (a visual token inside a
+row, EOL at each row end, EOF after each frame, then EOI and EOS); `GridConstraint` precomputes one vocabulary
+mask per kind of slot and masks the logits with it before sampling, so a malformed grid is impossible whatever
+the model's logits are (Emu3's prefix_allowed_tokens_fn, as a table instead of Python branching per step).
+
+Sampling functions are small and pure, with an explicit torch.Generator, so a seed reproduces an image on CPU.
+"""
+
+from typing import Iterator, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .layout import VISUAL, Layout
+
+
+def cfg_mix(cond_logprobs: torch.Tensor, uncond_logprobs: torch.Tensor, scale: float) -> torch.Tensor:
+    """Emu3's guidance: push the conditional distribution away from the unconditional one, in log-prob space."""
+    return uncond_logprobs + scale * (cond_logprobs - uncond_logprobs)
+
+
+def sample(logits: torch.Tensor, generator: torch.Generator | None = None, temperature: float = 1.0,
+           top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,). temperature 0 means greedy (argmax). Filters in transformers' order:
+    temperature, then top-k, then top-p (nucleus); masked entries (-inf) are never drawn."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth_best = logits.topk(top_k, dim=-1).values[:, -1:]                   # (B, 1)
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token once the tokens before it already hold top_p of the mass (the best one always stays)
+        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    probs = logits.softmax(-1)
+    # argmax(p / Exp(1)) is a draw from p (the "exponential race"); unlike torch.multinomial it never makes
+    # the GPU wait for the CPU (gpt-fast's multinomial_sample_one_no_sync)
+    race = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / race).argmax(-1)
+
+
+class GridConstraint:
+    """The precomputed constraint table: `allowed[kind]` is a vocabulary mask and `kind_at[step]` says which
+    mask applies at each offset after IMG. Applying it is one masked_fill per step."""
+
+    def __init__(self, layout: Layout, h: int, w: int, frames: int = 1, vocab_size: int | None = None,
+                 device=None):
+        self.schedule = layout.grid_schedule(h, w, frames)
+        kinds = sorted(set(self.schedule))                  # VISUAL and the few structural token ids
+        self.allowed = torch.zeros(len(kinds), vocab_size or layout.vocab_size, dtype=torch.bool)
+        for row, kind in enumerate(kinds):
+            if kind == VISUAL:
+                self.allowed[row, layout.first_visual:layout.first_visual + layout.codebook_size] = True
+            else:
+                self.allowed[row, kind] = True
+        self.allowed = self.allowed.to(device)
+        self.kind_at = [kinds.index(kind) for kind in self.schedule]
+
+    def __len__(self):
+        return len(self.schedule)
+
+    def __call__(self, logits: torch.Tensor, step: int) -> torch.Tensor:
+        return logits.masked_fill(~self.allowed[self.kind_at[step]], float("-inf"))
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device=None):
+    """Left-pad token lists to one (B, L) batch; the mask is 1 on tokens, 0 on padding."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    length = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (length - len(p)) + list(p) for p in prompts], device=device)
+    mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, mask
+
+
+def prefill(model, prompts: list[list[int]], pad_id: int, n_new: int) -> tuple[torch.Tensor, int]:
+    """Allocate the cache for prompt + n_new tokens and run the prompts; returns (next-token logits (B, V),
+    the prompt length L, i.e. the cache slot of the first new token)."""
+    device = model.lm_head.weight.device
+    ids, mask = left_pad(prompts, pad_id, device)
+    length = ids.size(1)
+    if length + n_new > model.config.max_seq_len:
+        raise ValueError(f"prompt of {length} tokens + {n_new} new tokens exceeds the model's context of "
+                         f"{model.config.max_seq_len} tokens; shorten the prompt or generate less")
+    model.setup_cache(len(prompts), length + n_new)
+    logits = model(ids, input_pos=torch.arange(length, device=device), attention_mask=mask)
+    return logits[:, -1], length
+
+
+def decode_one(model, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    """One decode step: tokens (B,) at cache slot input_pos (1,) -> next-token logits (B, V). This is the
+    fixed-shape function worth torch.compile-ing on a GPU."""
+    return model(tokens[:, None], input_pos=input_pos)[:, -1]
+
+
+class Rows(NamedTuple):
+    tokens: torch.Tensor        # (B, n) tokens generated after IMG so far
+    codes: torch.Tensor | None  # (B, rows_done, w) codes of the finished rows (frames stacked); None unconstrained
+    rows_done: int
+    rows_total: int
+
+
+@torch.no_grad()
+def generate_image_stream(model, layout: Layout, prompts: list[list[int]], h: int, w: int, frames: int = 1,
+                          negative_prompts: list[list[int]] | None = None, cfg_scale: float = 3.0,
+                          temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                          generator: torch.Generator | None = None, constrain: bool = True) -> Iterator[Rows]:
+    """Draw len(prompts) images (or videos, frames > 1) of h x w codes; yields Rows after every finished row,
+    the last one carrying every token through EOS. Prompts end with IMG (Layout.generation_prompt).
+    negative_prompts: the unconditional branch for CFG, one per prompt (Emu3: a negative prompt; toy models:
+    the empty caption)."""
+    batch = len(prompts)
+    guided = cfg_scale != 1.0
+    if guided and (negative_prompts is None or len(negative_prompts) != batch):
+        raise ValueError(f"cfg_scale {cfg_scale} needs one negative (unconditional) prompt per prompt; "
+                         f"pass negative_prompts, or cfg_scale=1 for unguided sampling")
+    constraint = GridConstraint(layout, h, w, frames, model.config.vocab_size, model.lm_head.weight.device)
+    n_new = len(constraint)
+    logits, length = prefill(model, prompts + (negative_prompts if guided else []), layout.pad, n_new)
+    visual_steps = torch.tensor([s for s, kind in enumerate(constraint.schedule) if kind == VISUAL])
+    out = torch.full((batch, n_new), layout.pad, dtype=torch.long, device=logits.device)
+    rows_total, rows_done = frames * h, 0
+    for step in range(n_new):
+        logprobs = F.log_softmax(logits.float(), dim=-1)
+        if guided:
+            cond, uncond = logprobs.split(batch)
+            logprobs = cfg_mix(cond, uncond, cfg_scale)
+        if constrain:
+            logprobs = constraint(logprobs, step)
+        token = sample(logprobs, generator, temperature, top_k, top_p)         # (B,)
+        out[:, step] = token
+        if step + 1 < n_new:   # nothing comes after the last token, so it needs no forward
+            fed = torch.cat([token, token]) if guided else token               # both CFG halves see it
+            logits = decode_one(model, fed, torch.tensor([length + step], device=logits.device))
+        if constraint.schedule[step] == layout.eol:
+            rows_done += 1
+            if rows_done < rows_total:   # the last row is reported with the final tokens below
+                yield _rows(out[:, :step + 1], layout, visual_steps, w, rows_done, rows_total, constrain)
+    yield _rows(out, layout, visual_steps, w, rows_total, rows_total, constrain)
+
+
+def _rows(tokens, layout, visual_steps, w, rows_done, rows_total, constrain) -> Rows:
+    codes = None
+    if constrain:   # the structure is guaranteed, so the codes sit at the schedule's visual offsets
+        done = visual_steps[:rows_done * w].to(tokens.device)
+        codes = (tokens[:, done] - layout.first_visual).view(tokens.size(0), rows_done, w)
+    return Rows(tokens, codes, rows_done, rows_total)
+
+
+def generate_image(model, layout: Layout, prompts: list[list[int]], h: int, w: int, frames: int = 1,
+                   repair: bool = False, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like generate_image_stream, but returns (tokens (B, n), codes (B, h, w) or (B, frames, h, w)).
+    The codes are read back through Layout.read_grid, which raises on a malformed grid (possible only with
+    constrain=False) unless repair=True."""
+    for rows in generate_image_stream(model, layout, prompts, h, w, frames, **kwargs):
+        pass
+    codes = [layout.read_grid(row.tolist(), h, w, frames if frames > 1 else None, repair=repair)[0]
+             for row in rows.tokens.cpu()]
+    return rows.tokens, torch.stack(codes)
+
+
+@torch.no_grad()
+def generate_text(model, layout: Layout, prompts: list[list[int]], max_new_tokens: int = 64,
+                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                  generator: torch.Generator | None = None, allowed: torch.Tensor | None = None) -> list[list[int]]:
+    """Continue each prompt until EOS (not included in the result) or max_new_tokens; greedy by default, as
+    Emu3-Chat. allowed: optional (V,) bool mask of tokens that may be generated (e.g. no visual tokens)."""
+    logits, length = prefill(model, prompts, layout.pad, max_new_tokens)
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=logits.device)
+    out = []
+    for step in range(max_new_tokens):
+        logprobs = F.log_softmax(logits.float(), dim=-1)
+        if allowed is not None:
+            logprobs = logprobs.masked_fill(~allowed, float("-inf"))
+        token = sample(logprobs, generator, temperature, top_k, top_p)
+        token = token.masked_fill(finished, layout.pad)   # rows that hit EOS keep feeding padding
+        out.append(token)
+        finished |= token == layout.eos
+        if bool(finished.all()) or step + 1 == max_new_tokens:
+            break
+        logits = decode_one(model, token, torch.tensor([length + step], device=logits.device))
+    rows = torch.stack(out, dim=1).tolist()
+    return [row[:row.index(layout.eos)] if layout.eos in row else row for row in rows]

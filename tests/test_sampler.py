@@ -1,0 +1,182 @@
+"""The sampler: grid constraints make invalid structure impossible, CFG as one doubled batch equals Emu3's
+two-branch guidance, cfg 1 is unguided sampling token for token, seeds reproduce, streaming yields rows."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+
+from nano_emu.gpt import GPT, GPTConfig
+from nano_emu.layout import Layout, LayoutError
+from nano_emu.sampler import GridConstraint, cfg_mix, generate_image, generate_image_stream, generate_text, sample
+from nano_emu.tokenizer import ByteTokenizer
+
+tok = ByteTokenizer()
+L = Layout.tiny(codebook_size=64)
+
+
+class AdversarialLogits(nn.Module):
+    """A stand-in model (nanochat's MockModel idea) whose logits are random and favour exactly the wrong
+    things: structural markers and text get large logits, so unconstrained sampling breaks the grid."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        self.config = SimpleNamespace(vocab_size=L.vocab_size, max_seq_len=4096)
+        self.lm_head = nn.Linear(1, 1)   # only its device is read
+        self.rng = torch.Generator().manual_seed(seed)
+
+    def setup_cache(self, batch_size, max_len):
+        pass
+
+    def forward(self, idx, input_pos=None, attention_mask=None):
+        logits = 4 * torch.randn(idx.size(0), 1, L.vocab_size, generator=self.rng)
+        logits[..., :L.first_visual] += 6.0    # text and markers look very attractive
+        return logits
+
+
+def tiny_gpt(seed=0):
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig.tiny(L.vocab_size, n_layer=2, dim=64, n_head=4, n_kv_head=2, intermediate_size=128,
+                               max_seq_len=256)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(100)   # peaked, prompt-dependent logits, like a trained model's
+    return model
+
+
+def prompts(*captions, h=3, w=4, frames=None):
+    return [L.generation_prompt(c, h, w, tok, frames) for c in captions]
+
+
+@pytest.mark.parametrize("frames", [1, 3])
+def test_constrained_sampler_never_emits_an_invalid_grid(frames):
+    model = AdversarialLogits()
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(25):   # 25 x 8 sequences of random, hostile logits
+        tokens, codes = generate_image(model, L, prompts(*["x"] * 4, frames=frames), 3, 4, frames=frames,
+                                       negative_prompts=prompts(*[""] * 4, frames=frames), cfg_scale=3.0,
+                                       generator=gen, top_k=None if trial % 2 else 5)
+        for row in tokens.tolist():
+            # strict parsing of the full block: raises LayoutError on any structural mistake
+            block = L.read_grid(row, 3, 4, frames if frames > 1 else None)[0]
+            assert row[-1] == L.eos and all(L.first_visual <= L.first_visual + c < L.vocab_size
+                                            for c in block.flatten().tolist())
+        assert codes.shape == ((4, 3, 4) if frames == 1 else (4, frames, 3, 4))
+
+
+def test_without_constraints_the_same_logits_break_the_grid():
+    """The adversarial model really is adversarial: unconstrained, its grids do not parse."""
+    with pytest.raises(LayoutError):
+        generate_image(AdversarialLogits(), L, prompts("x"), 3, 4, cfg_scale=1.0, constrain=False,
+                       generator=torch.Generator().manual_seed(0))
+    _, codes = generate_image(AdversarialLogits(), L, prompts("x"), 3, 4, cfg_scale=1.0, constrain=False,
+                              repair=True, generator=torch.Generator().manual_seed(0))
+    assert codes.shape == (1, 3, 4)
+
+
+def test_grid_constraint_table_is_small_and_exact():
+    constraint = GridConstraint(L, 2, 3)
+    assert constraint.allowed.shape == (5, L.vocab_size)   # visual, EOL, EOF, EOI, EOS
+    masked = constraint(torch.zeros(1, L.vocab_size), 3)   # offset 3 = end of row 0
+    assert torch.isfinite(masked).nonzero()[:, 1].tolist() == [L.eol]
+    masked = constraint(torch.zeros(1, L.vocab_size), 0)
+    assert torch.isfinite(masked).sum() == L.codebook_size
+
+
+def test_cfg_scale_1_is_unguided_sampling_token_for_token():
+    model = tiny_gpt()
+    p, n = prompts("a red circle", "a blue square"), prompts("", "")
+    unguided, _ = generate_image(model, L, p, 3, 4, cfg_scale=1.0, generator=torch.Generator().manual_seed(7))
+    scale_one, _ = generate_image(model, L, p, 3, 4, negative_prompts=n, cfg_scale=1.0,
+                                  generator=torch.Generator().manual_seed(7))
+    assert torch.equal(unguided, scale_one)
+    guided, _ = generate_image(model, L, p, 3, 4, negative_prompts=n, cfg_scale=3.0,
+                               generator=torch.Generator().manual_seed(7))
+    assert not torch.equal(unguided, guided)
+
+
+def test_batched_cfg_equals_two_branch_guidance():
+    """Emu3's released CFG runs the conditional and unconditional prompts as two separate models/contexts.
+    Recompute that here from scratch (no cache, no padding, one branch at a time) with greedy decoding and
+    check the doubled-batch sampler picks the same tokens."""
+    model = tiny_gpt(seed=1)
+    cond, uncond = prompts("a green triangle in the top left")[0], prompts("")[0]   # different lengths
+    scale = 2.5
+    tokens, _ = generate_image(model, L, [cond], 3, 4, negative_prompts=[uncond], cfg_scale=scale,
+                               temperature=0.0)
+    constraint = GridConstraint(L, 3, 4)
+    expected = []
+    with torch.no_grad():
+        for step in range(len(constraint)):
+            c = torch.log_softmax(model(torch.tensor([cond + expected]))[0, -1], -1)
+            u = torch.log_softmax(model(torch.tensor([uncond + expected]))[0, -1], -1)
+            expected.append(int(constraint(cfg_mix(c, u, scale)[None], step).argmax()))
+    assert tokens[0].tolist() == expected
+
+
+def test_seed_reproduces_and_differs():
+    model = tiny_gpt()
+    p, n = prompts("a", "b"), prompts("", "")
+    run = lambda seed: generate_image(model, L, p, 3, 4, negative_prompts=n,
+                                      generator=torch.Generator().manual_seed(seed))[0]
+    assert torch.equal(run(0), run(0))
+    assert not torch.equal(run(0), run(1))
+
+
+def test_sample_filters():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 50, generator=gen)
+    greedy = logits.argmax(-1)
+    assert torch.equal(sample(logits, gen, temperature=0), greedy)
+    assert torch.equal(sample(logits, gen, top_k=1), greedy)
+    assert torch.equal(sample(logits, gen, top_p=1e-6), greedy)
+    masked = logits.clone()
+    masked[:, 10:] = float("-inf")
+    for _ in range(20):
+        assert sample(masked, gen, temperature=2.0).max() < 10
+    top3 = logits.topk(3, -1).indices
+    draws = torch.stack([sample(logits, gen, top_k=3) for _ in range(30)], 1)
+    assert all(set(d.tolist()) <= set(t.tolist()) for d, t in zip(draws, top3))
+    # top-p keeps the smallest set whose mass reaches p
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
+    kept = {int(sample(probs, gen, top_p=0.75)) for _ in range(200)}
+    assert kept == {0, 1}
+
+
+def test_streaming_yields_every_row_in_order():
+    model = tiny_gpt()
+    stream = list(generate_image_stream(model, L, prompts("a", "b"), 3, 4, frames=2, negative_prompts=prompts(
+        "", ""), generator=torch.Generator().manual_seed(3)))
+    assert [r.rows_done for r in stream] == list(range(1, 7))
+    for earlier, later in zip(stream, stream[1:]):
+        assert torch.equal(later.codes[:, :earlier.rows_done], earlier.codes)
+    tokens, codes = generate_image(model, L, prompts("a", "b"), 3, 4, frames=2, negative_prompts=prompts("", ""),
+                                   generator=torch.Generator().manual_seed(3))
+    assert torch.equal(stream[-1].tokens, tokens)
+    assert torch.equal(stream[-1].codes.view(2, 2, 3, 4), codes)
+
+
+def test_generate_text_stops_at_eos():
+    class Scripted(AdversarialLogits):
+        script = [ord("h"), ord("i"), L.eos, ord("x")]
+
+        def setup_cache(self, batch_size, max_len):
+            self.step = 0
+
+        def forward(self, idx, input_pos=None, attention_mask=None):
+            logits = torch.zeros(idx.size(0), 1, L.vocab_size)
+            logits[..., self.script[min(self.step, 3)]] = 1.0
+            self.step += 1
+            return logits
+
+    out = generate_text(Scripted(), L, [[L.bos, 1, 2]], max_new_tokens=10)
+    assert out == [[ord("h"), ord("i")]] and tok.decode(out[0]) == "hi"
+
+
+def test_prompt_too_long_for_the_context():
+    model = tiny_gpt()   # context 256
+    long_prompt = [L.generation_prompt("x" * 250, 3, 4, tok)]
+    with pytest.raises(ValueError, match="exceeds the model's context of 256"):
+        generate_image(model, L, long_prompt, 3, 4, cfg_scale=1.0)
+    with pytest.raises(ValueError, match="negative"):
+        generate_image(model, L, prompts("x"), 3, 4, cfg_scale=3.0)
