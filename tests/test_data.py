@@ -1,0 +1,238 @@
+"""Tests for the toy worlds (nano_emu/data.py): captions, splits, rendering and the checker that scores samples."""
+import itertools
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from nano_emu import data
+from nano_emu.data import (ALL_TRIPLES, COLORS, DIRECTIONS, HELDOUT, IMAGE_SIZE, JITTER, POSITIONS, SHAPES,
+                           SIZES, TRAIN_TRIPLES, VIDEO_FRAMES)
+
+# written out literally, not taken from data.py, so a change to the caption format fails here
+CAPTION_RE = re.compile(r"a (red|green|blue|yellow|cyan|magenta) (circle|square|triangle) "
+                        r"in the (top left|top right|bottom left|bottom right|center)")
+VIDEO_CAPTION_RE = re.compile(r"a (red|green|blue|yellow|cyan|magenta) (circle|square|triangle) "
+                              r"moving (left|right|up|down)")
+
+
+def box_blur3(images: np.ndarray) -> np.ndarray:
+    """3x3 box blur with edge padding, roughly what a small VQ decoder does to a crisp edge."""
+    padded = np.pad(images.astype(np.float32), ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+    out = sum(padded[:, i:i + IMAGE_SIZE, j:j + IMAGE_SIZE] for i in range(3) for j in range(3)) / 9
+    return out.round().astype(np.uint8)
+
+
+def degrade(images: np.ndarray, rng: np.random.Generator, noise: float, stray: int) -> np.ndarray:
+    """Box blur, Gaussian noise on every channel, and `stray` random pixels set to random palette colours."""
+    out = box_blur3(images).astype(np.float32) + rng.normal(0, noise, images.shape)
+    out = np.clip(out, 0, 255).astype(np.uint8)
+    palette = np.array(list(COLORS.values()), dtype=np.uint8)
+    for image in out:
+        ys, xs = rng.integers(IMAGE_SIZE, size=(2, stray))
+        image[ys, xs] = palette[rng.integers(len(palette), size=stray)]
+    return out
+
+
+# -----------------------------------------------------------------------------
+# world definition
+
+
+def test_constants():
+    assert IMAGE_SIZE == 64 and VIDEO_FRAMES == 8
+    assert list(COLORS) == ["red", "green", "blue", "yellow", "cyan", "magenta"]
+    assert all(set(rgb) <= {0, 255} and 0 < sum(rgb) < 3 * 255 for rgb in COLORS.values())  # pure, not white
+    assert len(set(COLORS.values())) == len(COLORS)
+    assert SHAPES == ("circle", "square", "triangle")
+    assert set(POSITIONS) == {"top left", "top right", "bottom left", "bottom right", "center"}
+    assert set(DIRECTIONS) == {"left", "right", "up", "down"}
+    assert len(ALL_TRIPLES) == len(COLORS) * len(SHAPES) * len(POSITIONS)
+
+
+def test_heldout_is_compositional():
+    assert len(HELDOUT) > 0 and len(set(HELDOUT)) == len(HELDOUT)
+    assert set(HELDOUT) <= set(ALL_TRIPLES)
+    assert set(TRAIN_TRIPLES) | set(HELDOUT) == set(ALL_TRIPLES)
+    assert not set(TRAIN_TRIPLES) & set(HELDOUT)
+    # every attribute value is seen in training ...
+    for i, values in enumerate((COLORS, SHAPES, POSITIONS)):
+        assert {t[i] for t in TRAIN_TRIPLES} == set(values)
+    # ... and so is every pair of attributes of every held-out triple: only the combination is new
+    for triple in HELDOUT:
+        for i, j in itertools.combinations(range(3), 2):
+            assert any(t[i] == triple[i] and t[j] == triple[j] for t in TRAIN_TRIPLES), (triple, i, j)
+
+
+# -----------------------------------------------------------------------------
+# captions
+
+
+def test_caption_format():
+    assert data.caption("red", "circle", "top left") == "a red circle in the top left"
+    assert data.video_caption("blue", "triangle", "up") == "a blue triangle moving up"
+    _, captions, attrs = data.sample_shapes(300, 0, split="all")
+    for text, attr in zip(captions, attrs):
+        assert CAPTION_RE.fullmatch(text) and text == "a {} {} in the {}".format(*attr)
+    _, captions, attrs = data.sample_moving_shapes(50, 0)
+    for text, attr in zip(captions, attrs):
+        assert VIDEO_CAPTION_RE.fullmatch(text) and text == "a {} {} moving {}".format(*attr)
+
+
+def test_parse_caption_round_trip():
+    for triple in ALL_TRIPLES:
+        assert data.parse_caption(data.caption(*triple)) == triple
+    for triple in itertools.product(COLORS, SHAPES, DIRECTIONS):
+        assert data.parse_video_caption(data.video_caption(*triple)) == triple
+    for bad in ["", "a red circle", "a purple circle in the top left", "a red circle in the middle",
+                "a red circle in the top left please", "a red circle moving left"]:
+        assert data.parse_caption(bad) is None
+    assert data.parse_video_caption("a red circle in the top left") is None
+
+
+# -----------------------------------------------------------------------------
+# sampling and rendering
+
+
+def test_same_seed_same_data():
+    a = data.sample_shapes(64, 7)
+    b = data.sample_shapes(64, np.random.default_rng(7))  # an int seed and a Generator agree
+    c = data.sample_shapes(64, 8)
+    assert np.array_equal(a[0], b[0]) and a[1] == b[1] and a[2] == b[2]
+    assert not np.array_equal(a[0], c[0])
+    va, vb = data.sample_moving_shapes(8, 3), data.sample_moving_shapes(8, 3)
+    assert np.array_equal(va[0], vb[0]) and va[1] == vb[1]
+    # a shared Generator advances, so consecutive batches differ
+    rng = np.random.default_rng(0)
+    assert not np.array_equal(data.sample_shapes(16, rng)[0], data.sample_shapes(16, rng)[0])
+
+
+def test_splits():
+    _, _, attrs = data.sample_shapes(3000, 1, split="train")
+    assert not set(attrs) & set(HELDOUT)
+    assert set(attrs) == set(TRAIN_TRIPLES)
+    _, _, attrs = data.sample_shapes(300, 1, split="heldout")
+    assert set(attrs) == set(HELDOUT)
+    _, _, attrs = data.sample_shapes(3000, 1, split="all")
+    assert set(attrs) == set(ALL_TRIPLES)
+    with pytest.raises(KeyError):
+        data.sample_shapes(1, 0, split="test")
+
+
+def test_sample_shapes_images():
+    images, captions, attrs = data.sample_shapes(500, 2, split="all")
+    assert images.shape == (500, IMAGE_SIZE, IMAGE_SIZE, 3) and images.dtype == np.uint8
+    assert len(captions) == len(attrs) == 500
+    foreground = images.any(axis=-1)  # (n, H, W)
+    rgb = np.array([COLORS[color] for color, _, _ in attrs], dtype=np.uint8)[:, None, None, :]
+    # black plus exactly the caption's pure colour: no anti-aliasing, no second shape
+    assert np.array_equal(images, foreground[..., None] * rgb)
+    assert foreground.any(axis=(1, 2)).all()
+    border = np.concatenate([foreground[:, 0], foreground[:, -1], foreground[:, :, 0], foreground[:, :, -1]])
+    assert not border.any()  # never touches the edge
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_render_geometry(shape):
+    # every shape fills a 2*size square box centred on its position plus jitter, and nothing leaves the canvas
+    for position, size, dx, dy in itertools.product(POSITIONS, SIZES, (-JITTER, JITTER), (-JITTER, JITTER)):
+        image = data.render("cyan", shape, position, size, dx, dy)
+        mask = image.any(axis=-1)
+        ys, xs = np.nonzero(mask)
+        x, y = POSITIONS[position]
+        assert (xs.min(), xs.max() + 1, ys.min(), ys.max() + 1) == (
+            x + dx - size, x + dx + size, y + dy - size, y + dy + size)
+    fill = data.render("red", shape, "center", 12).any(axis=-1).sum() / 24 ** 2
+    assert fill == pytest.approx({"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}[shape], abs=0.06)
+
+
+def test_triangle_is_upright():
+    mask = data.render("red", "triangle", "center", 12).any(axis=-1)
+    widths = mask.sum(axis=1)[mask.any(axis=1)]
+    assert widths[0] < widths[-1] and np.all(np.diff(widths) >= 0)
+
+
+def test_moving_shapes():
+    videos, captions, attrs = data.sample_moving_shapes(60, 4)
+    assert videos.shape == (60, VIDEO_FRAMES, IMAGE_SIZE, IMAGE_SIZE, 3) and videos.dtype == np.uint8
+    assert {a[2] for a in attrs} == set(DIRECTIONS)
+    for video, (color, shape, direction) in zip(videos, attrs):
+        areas = video.any(axis=-1).sum(axis=(1, 2))
+        assert np.all(areas == areas[0]) and areas[0] > 0  # a shape cut by the edge would lose area
+        assert data.classify_motion(video) == direction
+        assert data.classify_video(video) == (color, shape, direction)
+
+
+def test_render_video_moves():
+    video = data.render_video("green", "square", "down", size=10, x=32, y=12, speed=3)
+    ys = [np.nonzero(frame.any(axis=-1))[0].min() for frame in video]
+    assert ys == [2 + 3 * t for t in range(VIDEO_FRAMES)]
+    assert data.classify_motion(video) == "down"
+    still = np.stack([data.render("red", "circle", "center")] * VIDEO_FRAMES)
+    assert data.classify_motion(still) is None
+
+
+def test_tensor_round_trip():
+    images, _, _ = data.sample_shapes(4, 0)
+    x = data.to_tensor(images)
+    assert x.shape == (4, 3, IMAGE_SIZE, IMAGE_SIZE) and x.dtype == torch.float32
+    assert x.min() == -1 and x.max() == 1
+    assert np.array_equal(data.from_tensor(x), images)
+    videos, _, _ = data.sample_moving_shapes(2, 0)
+    v = data.to_tensor(videos)
+    assert v.shape == (2, VIDEO_FRAMES, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert np.array_equal(data.from_tensor(v), videos)
+    assert data.from_tensor(torch.full((3, 2, 2), 5.0)).max() == 255  # out of range is clipped, not wrapped
+
+
+# -----------------------------------------------------------------------------
+# checker
+
+
+def test_classify_clean_every_combination():
+    for triple in ALL_TRIPLES:
+        for size in (min(SIZES), SIZES[len(SIZES) // 2], max(SIZES)):
+            for dx, dy in [(0, 0), (-JITTER, -JITTER), (JITTER, JITTER), (-JITTER, JITTER), (JITTER, -JITTER)]:
+                assert data.classify(data.render(*triple, size, dx, dy)) == triple, (triple, size, dx, dy)
+
+
+def test_classify_degraded():
+    rng = np.random.default_rng(0)
+    images, _, attrs = data.sample_shapes(400, rng, split="all")
+    blurred = data.score(box_blur3(images), attrs)
+    assert blurred["all"] == 1.0
+    noisy = data.score(degrade(images, rng, noise=10, stray=5), attrs)
+    assert noisy["all"] >= 0.98 and noisy["unreadable"] == 0
+    # the VQ path: through [-1, 1] tensors with a little float noise and back
+    x = data.to_tensor(images) + 0.05 * torch.randn(images.shape[0], 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert data.score(data.from_tensor(x), attrs)["all"] >= 0.98
+
+
+def test_classify_unreadable():
+    rng = np.random.default_rng(0)
+    black = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    assert data.classify(black) is None
+    dim_noise = np.clip(rng.normal(0, 8, black.shape), 0, 255).astype(np.uint8)
+    assert data.classify(dim_noise) is None
+    assert data.classify(rng.integers(0, 256, black.shape, dtype=np.uint8)) is None  # static, not a square
+    assert data.classify(np.full_like(black, 255)) is None  # one colour everywhere is not a shape
+    a, b = data.render("red", "square", "top left", 12), data.render("red", "square", "center", 12)
+    assert data.classify(a | b) is None  # two shapes run together
+    c = data.render("red", "circle", "top left", 12) | data.render("red", "circle", "top right", 12, -12)
+    assert data.classify(c) is None  # two circles touching side by side
+    assert data.classify_video(np.stack([black] * VIDEO_FRAMES)) is None
+
+
+def test_score():
+    images, _, attrs = data.sample_shapes(30, 5, split="all")
+    assert data.score(images, attrs) == {"all": 1.0, "color": 1.0, "shape": 1.0, "position": 1.0,
+                                         "unreadable": 0.0}
+    wrong = [("red" if c != "red" else "blue", s, p) for c, s, p in attrs]
+    result = data.score(images, wrong)
+    assert result["all"] == 0.0 and result["color"] == 0.0 and result["shape"] == 1.0
+    images[:10] = 0  # a third unreadable
+    result = data.score(images, attrs)
+    assert result["unreadable"] == pytest.approx(1 / 3) and result["all"] == pytest.approx(2 / 3)
+    videos, _, vattrs = data.sample_moving_shapes(10, 5)
+    assert data.score(videos, vattrs) == {"all": 1.0, "color": 1.0, "shape": 1.0, "direction": 1.0,
+                                          "unreadable": 0.0}
