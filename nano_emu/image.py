@@ -1,0 +1,69 @@
+"""Image pre/post-processing as Emu3's released image processor does it (`Emu3VisionVQImageProcessor`).
+
+PIL image -> RGB -> `smart_resize` (sides multiples of the VQ's spatial factor 8, area between 512^2 and 1024^2,
+aspect ratio kept, bicubic) -> float pixels in [-1, 1], (3, H, W); and back: [-1, 1] -> uint8 RGB PIL image.
+Every limit is a keyword, so toy images can pass through unchanged (e.g. min_pixels=0 for 64x64 shapes).
+"""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+MIN_PIXELS, MAX_PIXELS = 512 * 512, 1024 * 1024  # the released preprocessor_config.json
+
+
+def smart_resize(height: int, width: int, factor: int = 8, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
+                 max_aspect_ratio: float = 5.0) -> tuple[int, int]:
+    """The released rule: round each side to a multiple of `factor`; if the area leaves [min_pixels, max_pixels],
+    rescale both sides by one factor (rounding down when shrinking, up when growing) to get back inside.
+    The original processor allows aspect ratios up to 5 (transformers' port up to 200)."""
+    if height < factor or width < factor:
+        raise ValueError(f"image of {height}x{width} is too small: both sides must be at least {factor} pixels")
+    if max(height, width) / min(height, width) > max_aspect_ratio:
+        raise ValueError(f"image of {height}x{width} has aspect ratio {max(height, width) / min(height, width):.1f}, "
+                         f"more than the allowed {max_aspect_ratio}")
+    h, w = round(height / factor) * factor, round(width / factor) * factor  # Python's round, as released
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h, w = math.floor(height / beta / factor) * factor, math.floor(width / beta / factor) * factor
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open and decode an image file, or raise a ValueError that names the file."""
+    try:
+        image = Image.open(path)
+        image.load()  # PIL decodes lazily; force it here so a truncated file fails here, with its name
+    except (OSError, ValueError) as e:  # covers missing files and PIL.UnidentifiedImageError
+        raise ValueError(f"cannot read image file {str(path)!r}: {e}") from e
+    return image
+
+
+def image_to_tensor(image: Image.Image | str | Path, factor: int = 8, min_pixels: int = MIN_PIXELS,
+                    max_pixels: int = MAX_PIXELS, max_aspect_ratio: float = 5.0) -> Tensor:
+    """A PIL image (any mode: RGBA, L, P, ...) or a path -> float32 pixels (3, H, W) in [-1, 1], smart-resized."""
+    if not isinstance(image, Image.Image):
+        image = load_image(image)
+    # the released processor uses PIL's plain convert (transformers 4.44): alpha is dropped, not composited on white
+    image = image.convert("RGB")
+    h, w = smart_resize(image.height, image.width, factor, min_pixels, max_pixels, max_aspect_ratio)
+    if (h, w) != (image.height, image.width):
+        image = image.resize((w, h), Image.BICUBIC)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)  # (3, H, W) in [0, 255]
+    return (pixels / 255.0 - 0.5) / 0.5  # rescale 1/255, then normalise with mean = std = 0.5, as released
+
+
+def tensor_to_image(pixels: Tensor) -> Image.Image:
+    """Pixels (3, H, W) in [-1, 1] -> RGB PIL image. Like the released postprocess, values are clipped and truncated
+    (not rounded) to uint8."""
+    if pixels.ndim != 3 or pixels.shape[0] != 3:
+        raise ValueError(f"expected pixels of shape (3, H, W), got {tuple(pixels.shape)}")
+    x = ((pixels.detach().float().cpu() * 0.5 + 0.5) * 255).clamp(0, 255).to(torch.uint8)
+    return Image.fromarray(x.permute(1, 2, 0).numpy())  # (H, W, 3)

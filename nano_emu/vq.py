@@ -1,0 +1,455 @@
+"""Emu3's vision tokenizer: pixels <-> discrete codes, for images and video.
+
+A MoVQ-flavoured VQ-VAE. The 2-D encoder/decoder are taming-transformers' (res blocks, single-head attention at the
+lowest resolution, 8x spatial compression); the decoder's norms are MoVQ's SpatialNorm, conditioned on the quantised
+codes. Emu3 adds a causal temporal stack on the 4-channel latent (4x temporal compression), so one code grid covers
+4 frames and an image is just a clip of 4 identical frames. Module names follow the released `Emu3-VisionTokenizer`
+state dict, so its checkpoint loads with an identity map (the transformers `-hf` names are mapped in weights.py).
+
+    cfg = VQConfig.emu3()                 # or VQConfig.tiny() for CPU toys
+    vq = VQModel(cfg).eval()
+    codes = vq.encode(images)             # (B, 3, H, W) in [-1, 1]  -> (B, H/8, W/8) int64
+    codes = vq.encode(video)              # (B, T, 3, H, W), T % 4 == 0 -> (B, T/4, H/8, W/8)
+    pixels = vq.decode(codes)             # (B, h, w) -> (B, 3, 8h, 8w);  (B, t, h, w) -> (B, 4t, 3, 8h, 8w)
+    out = vq(images)                      # training: VQOutput(recon, codes, loss, losses); out.loss.backward()
+    codebook_usage(out.codes, cfg.codebook_size)
+
+Images take an exact shortcut: every temporal op is causal and every 2-D op acts per frame, so the 4 repeated input
+frames give one 2-D encoding (run once, then repeated), and the returned frame 0 needs only frame 0 of the 2-D
+decoder. `encode(..., full=True)` / `decode(..., full=True)` run the released 4-frame path; tests show both agree.
+
+References: Emu3 (arXiv 2409.18869) and baaivision/Emu3 `emu3/tokenizer/modeling_emu3visionvq.py`; MoVQ
+(arXiv 2209.09002) for SpatialNorm; VQ-VAE (arXiv 1711.00937) for the losses and the straight-through estimator;
+LlamaGen (arXiv 2406.06525) for the optional low-dimensional, L2-normalised codebook.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2-D building blocks, applied to each frame independently
+
+
+class GroupNorm(nn.GroupNorm):
+    """GroupNorm (eps 1e-6) that takes and ignores SpatialNorm's zq, so encoder and decoder blocks share one forward."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__(groups, channels, eps=1e-6)
+
+    def forward(self, x: Tensor, zq: Tensor | None = None) -> Tensor:
+        return super().forward(x)
+
+
+class SpatialNorm(nn.Module):
+    """MoVQ: GroupNorm whose per-pixel scale and shift are 1x1 convs of the quantised code vectors zq, so every
+    decoder layer is told which code sits where (zq is resized to the feature map by nearest neighbour)."""
+
+    def __init__(self, channels: int, zq_channels: int, groups: int):
+        super().__init__()
+        self.norm_layer = GroupNorm(channels, groups)
+        self.conv_y = nn.Conv2d(zq_channels, channels, 1)
+        self.conv_b = nn.Conv2d(zq_channels, channels, 1)
+
+    def forward(self, x: Tensor, zq: Tensor) -> Tensor:
+        zq = F.interpolate(zq, size=x.shape[-2:], mode="nearest")
+        return self.norm_layer(x) * self.conv_y(zq) + self.conv_b(zq)
+
+
+def make_norm(channels: int, groups: int, zq_channels: int | None) -> nn.Module:
+    # the encoder (zq_channels None) uses plain GroupNorm, the decoder SpatialNorm
+    return GroupNorm(channels, groups) if zq_channels is None else SpatialNorm(channels, zq_channels, groups)
+
+
+class ResnetBlock(nn.Module):
+    """(norm -> swish -> conv3x3) twice, plus the input; a 1x1 `nin_shortcut` when the width changes.
+    Emu3 has dropout 0.0 here, so there is no dropout layer."""
+
+    def __init__(self, c_in: int, c_out: int, groups: int, zq_channels: int | None = None):
+        super().__init__()
+        self.norm1 = make_norm(c_in, groups, zq_channels)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2 = make_norm(c_out, groups, zq_channels)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: Tensor, zq: Tensor | None = None) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x, zq)))
+        h = self.conv2(F.silu(self.norm2(h, zq)))
+        return self.nin_shortcut(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all H*W positions of one frame, scale C^-0.5. q, k, v and proj_out are
+    1x1 convs, as in the released checkpoint (transformers stores them as Linear layers; weights.py reshapes)."""
+
+    def __init__(self, channels: int, groups: int, zq_channels: int | None = None):
+        super().__init__()
+        self.norm = make_norm(channels, groups, zq_channels)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: Tensor, zq: Tensor | None = None) -> Tensor:
+        B, C, H, W = x.shape
+        h = self.norm(x, zq)
+        q, k, v = (conv(h).view(B, 1, C, H * W).transpose(2, 3) for conv in (self.q, self.k, self.v))  # (B, 1, HW, C)
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, 1, HW, C); one head, default scale C^-0.5
+        h = h.transpose(2, 3).reshape(B, C, H, W)  # (B, C, H, W)
+        return x + self.proj_out(h)
+
+
+class Resample(nn.Module):
+    """2x in H and W: nearest upsampling + conv3x3 in the decoder; in the encoder a stride-2 conv3x3 after taming's
+    asymmetric zero pad (right and bottom only), which takes H to exactly H/2."""
+
+    def __init__(self, channels: int, up: bool):
+        super().__init__()
+        self.up = up
+        self.conv = nn.Conv2d(channels, channels, 3, stride=1 if up else 2, padding=1 if up else 0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.up:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Level(nn.Module):
+    """One resolution level: res blocks, each followed by attention at attention levels, then an optional resample.
+    A plain container, so parameters read `down.{level}.block.{j}`, `up.{level}.attn.{j}`, `down.{level}.downsample`."""
+
+    def __init__(self, c_in: int, c_out: int, n_blocks: int, attn: bool, groups: int,
+                 zq_channels: int | None = None, resample: str | None = None):  # resample: "down", "up" or None
+        super().__init__()
+        widths_in = [c_in] + [c_out] * (n_blocks - 1)
+        self.block = nn.ModuleList(ResnetBlock(c, c_out, groups, zq_channels) for c in widths_in)
+        self.attn = nn.ModuleList(AttnBlock(c_out, groups, zq_channels) for _ in range(n_blocks if attn else 0))
+        self.resample = resample
+        if resample == "down":
+            self.downsample = Resample(c_out, up=False)
+        elif resample == "up":
+            self.upsample = Resample(c_out, up=True)
+
+    def forward(self, h: Tensor, zq: Tensor | None = None) -> Tensor:
+        for j, block in enumerate(self.block):
+            h = block(h, zq)
+            if len(self.attn) > 0:
+                h = self.attn[j](h, zq)
+        if self.resample == "down":
+            h = self.downsample(h)
+        elif self.resample == "up":
+            h = self.upsample(h)
+        return h
+
+
+class Mid(nn.Module):
+    """res -> attention -> res at the lowest resolution (`mid.block_1`, `mid.attn_1`, `mid.block_2`)."""
+
+    def __init__(self, channels: int, groups: int, zq_channels: int | None = None):
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels, groups, zq_channels)
+        self.attn_1 = AttnBlock(channels, groups, zq_channels)
+        self.block_2 = ResnetBlock(channels, channels, groups, zq_channels)
+
+    def forward(self, h: Tensor, zq: Tensor | None = None) -> Tensor:
+        return self.block_2(self.attn_1(self.block_1(h, zq), zq), zq)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# temporal building blocks, on the embed_dim-wide latent laid out as (B, C, T, h, w)
+
+
+class CausalConv3d(nn.Module):
+    """Conv3d padded with 2 zero frames in front and none behind, so output frame t never sees input frames after t.
+    Emu3 pads 2 front frames whatever the kernel (also for the 4-frame strided kernel); H and W get 'same' padding."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: tuple[int, int, int], stride: tuple[int, int, int] = (1, 1, 1)):
+        super().__init__()
+        ph, pw = kernel[1] - stride[1], kernel[2] - stride[2]
+        self.padding = (pw - pw // 2, pw // 2, ph - ph // 2, ph // 2, 2, 0)  # F.pad order: W, H, T
+        self.conv = nn.Conv3d(c_in, c_out, kernel, stride=stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.pad(x, self.padding))
+
+
+class TimeConv(nn.Module):
+    """2x in time: a stride-2 causal conv in the encoder (T -> T/2); in the decoder each frame is repeated
+    (nearest upsampling along T, T -> 2T) and then smoothed by a causal conv."""
+
+    def __init__(self, channels: int, up: bool):
+        super().__init__()
+        self.up = up
+        kernel, stride = ((3, 3, 3), (1, 1, 1)) if up else ((4, 3, 3), (2, 1, 1))
+        self.conv = CausalConv3d(channels, channels, kernel, stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.up:
+            x = x.repeat_interleave(2, dim=2)  # (B, C, 2T, h, w)
+        return self.conv(x)
+
+
+class TemporalResnetBlock(nn.Module):
+    """A residual block along time: BatchNorm3d (running statistics at inference) and causal 3x3x3 convs."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm1 = nn.BatchNorm3d(channels)
+        self.conv1 = CausalConv3d(channels, channels, (3, 3, 3))
+        self.norm2 = nn.BatchNorm3d(channels)
+        self.conv2 = CausalConv3d(channels, channels, (3, 3, 3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return x + h
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# config, encoder, quantizer, decoder, model
+
+
+@dataclass
+class VQConfig:
+    ch: int = 256  # base width; level l has ch * ch_mult[l] channels
+    ch_mult: tuple[int, ...] = (1, 2, 2, 4)  # one level per entry, a 2x down/upsample between levels
+    num_res_blocks: int = 2  # per encoder level (decoder levels get one more, as taming) and per temporal stack
+    attn_levels: tuple[int, ...] = (3,)  # levels with attention ("attn_resolutions" in the released config)
+    embed_dim: int = 4  # latent width = code vector width (Emu3's z_channels, which must equal embed_dim)
+    codebook_size: int = 32768
+    temporal_factor: int = 4  # input frames per code frame; a power of 2 (one strided time conv per factor 2)
+    in_channels: int = 3
+    norm_groups: int = 32  # GroupNorm groups; 32 in the release, fewer for narrow toy models
+    l2_norm: bool = False  # LlamaGen: L2-normalise latents and codebook, i.e. nearest code by cosine similarity
+    beta: float = 0.25  # commitment loss weight (training only)
+
+    def __post_init__(self):
+        self.ch_mult, self.attn_levels = tuple(self.ch_mult), tuple(self.attn_levels)  # lists from JSON configs
+        if self.temporal_factor < 1 or self.temporal_factor & (self.temporal_factor - 1):
+            raise ValueError(f"temporal_factor must be a power of 2, got {self.temporal_factor}")
+        bad = [self.ch * m for m in self.ch_mult if (self.ch * m) % self.norm_groups]
+        if bad:
+            raise ValueError(f"level widths {bad} are not divisible by norm_groups={self.norm_groups}")
+
+    @property
+    def spatial_factor(self) -> int:  # pixels per code along H and W: one 2x downsample between levels
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @classmethod
+    def emu3(cls) -> "VQConfig":
+        """BAAI/Emu3-VisionTokenizer: 270.7M parameters, 8x8 pixels x 4 frames per code, 32768 codes of width 4."""
+        return cls(ch=256, ch_mult=(1, 2, 2, 4), num_res_blocks=2, attn_levels=(3,), embed_dim=4,
+                   codebook_size=32768, temporal_factor=4, norm_groups=32, l2_norm=False)
+
+    @classmethod
+    def tiny(cls, **overrides) -> "VQConfig":
+        """The same blocks, narrow: 64x64 toy images -> 8x8 codes of width 4, L2-normalised as in LlamaGen (in a
+        2.5 min CPU run this used ~13% of the codes vs ~5% for width 8). One res block per level keeps it fast."""
+        kw = dict(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, attn_levels=(3,), embed_dim=4,
+                  codebook_size=512, temporal_factor=4, norm_groups=8, l2_norm=True)
+        return cls(**{**kw, **overrides})
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        widths, g, n = [cfg.ch * m for m in cfg.ch_mult], cfg.norm_groups, len(cfg.ch_mult)
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.down = nn.ModuleList(
+            Level(([cfg.ch] + widths)[l], widths[l], cfg.num_res_blocks, l in cfg.attn_levels, g,
+                  resample="down" if l < n - 1 else None)
+            for l in range(n))
+        self.mid = Mid(widths[-1], g)
+        self.norm_out = GroupNorm(widths[-1], g)
+        self.conv_out = nn.Conv2d(widths[-1], cfg.embed_dim, 3, padding=1)
+        n_time = int(math.log2(cfg.temporal_factor))
+        self.time_conv = nn.ModuleList(TimeConv(cfg.embed_dim, up=False) for _ in range(n_time))
+        self.time_res_stack = nn.Sequential(*(TemporalResnetBlock(cfg.embed_dim) for _ in range(cfg.num_res_blocks)))
+
+    def frames(self, x: Tensor) -> Tensor:  # (N, 3, H, W) -> (N, C, H/f, W/f), each frame on its own
+        h = self.conv_in(x)
+        for level in self.down:
+            h = level(h)
+        h = self.mid(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+    def temporal(self, z: Tensor) -> Tensor:  # (B, C, T, h, w) -> (B, C, T/temporal_factor, h, w)
+        for conv in self.time_conv:
+            z = F.silu(conv(z))
+        return self.time_res_stack(z)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        widths, g, n, C = [cfg.ch * m for m in cfg.ch_mult], cfg.norm_groups, len(cfg.ch_mult), cfg.embed_dim
+        self.time_res_stack = nn.Sequential(*(TemporalResnetBlock(C) for _ in range(cfg.num_res_blocks)))
+        self.time_conv = nn.ModuleList(TimeConv(C, up=True) for _ in range(int(math.log2(cfg.temporal_factor))))
+        self.conv_in = nn.Conv2d(C, widths[-1], 3, padding=1)
+        self.mid = Mid(widths[-1], g, zq_channels=C)
+        # up[l] is indexed by level as in the release, and run from the deepest level (l = n-1) to l = 0;
+        # level l takes the width of level l+1 and upsamples at its end unless it is the full resolution
+        self.up = nn.ModuleList(
+            Level(widths[min(l + 1, n - 1)], widths[l], cfg.num_res_blocks + 1, l in cfg.attn_levels, g,
+                  zq_channels=C, resample="up" if l > 0 else None)
+            for l in range(n))
+        self.norm_out = SpatialNorm(widths[0], C, g)
+        self.conv_out = nn.Conv2d(widths[0], cfg.in_channels, 3, padding=1)
+
+    def temporal(self, z: Tensor, zq: Tensor) -> tuple[Tensor, Tensor]:  # (B, C, t, h, w) x2 -> (B, C, 4t, h, w) x2
+        # Emu3 sends the post-quant latent and the raw code vectors through the same temporal layers as one
+        # batch, so SpatialNorm's condition zq is upsampled in time too (BatchNorm in training sees both)
+        x = self.time_res_stack(torch.cat([z, zq]))  # (2B, C, t, h, w)
+        for conv in self.time_conv:
+            x = F.silu(conv(x))
+        z, zq = x.chunk(2)
+        return z, zq
+
+    def frames(self, z: Tensor, zq: Tensor) -> Tensor:  # (N, C, h, w) x2 -> (N, 3, H, W), each frame on its own
+        h = self.mid(self.conv_in(z), zq)
+        for level in reversed(self.up):
+            h = level(h, zq)
+        return self.conv_out(F.silu(self.norm_out(h, zq)))
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest codebook vector under squared L2 distance (cosine similarity when l2_norm), the VQ-VAE codebook and
+    commitment losses, and the straight-through estimator."""
+
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        self.embedding = nn.Embedding(cfg.codebook_size, cfg.embed_dim)
+        self.l2_norm = cfg.l2_norm
+
+    def codebook(self) -> Tensor:  # (K, C)
+        w = self.embedding.weight
+        return F.normalize(w, dim=-1) if self.l2_norm else w
+
+    def lookup(self, codes: Tensor) -> Tensor:  # (...) -> (..., C)
+        return F.embedding(codes, self.codebook())
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        B, C, T, h, w = z.shape
+        z = z.permute(0, 2, 3, 4, 1)  # (B, T, h, w, C)
+        if self.l2_norm:
+            z = F.normalize(z, dim=-1)
+        flat, e = z.reshape(-1, C), self.codebook()  # (N, C), (K, C)
+        # |z|^2 + |e|^2 - 2 z.e, written as in the release so that near-ties break the same way
+        dist = flat.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2 * flat @ e.t()  # (N, K)
+        codes = dist.argmin(1).view(B, T, h, w)
+        z_q = F.embedding(codes, e)  # (B, T, h, w, C)
+        codebook_loss = F.mse_loss(z_q, z.detach())  # pulls the chosen codes towards the encoder outputs
+        commit_loss = F.mse_loss(z, z_q.detach())  # keeps the encoder close to its codes
+        z_q = z + (z_q - z).detach()  # straight-through: the forward pass sees z_q, gradients flow to z unchanged
+        return z_q.permute(0, 4, 1, 2, 3), codes, codebook_loss, commit_loss  # (B, C, T, h, w), (B, T, h, w)
+
+
+class VQOutput(NamedTuple):
+    recon: Tensor  # reconstruction, shaped like the input, roughly in [-1, 1] (not clamped)
+    codes: Tensor  # (B, h, w) for images, (B, t, h, w) for video
+    loss: Tensor  # recon_loss + codebook_loss + beta * commit_loss: the scalar to backpropagate
+    losses: dict[str, Tensor]  # the three terms, detached, for logging
+
+
+def codebook_usage(codes: Tensor, codebook_size: int) -> float:
+    """Fraction of the codebook that occurs in `codes` (any shape): concatenate an epoch's codes for epoch usage."""
+    return torch.bincount(codes.flatten(), minlength=codebook_size).gt(0).float().mean().item()
+
+
+class VQModel(nn.Module):
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.quantize = VectorQuantizer(cfg)
+        self.quant_conv = CausalConv3d(cfg.embed_dim, cfg.embed_dim, (3, 1, 1))
+        self.post_quant_conv = CausalConv3d(cfg.embed_dim, cfg.embed_dim, (3, 1, 1))
+
+    def latent(self, x: Tensor, full: bool = False) -> Tensor:
+        """Pixels (B, 3, H, W) or (B, T, 3, H, W) -> continuous latent before quantisation (B, C, t, h, w)."""
+        is_image, tf = self._check_pixels(x), self.cfg.temporal_factor
+        x = x.to(self.quant_conv.conv.weight.dtype)
+        if is_image and not full:
+            z = self.encoder.frames(x)  # (B, C, h, w): what each of the 4 repeated frames would give
+            z = z.unsqueeze(2).expand(-1, -1, tf, -1, -1)  # (B, C, 4, h, w)
+        else:
+            if is_image:  # the released path: an image is a clip of temporal_factor identical frames
+                x = x.unsqueeze(1).expand(-1, tf, -1, -1, -1)  # (B, 4, 3, H, W)
+            B, T = x.shape[:2]
+            z = self.encoder.frames(x.flatten(0, 1))  # (B*T, C, h, w)
+            z = z.view(B, T, *z.shape[1:]).transpose(1, 2)  # (B, C, T, h, w)
+        return self.quant_conv(self.encoder.temporal(z))  # (B, C, T/4, h, w)
+
+    def pixels(self, z_q: Tensor, frame0: bool = False) -> Tensor:
+        """Code vectors (B, C, t, h, w) -> video (B, 4t, 3, H, W), or only its frame 0 (B, 3, H, W) if frame0."""
+        z, zq = self.decoder.temporal(self.post_quant_conv(z_q), z_q)  # (B, C, 4t, h, w) each
+        if frame0:  # causal time + per-frame 2-D decoder: frame 0 needs nothing from frames 1..3
+            return self.decoder.frames(z[:, :, 0], zq[:, :, 0])  # (B, 3, H, W)
+        B, T = z.shape[0], z.shape[2]
+        z, zq = (t.transpose(1, 2).flatten(0, 1) for t in (z, zq))  # (B*T, C, h, w)
+        x = self.decoder.frames(z, zq)  # (B*T, 3, H, W)
+        return x.view(B, T, *x.shape[1:])  # (B, T, 3, H, W)
+
+    @torch.no_grad()
+    def encode(self, x: Tensor, full: bool = False) -> Tensor:
+        """Images (B, 3, H, W) -> codes (B, H/f, W/f); video (B, T, 3, H, W) -> codes (B, T/4, H/f, W/f).
+        Pixels in [-1, 1]. full=True runs an image through all 4 repeated frames, as the released model does."""
+        codes = self.quantize(self.latent(x, full))[1]  # (B, t, h, w)
+        return codes[:, 0] if x.ndim == 4 else codes
+
+    @torch.no_grad()
+    def decode(self, codes: Tensor, full: bool = False) -> Tensor:
+        """Codes (B, h, w) -> image (B, 3, H, W), frame 0 of the decoded clip as released; codes (B, t, h, w) ->
+        video (B, 4t, 3, H, W). full=True decodes all 4 frames of an image and then keeps frame 0."""
+        is_image = self._check_codes(codes)
+        if is_image:
+            codes = codes.unsqueeze(1)  # (B, 1, h, w)
+        z_q = self.quantize.lookup(codes).permute(0, 4, 1, 2, 3)  # (B, C, t, h, w)
+        if is_image and not full:
+            return self.pixels(z_q, frame0=True)
+        video = self.pixels(z_q)
+        return video[:, 0] if is_image else video
+
+    def forward(self, x: Tensor) -> VQOutput:
+        """Training step on images (B, 3, H, W) or video (B, T, 3, H, W): L2 reconstruction + VQ losses."""
+        z_q, codes, codebook_loss, commit_loss = self.quantize(self.latent(x))
+        is_image = x.ndim == 4
+        recon = self.pixels(z_q, frame0=is_image)
+        recon_loss = F.mse_loss(recon, x.to(recon.dtype))
+        loss = recon_loss + codebook_loss + self.cfg.beta * commit_loss
+        losses = {"recon": recon_loss.detach(), "codebook": codebook_loss.detach(), "commit": commit_loss.detach()}
+        return VQOutput(recon, codes[:, 0] if is_image else codes, loss, losses)
+
+    def _check_pixels(self, x: Tensor) -> bool:
+        c, tf, f = self.cfg.in_channels, self.cfg.temporal_factor, self.cfg.spatial_factor
+        if x.ndim not in (4, 5):
+            raise ValueError(f"expected images (B, {c}, H, W) or video (B, T, {c}, H, W), got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"expected float pixels in [-1, 1], got dtype {x.dtype}")
+        if x.shape[-3] != c:
+            raise ValueError(f"expected {c} channels in dim {x.ndim - 3}, got shape {tuple(x.shape)}")
+        if x.ndim == 5 and x.shape[1] % tf:
+            raise ValueError(f"video frames must be a multiple of temporal_factor={tf}, got T={x.shape[1]}")
+        H, W = x.shape[-2:]
+        if H % f or W % f or H == 0 or W == 0:
+            raise ValueError(f"H and W must be positive multiples of spatial_factor={f}, got {H}x{W}"
+                             " (resize first, e.g. with nano_emu.image.smart_resize)")
+        return x.ndim == 4
+
+    def _check_codes(self, codes: Tensor) -> bool:
+        K = self.cfg.codebook_size
+        if codes.ndim not in (3, 4):
+            raise ValueError("expected codes (B, h, w) for images or (B, t, h, w) for video, "
+                             f"got shape {tuple(codes.shape)}")
+        if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+            raise ValueError(f"expected integer codes, got dtype {codes.dtype}")
+        if codes.numel() and (codes.min() < 0 or codes.max() >= K):
+            raise ValueError(f"codes must lie in [0, {K}), got min {codes.min().item()} and max {codes.max().item()}")
+        return codes.ndim == 3
