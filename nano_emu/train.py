@@ -1,0 +1,198 @@
+"""Training the tiny models: the VQ on pixels, then the GPT on Emu3-style token strings.
+
+Both stages share one loop, `fit`: AdamW with a short warmup and cosine decay, a tqdm bar, atomic checkpoints
+every `ckpt_every` steps (checkpoint.py), `resume` that continues from the last checkpoint, and Ctrl-C that saves
+before it exits. Batches are a function of (seed, rank, step), so a resumed run sees exactly the batches it would
+have seen. Data parallel training is nanoGPT's: torchrun sets RANK / WORLD_SIZE, `setup_distributed` reads them
+(gloo on CPU, nccl on CUDA), every rank draws its own batches and DDP averages the gradients.
+
+The GPT learns two kinds of sequence with one next-token loss (Emu3, baaivision/Emu3 emu3/train/datasets.py):
+- generation:    BOS caption BOI "h*w" IMG rows.. EOF EOI EOS  -- the caption is dropped 10% of the time, which
+                 teaches the unconditional branch CFG needs; visual tokens are weighted 0.5 as in Emu3;
+- understanding: BOS [image block] caption EOS                  -- loss on the caption and EOS only.
+"""
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .layout import Layout
+from .weights import load_state_dict_strict
+
+VISUAL_WEIGHT = 0.5   # Emu3 weights the loss on vision tokens by 0.5 relative to text
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: torch.device) -> tuple[Distributed, torch.device]:
+    """Single process unless launched by torchrun; then join the process group (gloo on CPU, nccl on CUDA)
+    and, on CUDA, take this rank's GPU."""
+    if "RANK" not in os.environ:
+        return Distributed(), device
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    return Distributed(dist.get_rank(), dist.get_world_size()), device
+
+
+def batch_rng(seed: int, rank: int, step: int) -> np.random.Generator:
+    """The data stream is a pure function of (seed, rank, step): resuming replays it exactly."""
+    return np.random.default_rng([seed, rank, step])
+
+
+def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))   # cosine down to 10%
+
+
+def fit(model: torch.nn.Module, loss_fn: Callable, steps: int, lr: float, ckpt_path: Path, meta: dict,
+        run: Distributed, ckpt_every: int = 250, resume: bool = False, warmup: int = 20, betas=(0.9, 0.95),
+        clip_grad: float | None = 1.0, after_step: Callable | None = None, desc: str = "train",
+        log_every: int = 10) -> list:
+    """Train `model` for `steps` steps of `loss_fn(net, step) -> (loss, logs)`; `net` is the model, DDP-wrapped
+    when distributed. Checkpoints to ckpt_path (with `meta`, e.g. the config). Returns the logged history."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=0.0)
+    done, history = 0, []
+    if resume and ckpt_path.exists():
+        state, saved, opt_state = load_checkpoint(ckpt_path, device=next(model.parameters()).device)
+        load_state_dict_strict(model, state, source=str(ckpt_path))
+        if opt_state is not None:
+            optimizer.load_state_dict(opt_state)
+        done, history = saved["step"], saved["history"]
+        if run.main:
+            print(f"resuming {desc} from {ckpt_path} at step {done}/{steps}")
+    net = DistributedDataParallel(model) if run.world > 1 else model
+
+    def save():
+        if run.main:
+            save_checkpoint(ckpt_path, model.state_dict(),
+                            {**meta, "step": done, "steps": steps, "history": history}, optimizer.state_dict())
+
+    bar = tqdm(total=steps, initial=done, desc=desc, disable=not run.main, dynamic_ncols=True)
+    try:
+        while done < steps:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(done, steps, lr, warmup)
+            loss, logs = loss_fn(net, done)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip_grad is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+            optimizer.step()
+            if after_step is not None:
+                after_step(done)
+            if done % log_every == 0 or done == steps - 1:
+                history.append({"step": done, **{k: round(float(v), 5) for k, v in logs.items()}})
+                bar.set_postfix({k: f"{float(v):.4f}" for k, v in logs.items()})
+            done += 1
+            bar.update()
+            if done % ckpt_every == 0 and done < steps:
+                save()
+    except KeyboardInterrupt:
+        save()   # `done` counts only completed optimizer steps, so the checkpoint is consistent
+        bar.close()
+        if run.main:
+            print(f"\ninterrupted: saved {ckpt_path} at step {done}; rerun with --resume to continue")
+        raise
+    bar.close()
+    save()
+    return history
+
+
+def train_vq(vq, sample_images: Callable, steps: int, lr: float, ckpt_path: Path, meta: dict, run: Distributed,
+             restart_every: int = 20, **fit_kwargs) -> list:
+    """The VQ stage: reconstruction + codebook + commitment losses (vq.py), with dead codes restarted every
+    `restart_every` steps during the first 80% of training. sample_images(step) -> pixels in [-1, 1]."""
+    counts = torch.zeros(vq.cfg.codebook_size, device=next(vq.parameters()).device)
+    last = {}
+
+    def loss_fn(net, step):
+        x = sample_images(step)
+        out = net(x)
+        counts.add_(torch.bincount(out.codes.flatten(), minlength=len(counts)))
+        last["x"] = x
+        usage = (counts > 0).float().mean()
+        return out.loss, {**out.losses, "usage": usage}
+
+    def restart(step):
+        if (step + 1) % restart_every or step > 0.8 * steps:
+            return
+        if run.world > 1:   # decide on all ranks' usage, restart on rank 0, share the new codebook
+            dist.all_reduce(counts)
+        if run.main:
+            vq.quantize.restart_dead_codes(vq.latent(last["x"]), counts)
+        if run.world > 1:
+            dist.broadcast(vq.quantize.embedding.weight.data, src=0)
+        counts.zero_()
+
+    # plain Adam without clipping: on the toy VQ, clipping at 1.0 cost ~5 dB PSNR at the same step count
+    return fit(vq, loss_fn, steps, lr, ckpt_path, meta, run, after_step=restart, betas=(0.9, 0.999),
+               clip_grad=None, desc="vq", **fit_kwargs)
+
+
+def sequences(layout: Layout, tokenizer, codes: torch.Tensor, captions: list[str], rng: np.random.Generator,
+              p_understand: float = 0.5, p_drop_caption: float = 0.1):
+    """A mixed batch of generation and understanding sequences. codes (B, h, w) or (B, t, h, w).
+    Returns inputs (B, T), targets (B, T) and loss weights (B, T) (0 on padding and on prompts)."""
+    rows = []
+    for item_codes, caption in zip(codes, captions):
+        if rng.random() < p_understand:
+            prompt = layout.understanding_prompt(item_codes, "", tokenizer)
+            answer = tokenizer.encode(caption) + [layout.eos]
+            tokens, weights = prompt + answer, [0.0] * (len(prompt) - 1) + [1.0] * len(answer)
+        else:
+            text = "" if rng.random() < p_drop_caption else caption
+            tokens = layout.encode([text, item_codes], tokenizer, eos=True)
+            weights = [VISUAL_WEIGHT if layout.first_visual <= t else 1.0 for t in tokens[1:]]
+        rows.append((tokens, weights))
+    length = max(len(tokens) for tokens, _ in rows)
+    ids = torch.full((len(rows), length), layout.pad, dtype=torch.long)
+    weight = torch.zeros(len(rows), length - 1)
+    for i, (tokens, weights) in enumerate(rows):   # right padding: causal attention never looks ahead at it
+        ids[i, :len(tokens)] = torch.tensor(tokens)
+        weight[i, :len(weights)] = torch.tensor(weights)
+    return ids[:, :-1], ids[:, 1:], weight
+
+
+def weighted_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+    return (ce * weights.flatten()).sum() / weights.sum()
+
+
+def train_gpt(gpt, layout: Layout, tokenizer, pool_codes: torch.Tensor, pool_captions: list[str], steps: int,
+              batch_size: int, lr: float, ckpt_path: Path, meta: dict, run: Distributed, seed: int = 0,
+              **fit_kwargs) -> list:
+    """The GPT stage on a pool of VQ-encoded toy samples: each step draws batch_size of them and writes each
+    as a generation or an understanding sequence."""
+    device = next(gpt.parameters()).device
+
+    def loss_fn(net, step):
+        rng = batch_rng(seed, run.rank, step)
+        pick = rng.integers(len(pool_codes), size=batch_size)
+        inputs, targets, weights = sequences(layout, tokenizer, pool_codes[pick], [pool_captions[i] for i in pick],
+                                             rng)
+        loss = weighted_loss(net(inputs.to(device)), targets.to(device), weights.to(device))
+        return loss, {"loss": loss.detach()}
+
+    return fit(gpt, loss_fn, steps, lr, ckpt_path, meta, run, desc="gpt", **fit_kwargs)
