@@ -4,3 +4,7 @@ Images (and video) become discrete codes through a VQ tokenizer (vq.py), codes a
 token string (layout.py), one decoder-only transformer models that string (gpt.py), and an autoregressive
 sampler with classifier-free guidance and grid constraints draws from it (sampler.py).
 """
+
+from .emu3 import load_emu3
+
+__all__ = ["load_emu3"]

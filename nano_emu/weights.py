@@ -92,14 +92,14 @@ def vq_from_hf(state_dict: dict[str, Tensor], prefix: str = "vqmodel.",
     return out
 
 
-def load_state_dict_strict(module: nn.Module, state_dict: dict[str, Tensor], source: str, assign: bool = False) -> None:
-    """Check every name and shape first and raise one ValueError listing missing keys, unexpected keys and shape
-    mismatches; only then load. assign=True lets a module built on the meta device take (mmap'd) tensors as is."""
+def check_state_dict(module: nn.Module, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """Raise one ValueError listing missing keys, unexpected keys and shape mismatches between `shapes` (checkpoint
+    key -> shape, e.g. read from safetensors headers before any tensor is) and the module's state dict."""
     expected = module.state_dict()
-    missing = sorted(expected.keys() - state_dict.keys())
-    unexpected = sorted(state_dict.keys() - expected.keys())
-    mismatched = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-                  for k in sorted(expected.keys() & state_dict.keys()) if state_dict[k].shape != expected[k].shape]
+    missing = sorted(expected.keys() - shapes.keys())
+    unexpected = sorted(shapes.keys() - expected.keys())
+    mismatched = [f"{k}: checkpoint {tuple(shapes[k])} vs model {tuple(expected[k].shape)}"
+                  for k in sorted(expected.keys() & shapes.keys()) if tuple(shapes[k]) != tuple(expected[k].shape)]
     if missing or unexpected or mismatched:
         lines = [f"cannot load {source} into {type(module).__name__}:"]
         problems = {"missing keys": missing, "unexpected keys": unexpected, "shape mismatches": mismatched}
@@ -108,6 +108,12 @@ def load_state_dict_strict(module: nn.Module, state_dict: dict[str, Tensor], sou
                 more = f" ... and {len(items) - 10} more" if len(items) > 10 else ""
                 lines.append(f"  {len(items)} {title}: " + ", ".join(items[:10]) + more)
         raise ValueError("\n".join(lines))
+
+
+def load_state_dict_strict(module: nn.Module, state_dict: dict[str, Tensor], source: str, assign: bool = False) -> None:
+    """Check every name and shape first (check_state_dict); only then load. assign=True lets a module built on the
+    meta device take (mmap'd) tensors as is."""
+    check_state_dict(module, {k: tuple(v.shape) for k, v in state_dict.items()}, source)
     module.load_state_dict(state_dict, strict=True, assign=assign)
 
 

@@ -1,0 +1,113 @@
+"""A loaded model and the two things people do with it: draw an image from text, and answer about an image.
+
+`Pipeline` bundles the GPT, the VQ, the text tokenizer and the token layout, plus the prompt conventions of the
+checkpoint (Emu3-Gen's positive suffix and negative prompt, Emu3-Chat's template, the image area). It only
+strings together layout.py (prompts), sampler.py (generation) and vq.py (pixels); it adds no math of its own.
+
+    pipe = load_tiny("out/tiny")                 # what train_tiny.py wrote (or nano_emu.load_emu3(...))
+    image = pipe.draw(["a red circle in the top left"], cfg_scale=3.0, seed=0)[0]
+    for rows in pipe.draw_stream([...]): ...     # watch it fill in row by row
+    text = pipe.answer(image, "")                # the tiny model captions; Emu3-Chat answers the question
+"""
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from PIL import Image
+
+from .checkpoint import load_checkpoint
+from .gpt import GPT, GPTConfig
+from .image import image_to_tensor, tensor_to_image
+from .layout import Layout
+from .sampler import Rows, generate_image_stream, generate_text
+from .tokenizer import ByteTokenizer
+from .vq import VQConfig, VQModel
+from .weights import load_state_dict_strict
+
+
+@dataclass
+class Pipeline:
+    gpt: GPT
+    vq: VQModel
+    tokenizer: object
+    layout: Layout
+    image_area: int                     # pixels of a generated image (Emu3-Gen: 720 * 720)
+    prompt_suffix: str = ""             # appended to every text-to-image prompt (Emu3-Gen's demo suffix)
+    negative_prompt: str = ""           # CFG's unconditional branch ("" = the null caption the toys trained with)
+    chat_template: str = "{image}{question}"
+    resize: dict | None = None          # keyword limits for image.image_to_tensor (None: the released processor's)
+    sampling: dict | None = None        # the checkpoint's sampling defaults (Emu3-Gen: top_k 2048)
+
+    def grid(self, ratio: str = "1:1") -> tuple[int, int]:
+        """Token grid (h, w) for an aspect ratio "W:H" at the checkpoint's image area (Emu3's rule: the
+        image keeps its area, each side a whole number of VQ codes, Python's rounding)."""
+        try:
+            width, height = (float(x) for x in ratio.split(":"))
+        except ValueError:
+            raise ValueError(f"ratio must look like '16:9' (width:height), got {ratio!r}") from None
+        scale = math.sqrt(self.image_area / (width * height))
+        factor = self.vq.cfg.spatial_factor
+        return max(1, round(height * scale / factor)), max(1, round(width * scale / factor))
+
+    def draw_stream(self, prompts: list[str], ratio: str = "1:1", cfg_scale: float = 3.0, seed: int = 0,
+                    negative_prompt: str | None = None, **sampling) -> Iterator[Rows]:
+        """Yields sampler.Rows after every finished row (last: the whole image). Each prompt gets the
+        checkpoint's suffix; the negative prompt (default: the checkpoint's) is the unconditional branch."""
+        h, w = self.grid(ratio)
+        negative = self.negative_prompt if negative_prompt is None else negative_prompt
+        cond = [self.layout.generation_prompt(p + self.prompt_suffix, h, w, self.tokenizer) for p in prompts]
+        uncond = [self.layout.generation_prompt(negative, h, w, self.tokenizer)] * len(prompts)
+        generator = torch.Generator(self.gpt.lm_head.weight.device).manual_seed(seed)
+        sampling = {**(self.sampling or {}), **{k: v for k, v in sampling.items() if v is not None}}
+        yield from generate_image_stream(self.gpt, self.layout, cond, h, w, negative_prompts=uncond,
+                                         cfg_scale=cfg_scale, generator=generator, **sampling)
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> list[Image.Image]:
+        """Codes (B, h, w) -> PIL images (the VQ may run in another dtype than the GPT, as Emu3's demos do)."""
+        pixels = self.vq.decode(codes.to(next(self.vq.parameters()).device))
+        return [tensor_to_image(p) for p in pixels.float()]
+
+    def draw(self, prompts: list[str], **kwargs) -> list[Image.Image]:
+        for rows in self.draw_stream(prompts, **kwargs):
+            pass
+        return self.decode(rows.codes)
+
+    @torch.no_grad()
+    def answer(self, image: Image.Image | str | Path, question: str = "", max_new_tokens: int = 256,
+               **sampling) -> str:
+        """Image understanding: the image block goes into the chat template, the answer is generated
+        (greedy by default, as Emu3-Chat's demo) until EOS."""
+        pixels = image_to_tensor(image, factor=self.vq.cfg.spatial_factor, **(self.resize or {}))
+        device = next(self.vq.parameters()).device
+        codes = self.vq.encode(pixels[None].to(device, next(self.vq.parameters()).dtype))[0].cpu()
+        prompt = self.layout.understanding_prompt(codes, question, self.tokenizer, self.chat_template)
+        text_only = torch.ones(self.gpt.config.vocab_size, dtype=torch.bool, device=self.gpt.lm_head.weight.device)
+        text_only[self.layout.first_visual:] = False   # an answer is text: no visual tokens
+        out = generate_text(self.gpt, self.layout, [prompt], max_new_tokens=max_new_tokens, allowed=text_only,
+                            **sampling)[0]
+        return self.tokenizer.decode(out)
+
+
+def load_tiny(folder: str | Path, device="cpu", dtype=torch.float32) -> Pipeline:
+    """The checkpoints train_tiny.py writes: vq.safetensors and gpt.safetensors (weights + JSON config)."""
+    folder = Path(folder)
+    for name in ("vq.safetensors", "gpt.safetensors"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder / name} is missing: point --ckpt at the --out folder of a finished "
+                                    f"train_tiny.py run (it writes vq.safetensors and gpt.safetensors)")
+    state, meta, _ = load_checkpoint(folder / "vq.safetensors")
+    vq = VQModel(VQConfig(**meta["config"]))
+    load_state_dict_strict(vq, state, source=str(folder / "vq.safetensors"))
+    state, meta, _ = load_checkpoint(folder / "gpt.safetensors")
+    if meta.get("step") != meta.get("steps"):
+        print(f"note: {folder / 'gpt.safetensors'} is a mid-training checkpoint (step {meta.get('step')} of "
+              f"{meta.get('steps')})")
+    gpt = GPT(GPTConfig(**meta["config"]))
+    load_state_dict_strict(gpt, state, source=str(folder / "gpt.safetensors"))
+    side = 64   # the toy worlds' image size; the tiny VQ's 8x downsampling makes it an 8x8 grid
+    return Pipeline(gpt.to(device, dtype).eval(), vq.to(device).eval(), ByteTokenizer(), Layout(**meta["layout"]),
+                    image_area=side * side, resize=dict(min_pixels=side * side, max_pixels=side * side))
