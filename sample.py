@@ -49,12 +49,13 @@ def grid_image(images: list[Image.Image], columns: int) -> Image.Image:
 def draw(pipe: Pipeline, args) -> None:
     prompts = [p for p in args.prompt for _ in range(args.n)]
     h, w = pipe.grid(args.ratio)
-    sampling = dict(ratio=args.ratio, cfg_scale=args.cfg, seed=args.seed, temperature=args.temperature,
+    cfg = pipe.cfg_scale if args.cfg is None else args.cfg
+    sampling = dict(ratio=args.ratio, cfg_scale=cfg, seed=args.seed, temperature=args.temperature,
                     top_k=args.top_k, top_p=args.top_p)
     if args.negative is not None:
         sampling["negative_prompt"] = args.negative
     print(f"drawing {len(prompts)} image(s) of {h}x{w} codes ({h * pipe.vq.cfg.spatial_factor}x"
-          f"{w * pipe.vq.cfg.spatial_factor} px), cfg {args.cfg}, seed {args.seed}")
+          f"{w * pipe.vq.cfg.spatial_factor} px), cfg {cfg}, seed {args.seed}")
     frames, start = [], time.time()
     for rows in pipe.draw_stream(prompts, **sampling):
         n_tokens = rows.tokens.size(1)
@@ -71,7 +72,7 @@ def draw(pipe: Pipeline, args) -> None:
             frames.append(grid_image(frame, args.n))
     elapsed = time.time() - start
     print(f"\n  {n_tokens} tokens per image in {elapsed:.1f}s: {n_tokens * len(prompts) / elapsed:.1f} tokens/s "
-          f"({'CFG: 2 rows per image, ' if args.cfg != 1 else ''}batch {len(prompts)})")
+          f"({'CFG: 2 rows per image, ' if cfg != 1 else ''}batch {len(prompts)})")
     images = pipe.decode(rows.codes)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -112,7 +113,8 @@ def parse_args(argv=None):
     gen.add_argument("--prompt", action="append", default=[], help="caption to draw (repeat for several)")
     gen.add_argument("--n", type=int, default=1, help="images per prompt (one grid row per prompt)")
     gen.add_argument("--negative", default=None, help="negative prompt for CFG (default: the checkpoint's)")
-    gen.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
+    gen.add_argument("--cfg", type=float, default=None,
+                     help="classifier-free guidance scale, 1 = off (default: the checkpoint's; Emu3-Gen: 3.0)")
     gen.add_argument("--ratio", default="1:1", help="aspect ratio width:height (area fixed by the checkpoint)")
     gen.add_argument("--temperature", type=float, default=None, help="(default: the checkpoint's)")
     gen.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens "

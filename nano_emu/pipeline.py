@@ -40,6 +40,7 @@ class Pipeline:
     chat_template: str = "{image}{question}"
     resize: dict | None = None          # keyword limits for image.image_to_tensor (None: the released processor's)
     sampling: dict | None = None        # the checkpoint's sampling defaults (Emu3-Gen: top_k 2048)
+    cfg_scale: float = 3.0              # the checkpoint's guidance scale (Emu3-Gen: 3.0)
 
     def grid(self, ratio: str = "1:1") -> tuple[int, int]:
         """Token grid (h, w) for an aspect ratio "W:H" at the checkpoint's image area (Emu3's rule: the
@@ -52,11 +53,13 @@ class Pipeline:
         factor = self.vq.cfg.spatial_factor
         return max(1, round(height * scale / factor)), max(1, round(width * scale / factor))
 
-    def draw_stream(self, prompts: list[str], ratio: str = "1:1", cfg_scale: float = 3.0, seed: int = 0,
+    def draw_stream(self, prompts: list[str], ratio: str = "1:1", cfg_scale: float | None = None, seed: int = 0,
                     negative_prompt: str | None = None, **sampling) -> Iterator[Rows]:
         """Yields sampler.Rows after every finished row (last: the whole image). Each prompt gets the
-        checkpoint's suffix; the negative prompt (default: the checkpoint's) is the unconditional branch."""
+        checkpoint's suffix; the negative prompt (default: the checkpoint's) is the unconditional branch.
+        cfg_scale and sampling options left at None take the checkpoint's defaults."""
         h, w = self.grid(ratio)
+        cfg_scale = self.cfg_scale if cfg_scale is None else cfg_scale
         negative = self.negative_prompt if negative_prompt is None else negative_prompt
         cond = [self.layout.generation_prompt(p + self.prompt_suffix, h, w, self.tokenizer) for p in prompts]
         uncond = [self.layout.generation_prompt(negative, h, w, self.tokenizer)] * len(prompts)
@@ -92,6 +95,12 @@ class Pipeline:
         return self.tokenizer.decode(out)
 
 
+# How the tiny models sample by default, measured on the shapes world (docs/benchmarks.md, GPT stage tables):
+# guidance at 3 (Emu3's) overshoots a model this small into broken shapes, temperature 1 samples too many stray codes
+TINY_CFG_SCALE = 2.0
+TINY_SAMPLING = {"temperature": 0.5}
+
+
 def load_tiny(folder: str | Path, device="cpu", dtype=torch.float32) -> Pipeline:
     """The checkpoints train_tiny.py writes: vq.safetensors and gpt.safetensors (weights + JSON config)."""
     folder = Path(folder)
@@ -110,4 +119,5 @@ def load_tiny(folder: str | Path, device="cpu", dtype=torch.float32) -> Pipeline
     load_state_dict_strict(gpt, state, source=str(folder / "gpt.safetensors"))
     side = 64   # the toy worlds' image size; the tiny VQ's 8x downsampling makes it an 8x8 grid
     return Pipeline(gpt.to(device, dtype).eval(), vq.to(device).eval(), ByteTokenizer(), Layout(**meta["layout"]),
-                    image_area=side * side, resize=dict(min_pixels=side * side, max_pixels=side * side))
+                    image_area=side * side, resize=dict(min_pixels=side * side, max_pixels=side * side),
+                    sampling=dict(TINY_SAMPLING), cfg_scale=TINY_CFG_SCALE)
