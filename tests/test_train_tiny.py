@@ -1,0 +1,114 @@
+"""The tiny end to end: train_tiny.py --quick learns and writes what sample.py reads; resume replays exactly;
+torchrun runs it data parallel. (The acceptance figures come from the full default run, see the README.)"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sample
+import train_tiny
+from nano_emu import data
+from nano_emu.checkpoint import load_checkpoint
+from nano_emu.train import Distributed, batch_rng, fit
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quick")
+    torch.set_num_threads(2)
+    metrics = train_tiny.main(train_tiny.parse_args(["--quick", "--out", str(out), "--device", "cpu"]))
+    return out, metrics
+
+
+def test_quick_run_learns_and_writes_everything(quick_run):
+    out, metrics = quick_run
+    assert metrics["final_vq_recon"] < 0.5 * metrics["first_vq_recon"]
+    assert metrics["final_gpt_loss"] < 0.8 * metrics["first_gpt_loss"]
+    for name in ("vq.safetensors", "gpt.safetensors", "metrics.json", "loss.png", "samples.png",
+                 "samples_cfg1.png", "captions.png"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    for name in ("loss.png", "samples.png"):
+        assert Image.open(out / name).size[0] > 200   # a real picture, not an empty file
+    _, meta, _ = load_checkpoint(out / "gpt.safetensors")
+    assert meta["step"] == meta["steps"] == 40
+
+
+def test_refuses_to_overwrite_a_run(quick_run):
+    out, _ = quick_run
+    with pytest.raises(SystemExit, match="--resume"):
+        train_tiny.main(train_tiny.parse_args(["--quick", "--out", str(out)]))
+
+
+def test_sample_draws_a_grid_a_progress_gif_and_a_caption(quick_run, tmp_path, capsys):
+    out, _ = quick_run
+    shape = tmp_path / "shape.png"
+    Image.fromarray(data.render("red", "circle", "top left")).save(shape)
+    args = sample.parse_args(["--ckpt", str(out), "--prompt", "a red circle in the top left",
+                              "--prompt", "a blue square in the center", "--n", "3", "--out", str(tmp_path / "g.png"),
+                              "--progress", str(tmp_path / "g.gif"), "--caption", str(shape), "--device", "cpu"])
+    sample.main(args)
+    assert Image.open(tmp_path / "g.png").size == (3 * 64, 2 * 64)
+    gif = Image.open(tmp_path / "g.gif")
+    assert gif.n_frames == 8   # one frame per finished row (PIL folds the held copies of the last into its duration)
+    printed = capsys.readouterr()
+    assert "tokens/s" in printed.out and f"{shape}:" in printed.out
+
+
+def test_sample_explains_a_missing_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="vq.safetensors is missing"):
+        sample.main(sample.parse_args(["--ckpt", str(tmp_path), "--prompt", "a red circle in the top left"]))
+
+
+def _regression_task(model, step, crash_at=None, interrupt_at=None):
+    if step == crash_at:
+        raise RuntimeError("simulated crash")
+    if step == interrupt_at:
+        raise KeyboardInterrupt
+    rng = batch_rng(0, 0, step)
+    x = torch.from_numpy(rng.standard_normal((16, 4))).float()
+    y = x @ torch.tensor([1.0, -2.0, 0.5, 3.0])[:, None]
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    return loss, {"loss": loss.detach()}
+
+
+@pytest.mark.parametrize("failure", ["crash_at", "interrupt_at"])
+def test_resume_after_a_crash_or_ctrl_c_replays_the_uninterrupted_run(tmp_path, failure):
+    def train(ckpt, resume=False, **fail):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 1)
+        fit(model, lambda net, step: _regression_task(net, step, **fail), steps=12, lr=0.05, ckpt_path=ckpt,
+            meta={"kind": "test"}, run=Distributed(), ckpt_every=4, resume=resume, warmup=2)
+        return model
+
+    reference = train(tmp_path / "ref.safetensors")
+    ckpt = tmp_path / "run.safetensors"
+    with pytest.raises(RuntimeError if failure == "crash_at" else KeyboardInterrupt):
+        train(ckpt, **{failure: 6})
+    _, meta, _ = load_checkpoint(ckpt)
+    assert meta["step"] == (4 if failure == "crash_at" else 6)   # a crash loses at most one interval
+    resumed = train(ckpt, resume=True)
+    assert torch.equal(resumed.weight, reference.weight) and torch.equal(resumed.bias, reference.bias)
+
+
+def test_torchrun_two_cpu_processes(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+           str(ROOT / "train_tiny.py"), "--quick", "--out", str(out), "--device", "cpu",
+           "--vq-steps", "6", "--gpt-steps", "6", "--pool", "64"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("vq.safetensors", "gpt.safetensors"):
+        _, meta, _ = load_checkpoint(out / name)
+        assert meta["step"] == 6
+    assert np.isfinite(json.loads((out / "metrics.json").read_text())["final_gpt_loss"])

@@ -1,0 +1,215 @@
+"""Train a tiny Emu3 on a CPU: a VQ tokenizer, then ONE GPT that both draws shapes from captions and captions them.
+
+    python train_tiny.py                          # the default: ~8 minutes on 2 CPU cores, writes out/tiny/
+    python train_tiny.py --quick --out out/quick  # a smoke run in about a minute
+    python train_tiny.py --resume                 # continue after a crash or Ctrl-C
+    torchrun --nproc_per_node=2 train_tiny.py     # data parallel (gloo on CPU, nccl on CUDA)
+    python train_tiny.py --device cuda --preset small   # more compute, bigger models
+
+Stages: (1) the VQ learns 64x64 shapes -> 8x8 codes; (2) a pool of toy images is encoded with it; (3) the GPT learns
+caption->image and image->caption token strings (nano_emu/train.py); (4) evaluation with the deterministic shapes
+checker (nano_emu/evaluate.py): metrics.json, loss curves and sample grids in the output folder.
+"""
+
+import argparse
+import json
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nano_emu import data
+from nano_emu import evaluate as ev
+from nano_emu.checkpoint import load_checkpoint
+from nano_emu.gpt import GPT, GPTConfig
+from nano_emu.layout import Layout
+from nano_emu.pipeline import TINY_CFG_SCALE, TINY_SAMPLING
+from nano_emu.tokenizer import ByteTokenizer
+from nano_emu.train import batch_rng, setup_distributed, train_gpt, train_vq
+from nano_emu.vq import VQConfig, VQModel
+
+# what each preset trains; any flag given on the command line overrides its preset's value
+PRESETS = {
+    "tiny": dict(vq_steps=700, vq_batch=8, vq_lr=1e-3, pool=8000, gpt_steps=1300, gpt_batch=24, gpt_lr=3e-3,
+                 gpt_dim=128, gpt_layers=4, eval_per_triple=2, eval_images=256),
+    "quick": dict(vq_steps=40, vq_batch=4, vq_lr=1e-3, pool=256, gpt_steps=40, gpt_batch=8, gpt_lr=2e-3,
+                  gpt_dim=64, gpt_layers=2, eval_per_triple=1, eval_images=16),
+    "small": dict(vq_steps=6000, vq_batch=16, vq_lr=1e-3, pool=40000, gpt_steps=6000, gpt_batch=64, gpt_lr=1e-3,
+                  gpt_dim=384, gpt_layers=8, eval_per_triple=8, eval_images=1024),
+}
+
+
+# prompts for the sample grids: every colour, shape and position, all seen in training
+SHOWCASE = [("red", "circle", "top left"), ("green", "square", "bottom right"), ("blue", "triangle", "center"),
+            ("yellow", "square", "top right"), ("cyan", "triangle", "bottom left"), ("magenta", "square", "center")]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    return torch.device(name)
+
+
+def check_output_folder(out: Path, resume: bool) -> None:
+    """Never silently train over someone's checkpoints."""
+    existing = [p.name for p in (out / "vq.safetensors", out / "gpt.safetensors") if p.exists()]
+    if existing and not resume:
+        raise SystemExit(f"{out} already holds {', '.join(existing)}: pass --resume to continue that run, "
+                         f"or --out to start a new one elsewhere")
+
+
+def vq_stage(args, device, run, autocast):
+    cfg = VQConfig.tiny() if args.preset != "small" else VQConfig.tiny(ch=32, norm_groups=8)
+    torch.manual_seed(args.seed)
+    vq = VQModel(cfg).to(device)
+
+    def sample_images(step):
+        rng = batch_rng(args.seed, run.rank, step)
+        if args.video and step % 2:   # every other step a batch of 8-frame clips for the temporal axis
+            clips = data.sample_moving_shapes(max(1, args.vq_batch // 2), rng)[0]
+            return data.to_tensor(clips).to(device)
+        return data.to_tensor(data.sample_shapes(args.vq_batch, rng)[0]).to(device)
+
+    with autocast:
+        history = train_vq(vq, sample_images, args.vq_steps, args.vq_lr, args.out / "vq.safetensors",
+                           {"kind": "vq", "config": asdict(cfg)}, run, resume=args.resume,
+                           ckpt_every=args.ckpt_every)
+    return vq.eval(), history
+
+
+def encode_pool(vq, args, device):
+    """The GPT's training data: `pool` fresh training-split images (and clips with --video), VQ-encoded once."""
+    images, captions, _ = data.sample_shapes(args.pool, np.random.default_rng([args.seed, 1]))
+    with torch.no_grad():
+        codes = [vq.encode(data.to_tensor(images[i:i + 256]).to(device)).cpu() for i in range(0, len(images), 256)]
+    codes = list(torch.cat(codes))
+    if args.video:
+        clips, clip_captions, _ = data.sample_moving_shapes(args.pool // 4, np.random.default_rng([args.seed, 2]))
+        with torch.no_grad():
+            codes += [vq.encode(data.to_tensor(c[None]).to(device))[0].cpu() for c in clips]
+        captions = captions + clip_captions
+    return codes, captions
+
+
+def gpt_stage(args, vq, device, run, autocast):
+    layout, tokenizer = Layout.tiny(vq.cfg.codebook_size), ByteTokenizer()
+    config = GPTConfig.tiny(layout.vocab_size, dim=args.gpt_dim, n_layer=args.gpt_layers,
+                            intermediate_size=int(args.gpt_dim * 8 / 3) // 16 * 16)
+    torch.manual_seed(args.seed)
+    gpt = GPT(config).to(device)
+    codes, captions = encode_pool(vq, args, device)
+    if not args.video:
+        codes = torch.stack(codes)
+    with autocast:
+        history = train_gpt(gpt, layout, tokenizer, codes, captions, args.gpt_steps, args.gpt_batch, args.gpt_lr,
+                            args.out / "gpt.safetensors",
+                            {"kind": "gpt", "config": asdict(config), "layout": asdict(layout), "tokenizer": "bytes"},
+                            run, seed=args.seed, resume=args.resume, ckpt_every=args.ckpt_every)
+    return gpt.eval(), layout, tokenizer, history
+
+
+@torch.no_grad()
+def evaluate(args, vq, gpt, layout, tokenizer):
+    rng = np.random.default_rng([args.seed, 3])
+    metrics = {}
+    n = args.eval_images
+    images, _, attrs = data.sample_shapes(2 * n, rng, split="all")
+    report = ev.vq_report(vq, images)
+    metrics["vq_psnr_db"], metrics["codebook_usage"] = round(report["psnr"], 2), round(report["usage"], 3)
+    metrics["vq_recon_checker"] = ev.adherence(report["recon"], attrs)
+
+    k = args.eval_per_triple
+    for split, triples in (("seen", data.TRAIN_TRIPLES), ("heldout", data.HELDOUT)):
+        reps = k if split == "seen" else k * 8   # only 6 held-out triples: more samples each
+        attrs = [t for t in triples for _ in range(reps)]
+        captions = [data.caption(*t) for t in attrs]
+        for cfg_scale in (args.cfg, 1.0):
+            images = ev.draw(gpt, vq, layout, tokenizer, captions, cfg_scale, seed=args.seed, **TINY_SAMPLING)
+            metrics[f"adherence_{split}_cfg{cfg_scale:g}"] = ev.adherence(images, attrs)
+
+    for split in ("train", "heldout"):
+        images, _, attrs = data.sample_shapes(n if split == "train" else max(12, n // 2), rng, split=split)
+        captions = ev.caption_images(gpt, vq, layout, tokenizer, images)
+        metrics[f"caption_accuracy_{'seen' if split == 'train' else 'heldout'}"] = ev.caption_accuracy(captions, attrs)
+        if split == "train":
+            caption_examples = (images[:12], captions[:12])
+
+    # pictures: samples for a few prompts (the last two held out) with CFG and without, and captions
+    prompts = [data.caption(*t) for t in SHOWCASE] + [data.caption(*t) for t in data.HELDOUT[:2]]
+    columns = 6 if n >= 64 else 2
+    for cfg_scale, name in ((args.cfg, "samples.png"), (1.0, "samples_cfg1.png")):
+        images = ev.draw(gpt, vq, layout, tokenizer, [p for p in prompts for _ in range(columns)], cfg_scale,
+                         seed=args.seed + 1, **TINY_SAMPLING)
+        ev.image_grid(images, prompts, args.out / name, columns, title=f"text -> image, cfg {cfg_scale:g} "
+                      f"(last two prompts held out of training)")
+    images, captions = caption_examples
+    ev.image_grid(images, captions, args.out / "captions.png", columns=1, title="image -> text (greedy)")
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
+
+
+def main(args):
+    args.out = Path(args.out)
+    for key, value in PRESETS["quick" if args.quick else args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    device = resolve_device(args.device)
+    run, device = setup_distributed(device)
+    if run.world > 1 and device.type == "cpu":   # processes share the cores: oversubscribed threads crawl
+        torch.set_num_threads(max(1, (torch.get_num_threads()) // run.world))
+    if run.main:
+        check_output_folder(args.out, args.resume)
+        args.out.mkdir(parents=True, exist_ok=True)
+    dtype = getattr(torch, args.dtype)
+    autocast = torch.autocast(device.type, dtype) if dtype != torch.float32 else nullcontext()
+    timings, start = {}, time.time()
+
+    vq, vq_history = vq_stage(args, device, run, autocast)
+    timings["vq_s"] = round(time.time() - start, 1)
+    gpt, layout, tokenizer, gpt_history = gpt_stage(args, vq, device, run, autocast)
+    timings["gpt_s"] = round(time.time() - start - timings["vq_s"], 1)
+    if not run.main:
+        return None
+    ev.plot_losses({"vq": vq_history, "gpt": gpt_history}, args.out / "loss.png", {"vq": "recon", "gpt": "loss"})
+    metrics = evaluate(args, vq, gpt, layout, tokenizer)
+    timings["eval_s"] = round(time.time() - start - timings["vq_s"] - timings["gpt_s"], 1)
+    timings["total_s"] = round(time.time() - start, 1)
+    metrics.update(timings, final_vq_recon=vq_history[-1]["recon"], final_gpt_loss=gpt_history[-1]["loss"],
+                   first_vq_recon=vq_history[0]["recon"], first_gpt_loss=gpt_history[0]["loss"])
+    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(f"\n{'metric':34s} value\n" + "\n".join(f"{k:34s} {v}" for k, v in metrics.items()))
+    print(f"\nwrote {args.out}/: vq.safetensors gpt.safetensors metrics.json loss.png samples.png "
+          f"samples_cfg1.png captions.png")
+    return metrics
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="out/tiny", help="output folder (checkpoints, metrics, pictures)")
+    p.add_argument("--preset", default="tiny", choices=[k for k in PRESETS if k != "quick"],
+                   help="model sizes and step counts: tiny = ~8 min on 2 CPU cores; small = for a GPU")
+    p.add_argument("--quick", action="store_true", help="a smoke run in about a minute (CI): tiny models, few steps")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    p.add_argument("--video", action="store_true", help="also train on 8-frame moving-shapes clips")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="autocast dtype for training (float32 = no autocast)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cfg", type=float, default=TINY_CFG_SCALE,
+                   help="CFG scale for evaluation and sample grids (compared with cfg 1 = no guidance)")
+    p.add_argument("--ckpt-every", type=int, default=250, help="checkpoint interval, in steps")
+    for name, kind, text in [("vq-steps", int, "VQ training steps"), ("vq-batch", int, "VQ batch size"),
+                             ("vq-lr", float, "VQ learning rate"), ("pool", int, "images encoded for GPT training"),
+                             ("gpt-steps", int, "GPT training steps"), ("gpt-batch", int, "GPT batch size"),
+                             ("gpt-lr", float, "GPT learning rate"), ("gpt-dim", int, "GPT width"),
+                             ("gpt-layers", int, "GPT layers"),
+                             ("eval-per-triple", int, "generated images per seen (color, shape, position)"),
+                             ("eval-images", int, "images for the VQ and captioning metrics")]:
+        p.add_argument(f"--{name}", type=kind, default=None, help=f"{text} (default: from the preset)")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(parse_args())
