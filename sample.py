@@ -17,13 +17,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from nano_emu.pipeline import Pipeline, load_tiny
+from nano_emu.pipeline import Pipeline, load_tiny, resolve_device
 
 
 def load(args) -> Pipeline:
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device = resolve_device(args.device)
     if args.ckpt:
         return load_tiny(args.ckpt, device=device, dtype=torch.float32 if args.dtype == "auto" else
                          getattr(torch, args.dtype))

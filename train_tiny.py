@@ -26,7 +26,7 @@ from nano_emu import evaluate as ev
 from nano_emu.checkpoint import load_checkpoint
 from nano_emu.gpt import GPT, GPTConfig
 from nano_emu.layout import Layout
-from nano_emu.pipeline import TINY_CFG_SCALE, TINY_SAMPLING
+from nano_emu.pipeline import TINY_CFG_SCALE, TINY_SAMPLING, resolve_device
 from nano_emu.tokenizer import ByteTokenizer
 from nano_emu.train import batch_rng, setup_distributed, train_gpt, train_vq
 from nano_emu.vq import VQConfig, VQModel
@@ -45,12 +45,6 @@ PRESETS = {
 # prompts for the sample grids: every colour, shape and position, all seen in training
 SHOWCASE = [("red", "circle", "top left"), ("green", "square", "bottom right"), ("blue", "triangle", "center"),
             ("yellow", "square", "top right"), ("cyan", "triangle", "bottom left"), ("magenta", "square", "center")]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    return torch.device(name)
 
 
 def check_output_folder(out: Path, resume: bool) -> None:

@@ -95,6 +95,13 @@ class Pipeline:
         return self.tokenizer.decode(out)
 
 
+def resolve_device(name: str) -> torch.device:
+    """--device auto picks CUDA, then Apple's MPS, then the CPU; anything else is passed to torch as is."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    return torch.device(name)
+
+
 # How the tiny models sample by default, measured on the shapes world (docs/benchmarks.md, GPT stage tables):
 # guidance at 3 (Emu3's) overshoots a model this small into broken shapes, temperature 1 samples too many stray codes
 TINY_CFG_SCALE = 2.0
