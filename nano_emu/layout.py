@@ -56,10 +56,12 @@ class Layout:
                    eol=151846, eof=151847, first_visual=151854, codebook_size=32768)
 
     @classmethod
-    def tiny(cls, codebook_size: int = 1024) -> "Layout":
-        """Toy models: text is UTF-8 bytes 0..255 (tokenizer.ByteTokenizer), then 8 specials, then the codes."""
-        return cls(pad=256, bos=257, eos=258, img=259, boi=260, eoi=261, eol=262, eof=263,
-                   first_visual=264, codebook_size=codebook_size)
+    def tiny(cls, codebook_size: int = 1024, text_vocab: int = 256) -> "Layout":
+        """Toy models: text ids 0..text_vocab-1 (256 UTF-8 bytes for tokenizer.ByteTokenizer, or a
+        WordTokenizer's words), then 8 specials, then the codes."""
+        n = text_vocab
+        return cls(pad=n, bos=n + 1, eos=n + 2, img=n + 3, boi=n + 4, eoi=n + 5, eol=n + 6, eof=n + 7,
+                   first_visual=n + 8, codebook_size=codebook_size)
 
     # --- naming and classifying tokens ---------------------------------------------------------------------
 
@@ -68,6 +70,14 @@ class Layout:
 
     def is_special(self, token: int) -> bool:
         return token in (self.pad, self.bos, self.eos, self.img, self.boi, self.eoi, self.eol, self.eof)
+
+    def answer_mask(self, vocab_size: int, device=None) -> torch.Tensor:
+        """(vocab_size,) bool: what an answer about an image may contain -- text and EOS, never a visual token or
+        an image/padding marker. The one mask every caption and chat answer is generated under."""
+        allowed = torch.ones(vocab_size, dtype=torch.bool, device=device)
+        allowed[self.first_visual:self.first_visual + self.codebook_size] = False
+        allowed[[self.pad, self.bos, self.img, self.boi, self.eoi, self.eol, self.eof]] = False
+        return allowed
 
     def name(self, token: int) -> str:
         """A readable name for error messages."""

@@ -112,3 +112,17 @@ def test_bad_codes_are_rejected():
         L.image_block(torch.tensor([[0, 100]]), tok)
     with pytest.raises(ValueError, match="shape \\(h, w\\) or \\(t, h, w\\)"):
         L.image_block(torch.zeros(4, dtype=torch.long), tok)
+
+
+def test_tiny_layout_numbers_specials_after_any_text_vocabulary():
+    words = Layout.tiny(codebook_size=512, text_vocab=31)
+    assert (words.pad, words.eof, words.first_visual, words.vocab_size) == (31, 38, 39, 39 + 512)
+    assert Layout.tiny(codebook_size=512).first_visual == 264   # bytes: the default, as before
+
+
+def test_answer_mask_allows_text_and_eos_only():
+    allowed = L.answer_mask(L.vocab_size)
+    assert allowed[:256].all() and allowed[L.eos]
+    assert not allowed[L.first_visual:].any()
+    for marker in (L.pad, L.bos, L.img, L.boi, L.eoi, L.eol, L.eof):
+        assert not allowed[marker]
