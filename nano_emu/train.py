@@ -152,27 +152,38 @@ def train_vq(vq, sample_images: Callable, steps: int, lr: float, ckpt_path: Path
 
 
 def sequences(layout: Layout, tokenizer, codes: torch.Tensor, captions: list[str], rng: np.random.Generator,
-              p_understand: float = 0.5, p_drop_caption: float = 0.1):
+              p_understand: float = 0.5, p_drop_caption: float = 0.1, visual_weight: float = VISUAL_WEIGHT,
+              learn_understood_image: bool = False):
     """A mixed batch of generation and understanding sequences. codes (B, h, w) or (B, t, h, w).
-    Returns inputs (B, T), targets (B, T) and loss weights (B, T) (0 on padding and on prompts)."""
+    Returns inputs (B, T), targets (B, T) and loss weights (B, T) (0 on padding and on prompts).
+
+    learn_understood_image: also put the loss on the image block of an understanding sequence (CM3Leon and
+    Chameleon train on every token, Emu3 only on the answer). `BOS image caption` starts exactly like the
+    unconditional generation string `BOS "" image`, so this trains CFG's unconditional branch on every
+    understanding sequence for free, and the caption need no longer be dropped from generation strings."""
+    def weight(token):
+        return visual_weight if layout.first_visual <= token else 1.0
+
     rows = []
     for item_codes, caption in zip(codes, captions):
         if rng.random() < p_understand:
             prompt = layout.understanding_prompt(item_codes, "", tokenizer)
             answer = tokenizer.encode(caption) + [layout.eos]
-            tokens, weights = prompt + answer, [0.0] * (len(prompt) - 1) + [1.0] * len(answer)
+            tokens = prompt + answer
+            prompt_weights = [weight(t) for t in prompt[1:]] if learn_understood_image else [0.0] * (len(prompt) - 1)
+            weights = prompt_weights + [1.0] * len(answer)
         else:
             text = "" if rng.random() < p_drop_caption else caption
             tokens = layout.encode([text, item_codes], tokenizer, eos=True)
-            weights = [VISUAL_WEIGHT if layout.first_visual <= t else 1.0 for t in tokens[1:]]
+            weights = [weight(t) for t in tokens[1:]]
         rows.append((tokens, weights))
     length = max(len(tokens) for tokens, _ in rows)
     ids = torch.full((len(rows), length), layout.pad, dtype=torch.long)
-    weight = torch.zeros(len(rows), length - 1)
+    weight_grid = torch.zeros(len(rows), length - 1)
     for i, (tokens, weights) in enumerate(rows):   # right padding: causal attention never looks ahead at it
         ids[i, :len(tokens)] = torch.tensor(tokens)
-        weight[i, :len(weights)] = torch.tensor(weights)
-    return ids[:, :-1], ids[:, 1:], weight
+        weight_grid[i, :len(weights)] = torch.tensor(weights)
+    return ids[:, :-1], ids[:, 1:], weight_grid
 
 
 def weighted_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -182,7 +193,7 @@ def weighted_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Te
 
 def train_gpt(gpt, layout: Layout, tokenizer, pool_codes: torch.Tensor, pool_captions: list[str], steps: int,
               batch_size: int, lr: float, ckpt_path: Path, meta: dict, run: Distributed, seed: int = 0,
-              **fit_kwargs) -> list:
+              sequence_options: dict | None = None, **fit_kwargs) -> list:
     """The GPT stage on a pool of VQ-encoded toy samples: each step draws batch_size of them and writes each
     as a generation or an understanding sequence."""
     device = next(gpt.parameters()).device
@@ -191,7 +202,7 @@ def train_gpt(gpt, layout: Layout, tokenizer, pool_codes: torch.Tensor, pool_cap
         rng = batch_rng(seed, run.rank, step)
         pick = rng.integers(len(pool_codes), size=batch_size)
         inputs, targets, weights = sequences(layout, tokenizer, pool_codes[pick], [pool_captions[i] for i in pick],
-                                             rng)
+                                             rng, **(sequence_options or {}))
         loss = weighted_loss(net(inputs.to(device)), targets.to(device), weights.to(device))
         return loss, {"loss": loss.detach()}
 
