@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 import sample
+import train_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,3 +114,20 @@ def test_sample_script_still_shows_a_bugs_traceback(ckpt):
     bug = "import nano_emu.pipeline as p; p.load_tiny = lambda *a, **k: [][0]"   # an IndexError, not the user's
     result = run("sample.py", "--ckpt", ckpt, "--prompt", "x", code=bug)
     assert result.returncode == 1 and "Traceback" in result.stderr and "IndexError" in result.stderr
+
+
+@pytest.mark.parametrize("flags, named", [(["--vq-steps", "0"], "--vq-steps"), (["--gpt-lr", "-1e-3"], "--gpt-lr"),
+                                          (["--gpt-batch", "0"], "--gpt-batch"), (["--pool", "many"], "--pool"),
+                                          (["--gpt-dim", "-64"], "--gpt-dim"), (["--ckpt-every", "0"], "--ckpt-every"),
+                                          (["--cfg", "0"], "--cfg"), (["--seed", "-1"], "--seed")])
+def test_train_tiny_refuses_a_bad_number(flags, named, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        train_tiny.parse_args(["--out", str(tmp_path / "run")] + flags)
+    assert exit.value.code == 2
+    assert f"error: argument {named}: " in capsys.readouterr().err
+
+
+def test_train_tiny_script_refuses_a_bad_number(tmp_path):
+    result = run("train_tiny.py", "--quick", "--out", str(tmp_path / "run"), "--vq-steps", "0")
+    assert_one_line_error(result, "--vq-steps", ">= 1")   # the last line; argparse prints the usage above it
+    assert not (tmp_path / "run").exists()
