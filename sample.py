@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from nano_emu import cli
 from nano_emu.pipeline import Pipeline, load_tiny, resolve_device
 
 
@@ -90,10 +91,6 @@ def answer(pipe: Pipeline, args) -> None:
 
 
 def main(args):
-    if bool(args.ckpt) == bool(args.weights):
-        raise SystemExit("give either --ckpt (a train_tiny.py output folder) or --weights (released Emu3 weights)")
-    if not args.prompt and not (args.caption or args.image):
-        raise SystemExit("nothing to do: give --prompt (text -> image) or --caption / --image (image -> text)")
     pipe = load(args)
     if args.prompt:
         draw(pipe, args)
@@ -101,37 +98,70 @@ def main(args):
         answer(pipe, args)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_argument_group("model (one of)")
-    source.add_argument("--ckpt", help="a train_tiny.py output folder (vq.safetensors + gpt.safetensors)")
-    source.add_argument("--weights", help="released Emu3 folder: Emu3-Gen / Emu3-Chat (original or -hf layout)")
-    source.add_argument("--vq", help="Emu3-VisionTokenizer folder (not needed for -hf folders, which hold the VQ)")
+    source.add_argument("--ckpt", type=cli.existing_folder,
+                        help="a train_tiny.py output folder (vq.safetensors + gpt.safetensors)")
+    source.add_argument("--weights", type=cli.existing_folder,
+                        help="released Emu3 folder: Emu3-Gen / Emu3-Chat (original or -hf layout)")
+    source.add_argument("--vq", type=cli.existing_folder,
+                        help="Emu3-VisionTokenizer folder (not needed for -hf folders, which hold the VQ)")
     gen = p.add_argument_group("text -> image")
     gen.add_argument("--prompt", action="append", default=[], help="caption to draw (repeat for several)")
-    gen.add_argument("--n", type=int, default=1, help="images per prompt (one grid row per prompt)")
+    gen.add_argument("--n", type=cli.at_least(1), default=1, help="images per prompt (one grid row per prompt)")
     gen.add_argument("--negative", default=None, help="negative prompt for CFG (default: the checkpoint's)")
-    gen.add_argument("--cfg", type=float, default=None,
+    # g = 1 is unguided; g < 1 weakens the prompt, g = 0 ignores it (draws the negative prompt), g < 0 steers away
+    gen.add_argument("--cfg", type=cli.above(0, note="1 = no guidance, more follows the prompt harder; "
+                                                     "0 would ignore the prompt"), default=None,
                      help="classifier-free guidance scale, 1 = off (default: the checkpoint's; Emu3-Gen: 3.0)")
-    gen.add_argument("--ratio", default="1:1", help="aspect ratio width:height (area fixed by the checkpoint)")
-    gen.add_argument("--temperature", type=float, default=None, help="(default: the checkpoint's)")
-    gen.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens "
+    gen.add_argument("--ratio", type=cli.ratio, default="1:1",
+                     help="aspect ratio width:height (area fixed by the checkpoint)")
+    gen.add_argument("--temperature", type=cli.at_least(0, float, note="0 = greedy"), default=None,
+                     help="0 = greedy (default: the checkpoint's)")
+    gen.add_argument("--top-k", type=cli.at_least(1), default=None, help="sample from the k most likely tokens "
                      "(default: the checkpoint's; Emu3-Gen: 2048)")
-    gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling (default: off)")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--out", default="sample.png", help="output PNG")
-    gen.add_argument("--progress", default=None, help="also write a GIF of the image filling in row by row")
+    gen.add_argument("--top-p", type=cli.checked(float, lambda p: 0 < p <= 1, "in (0, 1] (1 = off)"), default=None,
+                     help="nucleus sampling (default: off)")
+    # torch.Generator takes any seed in [0, 2**64)
+    gen.add_argument("--seed", type=cli.checked(int, lambda s: 0 <= s < 2**64, "in [0, 2**64)"), default=0)
+    gen.add_argument("--out", type=cli.output_file(cli.image_suffixes(), "an image format PIL writes (.png, .jpg)"),
+                     default="sample.png", help="output image (.png, .jpg, ...)")
+    gen.add_argument("--progress", type=cli.output_file({".gif"}, "a GIF (.gif)"), default=None,
+                     help="also write a GIF (.gif) of the image filling in row by row")
     und = p.add_argument_group("image -> text")
-    und.add_argument("--caption", help="image to caption (tiny models)")
-    und.add_argument("--image", help="image to ask about (Emu3-Chat)")
+    und.add_argument("--caption", type=cli.image_file, help="image to caption (tiny models)")
+    und.add_argument("--image", type=cli.image_file, help="image to ask about (Emu3-Chat)")
     und.add_argument("--question", default="", help="question about --image")
-    und.add_argument("--max-new-tokens", type=int, default=256)
+    und.add_argument("--max-new-tokens", type=cli.at_least(1), default=256)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="GPT weights and activations (auto: float32 for --ckpt, bfloat16 for --weights; "
                         "the VQ stays float32)")
-    return p.parse_args(argv)
+    return p
 
+
+def parse_args(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
+    if bool(args.ckpt) == bool(args.weights):
+        p.error("give either --ckpt (a train_tiny.py output folder) or --weights (released Emu3 weights)")
+    if args.vq and not args.weights:
+        p.error("--vq goes with --weights (the released VQ of an original-layout Emu3 folder)")
+    if not args.prompt and not (args.caption or args.image):
+        p.error("nothing to do: give --prompt (text -> image) or --caption / --image (image -> text)")
+    return args
+
+
+# What the library raises for bad input that only shows once the model is there: a checkpoint folder that lacks
+# a file or holds a corrupt one, an image too small for the VQ, a prompt longer than the context. Any other error
+# is a bug and keeps its traceback. (A bug that raises ValueError is printed as one line too; main() itself lets
+# everything through, so the tests and `python -c "import sample; ..."` still see the traceback.)
+USER_INPUT_ERRORS = (FileNotFoundError, ValueError)
 
 if __name__ == "__main__":
-    main(parse_args())
+    arguments = parse_args()
+    try:
+        main(arguments)
+    except USER_INPUT_ERRORS as e:
+        build_parser().error(str(e))

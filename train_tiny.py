@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nano_emu import data
+from nano_emu import cli, data
 from nano_emu import evaluate as ev
 from nano_emu.checkpoint import load_checkpoint
 from nano_emu.gpt import GPT, GPTConfig
@@ -200,7 +200,8 @@ def main(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    count, rate = cli.at_least(1), cli.above(0)   # steps, sizes and learning rates are all positive
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="out/tiny", help="output folder (checkpoints, metrics, pictures)")
     p.add_argument("--preset", default="tiny", choices=[k for k in PRESETS if k != "quick"],
                    help="model sizes and step counts: tiny = ~8 min on 2 CPU cores; small = for a GPU")
@@ -210,23 +211,25 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="autocast dtype for training (float32 = no autocast)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cfg", type=float, default=TINY_CFG_SCALE,
+    p.add_argument("--seed", type=cli.at_least(0), default=0)
+    p.add_argument("--cfg", type=cli.above(0), default=TINY_CFG_SCALE,
                    help="CFG scale for evaluation and sample grids (compared with cfg 1 = no guidance); "
                         "saved in the checkpoint as its default")
-    p.add_argument("--temperature", type=float, default=TINY_SAMPLING["temperature"],
+    p.add_argument("--temperature", type=cli.at_least(0, float), default=TINY_SAMPLING["temperature"],
                    help="sampling temperature for evaluation and sample grids; saved as the checkpoint's default")
-    p.add_argument("--top-k", type=int, default=None, help="top-k for evaluation and sample grids (default: off)")
-    p.add_argument("--ckpt-every", type=int, default=250, help="checkpoint interval, in steps")
-    for name, kind, text in [("vq-steps", int, "VQ training steps"), ("vq-batch", int, "VQ batch size"),
-                             ("vq-lr", float, "VQ learning rate"), ("pool", int, "images encoded for GPT training"),
-                             ("gpt-steps", int, "GPT training steps"), ("gpt-batch", int, "GPT batch size"),
-                             ("gpt-lr", float, "GPT learning rate"), ("gpt-dim", int, "GPT width"),
-                             ("gpt-layers", int, "GPT layers"),
-                             ("eval-per-triple", int, "generated images per seen (color, shape, position)"),
-                             ("eval-images", int, "images for the VQ and captioning metrics"),
-                             ("p-drop-caption", float, "probability of an empty caption in a generation string"),
-                             ("visual-weight", float, "loss weight of visual tokens relative to text (Emu3: 0.5)")]:
+    p.add_argument("--top-k", type=count, default=None, help="top-k for evaluation and sample grids (default: off)")
+    p.add_argument("--ckpt-every", type=count, default=250, help="checkpoint interval, in steps")
+    for name, kind, text in [("vq-steps", count, "VQ training steps"), ("vq-batch", count, "VQ batch size"),
+                             ("vq-lr", rate, "VQ learning rate"), ("pool", count, "images encoded for GPT training"),
+                             ("gpt-steps", count, "GPT training steps"), ("gpt-batch", count, "GPT batch size"),
+                             ("gpt-lr", rate, "GPT learning rate"), ("gpt-dim", count, "GPT width"),
+                             ("gpt-layers", count, "GPT layers"),
+                             ("eval-per-triple", count, "generated images per seen (color, shape, position)"),
+                             ("eval-images", count, "images for the VQ and captioning metrics"),
+                             ("p-drop-caption", cli.at_least(0, float), "probability of an empty caption in a "
+                              "generation string"),
+                             ("visual-weight", cli.above(0), "loss weight of visual tokens relative to text "
+                              "(Emu3: 0.5)")]:
         p.add_argument(f"--{name}", type=kind, default=None, help=f"{text} (default: from the preset)")
     p.add_argument("--tokenizer", choices=["words", "bytes"], default=None,
                    help="caption tokens: whole words (7 a caption) or UTF-8 bytes (28) (default: from the preset)")

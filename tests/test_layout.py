@@ -65,6 +65,7 @@ def test_grid_schedule():
     # the schedule is exactly the image block after IMG (plus EOS), wildcards where codes stand
     block = L.image_block(torch.zeros(2, 2, 3, dtype=torch.long), tok)
     after_img = block[block.index(L.img) + 1:] + [L.eos]
+    assert len(after_img) == len(schedule)   # zip below would hide a block longer or shorter than the schedule
     assert [VISUAL if s == VISUAL else t for s, t in zip(schedule, after_img)] == schedule
     assert all(t >= L.first_visual for s, t in zip(schedule, after_img) if s == VISUAL)
 

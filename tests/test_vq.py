@@ -12,7 +12,7 @@ from PIL import Image
 from torch import nn
 
 from nano_emu.image import image_to_tensor, load_image, smart_resize, tensor_to_image
-from nano_emu.vq import VQConfig, VQModel, codebook_usage
+from nano_emu.vq import VQConfig, VQModel, VectorQuantizer, codebook_usage
 from nano_emu.weights import load_state_dict_strict, load_vq, rename, vq_from_hf, VQ_HF_TO_ORIGINAL
 
 transformers = pytest.importorskip("transformers")
@@ -247,7 +247,6 @@ def test_toy_training_reconstructs():
     vq.eval()
     recon = vq.decode(vq.encode(x))
     assert F.mse_loss(recon, x) < 0.5 * x.var()  # far better than predicting the mean colour
-    assert 0 < codebook_usage(vq.encode(x), cfg.codebook_size) <= 32 / cfg.codebook_size
 
 
 def test_straight_through_gradients_reach_encoder():
@@ -270,6 +269,30 @@ def test_video_training_forward():
 
 def test_codebook_usage():
     assert codebook_usage(torch.tensor([[0, 1], [1, 3]]), 8) == 3 / 8
+
+
+@pytest.mark.parametrize("l2_norm", [True, False])
+def test_restart_moves_only_dead_codes_onto_encoder_outputs(l2_norm):
+    """Codebook collapse is what the restart is against: encoder outputs far from a random codebook all pick the
+    same few codes. After a restart every unused code sits on an encoder output of the batch, the used codes are
+    untouched, and the same batch now spreads over many codes."""
+    torch.manual_seed(0)
+    K, C = 64, 4
+    quantizer = VectorQuantizer(VQConfig.tiny(codebook_size=K, embed_dim=C, l2_norm=l2_norm))
+    latents = torch.randn(2, C, 1, 3, 3) + 4   # (B, C, t, h, w): 18 vectors off to one side of the N(0, 1) codebook
+    codes = quantizer(latents)[1]
+    counts = torch.bincount(codes.flatten(), minlength=K)
+    dead = counts == 0
+    assert codebook_usage(codes, K) <= 8 / K   # 18 outputs on a handful of codes: the setting of a restart
+    before = quantizer.embedding.weight.clone()
+
+    assert quantizer.restart_dead_codes(latents, counts) == dead.sum() > 0
+    after = quantizer.embedding.weight
+    assert torch.equal(after[~dead], before[~dead])
+    outputs = latents.permute(0, 2, 3, 4, 1).reshape(-1, C)   # (18, C)
+    outputs = F.normalize(outputs, dim=-1) if l2_norm else outputs
+    assert (after[dead, None] - outputs[None]).abs().amax(-1).min(dim=1).values.max() < 1e-6   # (dead, 18) -> (dead,)
+    assert codebook_usage(quantizer(latents)[1], K) >= 12 / K   # most of the 18 outputs now have a code of their own
 
 
 # ------------------------------------------------------------------------------------------------ bad inputs
