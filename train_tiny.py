@@ -44,6 +44,28 @@ PRESETS = {
                   p_drop_caption=0.0, visual_weight=1.0, learn_understood_image=True),
 }
 
+# With --video, clips join both stages: a step trains on a batch of 8-frame moving-shapes clips with probability
+# vq/gpt_clip_share. The preset's step counts are then divided by (1 - share), so the image steps stay the image
+# run's (in expectation) and its image metrics stay comparable; --vq-steps / --gpt-steps given by hand are totals.
+VIDEO = {
+    "tiny": dict(vq_clip_share=0.3, vq_clip_batch=2, clip_pool=4000, gpt_clip_share=0.4, eval_clips=216),
+    "quick": dict(vq_clip_share=0.5, vq_clip_batch=1, clip_pool=64, gpt_clip_share=0.5, eval_clips=12),
+    "small": dict(vq_clip_share=0.3, vq_clip_batch=4, clip_pool=20000, gpt_clip_share=0.4, eval_clips=288),
+}
+
+
+def preset(args) -> dict:
+    """The values the run's preset gives to every flag left unset (with --video, the clip knobs too)."""
+    name = "quick" if args.quick else args.preset
+    values = dict(PRESETS[name])
+    if args.video:
+        values.update(VIDEO[name])
+        for stage in ("vq", "gpt"):
+            share = getattr(args, f"{stage}_clip_share")
+            share = values[f"{stage}_clip_share"] if share is None else share
+            values[f"{stage}_steps"] = round(values[f"{stage}_steps"] / (1 - share))
+    return values
+
 
 # prompts for the sample grids: every colour, shape and position, all seen in training
 SHOWCASE = [("red", "circle", "top left"), ("green", "square", "bottom right"), ("blue", "triangle", "center"),
@@ -65,9 +87,9 @@ def vq_stage(args, device, run, autocast):
 
     def sample_images(step):
         rng = batch_rng(args.seed, run.rank, step)
-        if args.video and step % 2:   # every other step a batch of 8-frame clips for the temporal axis
-            clips = data.sample_moving_shapes(max(1, args.vq_batch // 2), rng)[0]
-            return data.to_tensor(clips).to(device)
+        if args.video and rng.random() < args.vq_clip_share:   # a batch of 8-frame clips: the temporal axis
+            clips = data.sample_moving_shapes(args.vq_clip_batch, rng)[0]
+            return data.to_tensor(clips).to(device)   # (B, 8, 3, 64, 64) -> codes (B, 2, 8, 8)
         return data.to_tensor(data.sample_shapes(args.vq_batch, rng)[0]).to(device)
 
     with autocast:
@@ -77,18 +99,18 @@ def vq_stage(args, device, run, autocast):
     return vq.eval(), history
 
 
-def encode_pool(vq, args, device):
-    """The GPT's training data: `pool` fresh training-split images (and clips with --video), VQ-encoded once."""
-    images, captions, _ = data.sample_shapes(args.pool, np.random.default_rng([args.seed, 1]))
+def encode_pool(vq, args, device, clips: bool = False):
+    """The GPT's training data: `pool` fresh training-split images, or with clips=True `clip_pool` fresh 8-frame
+    clips, VQ-encoded once: codes (N, 8, 8) or (N, 2, 8, 8), and their captions."""
+    if clips:
+        samples, captions, _ = data.sample_moving_shapes(args.clip_pool, np.random.default_rng([args.seed, 2]))
+    else:
+        samples, captions, _ = data.sample_shapes(args.pool, np.random.default_rng([args.seed, 1]))
+    chunk = 32 if clips else 256   # 32 clips are 256 frames, as many pixels as 256 images
     with torch.no_grad():
-        codes = [vq.encode(data.to_tensor(images[i:i + 256]).to(device)).cpu() for i in range(0, len(images), 256)]
-    codes = list(torch.cat(codes))
-    if args.video:
-        clips, clip_captions, _ = data.sample_moving_shapes(args.pool // 4, np.random.default_rng([args.seed, 2]))
-        with torch.no_grad():
-            codes += [vq.encode(data.to_tensor(c[None]).to(device))[0].cpu() for c in clips]
-        captions = captions + clip_captions
-    return codes, captions
+        codes = [vq.encode(data.to_tensor(samples[i:i + chunk]).to(device)).cpu()
+                 for i in range(0, len(samples), chunk)]
+    return torch.cat(codes), captions
 
 
 def make_tokenizer(kind: str):
@@ -107,8 +129,7 @@ def gpt_stage(args, vq, device, run, autocast):
     torch.manual_seed(args.seed)
     gpt = GPT(config).to(device)
     codes, captions = encode_pool(vq, args, device)
-    if not args.video:
-        codes = torch.stack(codes)
+    clip_pool = encode_pool(vq, args, device, clips=True) if args.video else None
     options = dict(p_drop_caption=args.p_drop_caption, visual_weight=args.visual_weight,
                    learn_understood_image=args.learn_understood_image)
     meta = {"kind": "gpt", "config": asdict(config), "layout": asdict(layout), "tokenizer": tokenizer_spec,
@@ -117,7 +138,8 @@ def gpt_stage(args, vq, device, run, autocast):
     with autocast:
         history = train_gpt(gpt, layout, tokenizer, codes, captions, args.gpt_steps, args.gpt_batch, args.gpt_lr,
                             args.out / "gpt.safetensors", meta, run, seed=args.seed, resume=args.resume,
-                            ckpt_every=args.ckpt_every, sequence_options=options)
+                            ckpt_every=args.ckpt_every, sequence_options=options, clip_pool=clip_pool,
+                            p_clip=args.gpt_clip_share if args.video else 0.0)
     return gpt.eval(), layout, tokenizer, history
 
 
@@ -161,12 +183,49 @@ def evaluate(args, vq, gpt, layout, tokenizer):
     images, captions, attrs = caption_examples
     ev.captioned_grid(images, captions, [data.parse_caption(c) == tuple(a) for c, a in zip(captions, attrs)],
                       args.out / "captions.png", title="image -> text (greedy): the GPT's captions of fresh images")
+    if args.video:
+        metrics.update(evaluate_clips(args, pipe, vq))
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
+
+
+# a clip per row in clips.png: every colour, shape and direction
+CLIP_SHOWCASE = [("red", "circle", "left"), ("green", "square", "down"), ("blue", "triangle", "right"),
+                 ("yellow", "square", "up"), ("cyan", "circle", "right"), ("magenta", "triangle", "left")]
+
+
+def evaluate_clips(args, pipe, vq) -> dict:
+    """The --video metrics, through the same Pipeline calls (draw with frames, answer_clip): the VQ on clips,
+    drawn clips read back by the checker (colour, shape, direction of motion), clip captions; and clips.png."""
+    rng = np.random.default_rng([args.seed, 4])   # its own stream: the image metrics stay the image run's
+    metrics = {}
+    clips, _, attrs = data.sample_moving_shapes(max(16, args.eval_images // 2), rng)
+    report = ev.vq_report(vq, clips, batch_size=32)
+    metrics["vq_psnr_clips_db"] = round(report["psnr"], 2)
+    metrics["vq_recon_checker_clips"] = ev.adherence(report["recon"], attrs)
+
+    triples = [(c, s, d) for c in data.COLORS for s in data.SHAPES for d in data.DIRECTIONS]
+    attrs = [triples[i % len(triples)] for i in range(args.eval_clips)]   # every triple equally often
+    prompts = [data.video_caption(*t) for t in attrs]
+    metrics["drawn_clips"] = len(prompts)
+    for cfg_scale in (pipe.cfg_scale, 1.0):
+        scores = data.score(ev.draw_clips(pipe, prompts, cfg_scale=cfg_scale, seed=args.seed), attrs)
+        metrics[f"clip_adherence_cfg{cfg_scale:g}"] = scores["all"]
+        for key in ("color", "shape", "direction", "unreadable"):
+            metrics[f"clip_{key}_cfg{cfg_scale:g}"] = scores[key]
+
+    clips, _, attrs = data.sample_moving_shapes(args.eval_images, rng)
+    metrics["clip_caption_accuracy"] = ev.caption_accuracy(ev.caption_clips(pipe, clips), attrs, video=True)
+
+    prompts = [data.video_caption(*t) for t in CLIP_SHOWCASE]
+    clips = ev.draw_clips(pipe, prompts, seed=args.seed + 1)   # (6, 8, H, W, 3)
+    ev.image_grid(clips.reshape(-1, *clips.shape[2:]), prompts, args.out / "clips.png", clips.shape[1],
+                  title=f"text -> clip, cfg {pipe.cfg_scale:g}: the {clips.shape[1]} frames of one clip per row")
+    return metrics
 
 
 def main(args):
     args.out = Path(args.out)
-    for key, value in PRESETS["quick" if args.quick else args.preset].items():
+    for key, value in preset(args).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     device = resolve_device(args.device)
@@ -195,7 +254,7 @@ def main(args):
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"\n{'metric':34s} value\n" + "\n".join(f"{k:34s} {v}" for k, v in metrics.items()))
     print(f"\nwrote {args.out}/: vq.safetensors gpt.safetensors metrics.json loss.png samples.png "
-          f"samples_cfg1.png captions.png")
+          f"samples_cfg1.png captions.png" + (" clips.png" if args.video else ""))
     return metrics
 
 
@@ -235,6 +294,14 @@ def parse_args(argv=None):
                    help="caption tokens: whole words (7 a caption) or UTF-8 bytes (28) (default: from the preset)")
     p.add_argument("--learn-understood-image", action=argparse.BooleanOptionalAction, default=None,
                    help="also learn the image block of image->caption strings (CFG's unconditional branch)")
+    share = cli.checked(float, lambda p: 0 <= p < 1, "in [0, 1)")
+    video = p.add_argument_group("with --video (defaults: from the preset)")
+    video.add_argument("--vq-clip-share", type=share, default=None, help="share of VQ steps on a batch of clips")
+    video.add_argument("--vq-clip-batch", type=count, default=None, help="clips in a VQ clip batch (8 frames each)")
+    video.add_argument("--clip-pool", type=count, default=None, help="clips encoded for GPT training")
+    video.add_argument("--gpt-clip-share", type=share, default=None, help="share of GPT steps on a batch of clips")
+    video.add_argument("--eval-clips", type=count, default=None,
+                       help="clips drawn for the metrics, cycling through the 72 (color, shape, direction)")
     return p.parse_args(argv)
 
 

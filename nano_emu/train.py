@@ -193,15 +193,23 @@ def weighted_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Te
 
 def train_gpt(gpt, layout: Layout, tokenizer, pool_codes: torch.Tensor, pool_captions: list[str], steps: int,
               batch_size: int, lr: float, ckpt_path: Path, meta: dict, run: Distributed, seed: int = 0,
-              sequence_options: dict | None = None, **fit_kwargs) -> list:
+              sequence_options: dict | None = None, clip_pool: tuple[torch.Tensor, list[str]] | None = None,
+              p_clip: float = 0.0, **fit_kwargs) -> list:
     """The GPT stage on a pool of VQ-encoded toy samples: each step draws batch_size of them and writes each
-    as a generation or an understanding sequence."""
+    as a generation or an understanding sequence. pool_codes (N, h, w) for images or (N, t, h, w) for clips.
+
+    clip_pool: an optional second pool (codes (M, t, h, w), captions); a step draws its whole batch from it with
+    probability p_clip. A batch is all images or all clips because the strings are right-padded to the longest
+    one: a clip of t frames is ~t times an image's length, and one clip in a batch would pad every image to it."""
     device = next(gpt.parameters()).device
 
     def loss_fn(net, step):
         rng = batch_rng(seed, run.rank, step)
-        pick = rng.integers(len(pool_codes), size=batch_size)
-        inputs, targets, weights = sequences(layout, tokenizer, pool_codes[pick], [pool_captions[i] for i in pick],
+        codes, captions = pool_codes, pool_captions
+        if clip_pool is not None and rng.random() < p_clip:   # no draw without clips: image runs keep their batches
+            codes, captions = clip_pool
+        pick = rng.integers(len(codes), size=batch_size)
+        inputs, targets, weights = sequences(layout, tokenizer, codes[pick], [captions[i] for i in pick],
                                              rng, **(sequence_options or {}))
         loss = weighted_loss(net(inputs.to(device)), targets.to(device), weights.to(device))
         return loss, {"loss": loss.detach()}
