@@ -3,12 +3,15 @@
     python train_tiny.py                          # the default: ~8 minutes on 2 CPU cores, writes out/tiny/
     python train_tiny.py --quick --out out/quick  # a smoke run in about a minute
     python train_tiny.py --resume                 # continue after a crash or Ctrl-C
+    python train_tiny.py --video --out out/video  # also 8-frame clips: caption->clip and clip->caption (~2x longer)
     torchrun --nproc_per_node=2 train_tiny.py     # data parallel (gloo on CPU, nccl on CUDA)
     python train_tiny.py --device cuda --preset small   # more compute, bigger models
 
 Stages: (1) the VQ learns 64x64 shapes -> 8x8 codes; (2) a pool of toy images is encoded with it; (3) the GPT learns
 caption->image and image->caption token strings (nano_emu/train.py); (4) evaluation with the deterministic shapes
 checker (nano_emu/evaluate.py): metrics.json, loss curves and sample grids in the output folder.
+With --video, clips of moving shapes join the VQ stage (8 frames -> 2 code frames through the causal temporal axis),
+the pool and the GPT stage, and the evaluation draws and captions clips as well (clips.png).
 """
 
 import argparse
@@ -49,7 +52,7 @@ PRESETS = {
 # run's (in expectation) and its image metrics stay comparable; --vq-steps / --gpt-steps given by hand are totals.
 VIDEO = {
     "tiny": dict(vq_clip_share=0.3, vq_clip_batch=2, clip_pool=4000, gpt_clip_share=0.4, eval_clips=216),
-    "quick": dict(vq_clip_share=0.5, vq_clip_batch=1, clip_pool=64, gpt_clip_share=0.5, eval_clips=12),
+    "quick": dict(vq_clip_share=0.25, vq_clip_batch=1, clip_pool=64, gpt_clip_share=0.5, eval_clips=12),
     "small": dict(vq_clip_share=0.3, vq_clip_batch=4, clip_pool=20000, gpt_clip_share=0.4, eval_clips=288),
 }
 

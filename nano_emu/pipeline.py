@@ -88,9 +88,13 @@ class Pipeline:
                                          cfg_scale=cfg_scale, generator=generator, **sampling)
 
     @torch.no_grad()
-    def decode(self, codes: torch.Tensor) -> list[Image.Image] | list[list[Image.Image]]:
+    def decode(self, codes: torch.Tensor, frames: int | None = None) -> list[Image.Image] | list[list[Image.Image]]:
         """Codes (B, h, w) -> PIL images (the VQ may run in another dtype than the GPT, as Emu3's demos do);
-        clip codes (B, t, h, w) -> clips, each a list of t * temporal_factor PIL frames."""
+        clip codes (B, t, h, w) -> clips, each a list of t * temporal_factor PIL frames. With `frames` (a clip's
+        pixel frames), codes may also be Rows.codes of a finished clip, (B, t * h, w): the code frames' rows
+        one after another."""
+        if frames is not None and codes.dim() == 3:
+            codes = codes.view(codes.size(0), self.code_frames(frames), -1, codes.size(-1))   # (B, t, h, w)
         pixels = self.vq.decode(codes.to(next(self.vq.parameters()).device)).float()   # (B, [T,] 3, H, W)
         if codes.dim() == 4:
             return [[tensor_to_image(frame) for frame in clip] for clip in pixels]
@@ -105,10 +109,7 @@ class Pipeline:
         for k, start in enumerate(range(0, len(prompts), batch_size)):
             for rows in self.draw_stream(prompts[start:start + batch_size], seed=seed + k, frames=frames, **kwargs):
                 pass
-            codes = rows.codes   # (B, h, w), or (B, t * h, w) for clips: the code frames' rows one after another
-            if frames is not None:
-                codes = codes.view(codes.size(0), self.code_frames(frames), -1, codes.size(-1))   # (B, t, h, w)
-            images += self.decode(codes)
+            images += self.decode(rows.codes, frames)
         return images
 
     @torch.no_grad()

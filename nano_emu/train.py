@@ -10,6 +10,7 @@ The GPT learns two kinds of sequence with one next-token loss (Emu3, baaivision/
 - generation:    BOS caption BOI "h*w" IMG rows.. EOF EOI EOS  -- the caption is dropped 10% of the time, which
                  teaches the unconditional branch CFG needs; visual tokens are weighted 0.5 as in Emu3;
 - understanding: BOS [image block] caption EOS                  -- loss on the caption and EOS only.
+A clip is written the same way: its block says "t*h*w" and closes every code frame with EOF (layout.py).
 """
 
 import math

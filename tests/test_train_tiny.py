@@ -16,6 +16,8 @@ import sample
 import train_tiny
 from nano_emu import data
 from nano_emu.checkpoint import load_checkpoint
+from nano_emu.image import load_clip
+from nano_emu.pipeline import load_tiny
 from nano_emu.train import Distributed, batch_rng, fit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,6 +69,63 @@ def test_sample_draws_a_grid_a_progress_gif_and_a_caption(quick_run, tmp_path, c
 def test_sample_explains_a_missing_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="vq.safetensors is missing"):
         sample.main(sample.parse_args(["--ckpt", str(tmp_path), "--prompt", "a red circle in the top left"]))
+
+
+@pytest.fixture(scope="module")
+def quick_video_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quick_video")
+    torch.set_num_threads(2)
+    metrics = train_tiny.main(train_tiny.parse_args(["--quick", "--video", "--out", str(out), "--device", "cpu"]))
+    return out, metrics
+
+
+def test_quick_video_run_trains_on_clips_draws_and_captions_them(quick_video_run, tmp_path, capsys):
+    """The whole --video path a user takes: train, draw a clip (sample.py --frames), read its tokens back with
+    Layout, caption the GIF it wrote and a folder of its frames."""
+    out, metrics = quick_video_run
+    assert metrics["final_gpt_loss"] < 0.8 * metrics["first_gpt_loss"]
+    for key in ("vq_psnr_clips_db", "clip_adherence_cfg2", "clip_direction_cfg2", "clip_caption_accuracy",
+                "adherence_seen_cfg2", "caption_accuracy_seen"):   # clip metrics beside the image ones
+        assert key in metrics, key
+    assert Image.open(out / "clips.png").size[0] > 300
+    _, meta, _ = load_checkpoint(out / "gpt.safetensors")
+    assert meta["steps"] == 80   # the quick preset's 40 steps, doubled: half of them train on clips
+
+    # the VQ's temporal axis is used: 8 frames -> 2 code frames -> 8 frames
+    pipe = load_tiny(out)
+    clip, _, _ = data.sample_moving_shapes(1, 0)
+    codes = pipe.vq.encode(data.to_tensor(clip))
+    assert codes.shape == (1, 2, 8, 8) and pipe.vq.decode(codes).shape == (1, 8, 3, 64, 64)
+
+    # a drawn clip, parsed back: the prompt says "2*8*8", the grid has EOF after each code frame
+    prompt = "a red circle moving left"
+    *_, rows = pipe.draw_stream([prompt], frames=8, seed=0)
+    tokens = pipe.layout.generation_prompt(prompt, 8, 8, pipe.tokenizer, frames=2) + rows.tokens[0].tolist()
+    text, clip_codes = pipe.layout.decode(tokens, pipe.tokenizer)
+    assert text == prompt and clip_codes.shape == (2, 8, 8)
+    assert torch.equal(clip_codes.flatten(), rows.codes[0].flatten())
+    assert rows.tokens[0].tolist().count(pipe.layout.eof) == 2
+    frames = pipe.decode(rows.codes, frames=8)[0]
+    assert len(frames) == 8 and frames[0].size == (64, 64)
+
+    # sample.py: the same clip as a GIF, then captioned from the GIF and from a folder of its frames
+    gif = tmp_path / "clip.gif"
+    sample.main(sample.parse_args(["--ckpt", str(out), "--prompt", prompt, "--frames", "8", "--out", str(gif),
+                                   "--device", "cpu"]))
+    assert len(load_clip(gif)) == 8
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for k, frame in enumerate(frames):
+        frame.save(folder / f"frame_{k:02d}.png")
+    capsys.readouterr()
+    sample.main(sample.parse_args(["--ckpt", str(out), "--caption", str(gif), "--device", "cpu"]))
+    sample.main(sample.parse_args(["--ckpt", str(out), "--caption", str(folder), "--device", "cpu"]))
+    printed = capsys.readouterr().out
+    assert f"{gif}:" in printed and f"{folder}:" in printed
+    # one clip, three ways in: the folder's PNGs are lossless, so they give the answer the frames give
+    assert pipe.answer_clip(str(folder)) == pipe.answer_clip(frames) == pipe.answer_clip(np.stack(frames))
+    with pytest.raises(ValueError, match="multiple of 4 frames"):
+        pipe.answer_clip(frames[:6])
 
 
 def _regression_task(model, step, crash_at=None, interrupt_at=None):
