@@ -13,7 +13,8 @@ from torch import nn
 
 from nano_emu.image import image_to_tensor, load_image, smart_resize, tensor_to_image
 from nano_emu.vq import VQConfig, VQModel, codebook_usage
-from nano_emu.weights import load_state_dict_strict, load_vq, rename, vq_from_hf, VQ_HF_TO_ORIGINAL
+from nano_emu.emu3 import VQ_HF_TO_ORIGINAL, load_emu3_vq, vq_from_hf
+from nano_emu.weights import load_state_dict_strict, rename
 
 transformers = pytest.importorskip("transformers")
 from transformers import Emu3VQVAE, Emu3VQVAEConfig  # noqa: E402
@@ -194,11 +195,11 @@ def test_load_vq_from_safetensors(small_pair, tmp_path):
     save_file(vq_from_hf(ref.state_dict(), prefix=""), tmp_path / "original.safetensors")
     codes = torch.randint(0, SMALL.codebook_size, (1, 4, 4))
     for path in (tmp_path / "hf", tmp_path / "original.safetensors"):
-        loaded = load_vq(path, cfg=SMALL)
+        loaded = load_emu3_vq(path, cfg=SMALL)
         assert not loaded.training
         assert torch.equal(loaded.decode(codes), ours.decode(codes))
     with pytest.raises(ValueError, match="original.safetensors"):
-        load_vq(tmp_path / "original.safetensors", cfg=VQConfig.tiny())
+        load_emu3_vq(tmp_path / "original.safetensors", cfg=VQConfig.tiny())
 
 
 # ------------------------------------------------------------------------------------------------ shortcut, training
