@@ -12,7 +12,8 @@ from PIL import Image
 from torch import nn
 
 from nano_emu.image import image_to_tensor, load_image, smart_resize, tensor_to_image
-from nano_emu.vq import VQConfig, VQModel, codebook_usage
+from nano_emu.train import codebook_usage, init_vq_for_training
+from nano_emu.vq import VQConfig, VQModel
 from nano_emu.emu3 import VQ_HF_TO_ORIGINAL, load_emu3_vq, vq_from_hf
 from nano_emu.weights import load_state_dict_strict, rename
 
@@ -206,18 +207,20 @@ def test_load_vq_from_safetensors(small_pair, tmp_path):
 
 
 def test_image_shortcut_equals_full_path():
+    """The released path runs an image as a clip of 4 identical frames, i.e. the video path; the shortcut agrees."""
     torch.manual_seed(0)
     vq = VQModel(VQConfig.tiny())
     randomize_norms(vq)
     x = pixels(2, 3, 64, 64)
+    clip = x.unsqueeze(1).expand(-1, 4, -1, -1, -1)  # (B, 4, 3, H, W)
     vq.eval()
     codes = vq.encode(x)
     assert codes.shape == (2, 8, 8)
-    assert torch.equal(codes, vq.encode(x, full=True))
-    torch.testing.assert_close(vq.latent(x), vq.latent(x, full=True), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(vq.decode(codes), vq.decode(codes, full=True), rtol=1e-5, atol=1e-6)
+    assert torch.equal(codes, vq.encode(clip)[:, 0])
+    torch.testing.assert_close(vq.latent(x), vq.latent(clip), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(vq.decode(codes), vq.decode(codes[:, None])[:, 0], rtol=1e-5, atol=1e-6)
     vq.train()  # batch statistics too: the temporal stack always runs on all frames
-    torch.testing.assert_close(vq.latent(x), vq.latent(x, full=True), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(vq.latent(x), vq.latent(clip), rtol=1e-5, atol=1e-6)
 
 
 def toy_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -234,6 +237,7 @@ def test_toy_training_reconstructs():
     torch.manual_seed(0)
     cfg = VQConfig.tiny()
     vq = VQModel(cfg)
+    init_vq_for_training(vq)
     x = toy_images(2, 32)
     opt = torch.optim.Adam(vq.parameters(), lr=3e-3)
     losses = []
@@ -253,6 +257,7 @@ def test_toy_training_reconstructs():
 
 def test_straight_through_gradients_reach_encoder():
     vq = VQModel(VQConfig.tiny())
+    init_vq_for_training(vq)
     x = toy_images(2, 32)
     out = vq(x)
     F.mse_loss(out.recon, x).backward()  # reconstruction only: no commitment-loss path to the encoder
