@@ -7,6 +7,7 @@
     python sample.py --weights BAAI/Emu3-Gen --vq BAAI/Emu3-VisionTokenizer --prompt "a cat" --ratio 16:9 \\
                      --device cuda --dtype bfloat16 --out cat.png   # the released model (folders you downloaded)
     python sample.py --weights BAAI/Emu3-Chat --vq BAAI/Emu3-VisionTokenizer --image cat.png --question "What is it?"
+    python sample.py --llamagen c2i_B_256.pt --vq vq_ds16_c2i.pt --class 207 --class "red panda" --n 8 --out grid.png
 """
 
 import argparse
@@ -89,7 +90,49 @@ def answer(pipe: Pipeline, args) -> None:
     print(f"{image}: {text}\n({time.time() - start:.1f}s)")
 
 
+def draw_classes(args) -> None:
+    """LlamaGen: a grid with one row of --n images per --class, each row labelled with its ImageNet class name."""
+    from PIL import ImageDraw
+
+    from nano_emu.llamagen import load_llamagen
+    device = resolve_device(args.device)
+    dtype = torch.float32 if args.dtype == "auto" else getattr(torch, args.dtype)
+    start = time.time()
+    pipe = load_llamagen(args.llamagen, args.vq, gpt_model=args.gpt_model, image_size=args.image_size,
+                         device=device, dtype=dtype)
+    print(f"loaded a {pipe.gpt.num_params() / 1e6:.1f}M-parameter GPT and a {pipe.vq.cfg.spatial_factor}x VQ "
+          f"in {time.time() - start:.1f}s")
+    classes = [c for c in args.classes for _ in range(args.n)]
+    h, w = pipe.grid()
+    cfg = pipe.cfg_scale if args.cfg is None else args.cfg
+    start = time.time()
+    for rows in pipe.draw_stream(classes, cfg_scale=cfg, seed=args.seed, temperature=args.temperature,
+                                 top_k=args.top_k, top_p=args.top_p, cfg_interval=args.cfg_interval):
+        print(f"\r  row {rows.rows_done:4d}/{rows.rows_total}", end="", file=sys.stderr, flush=True)
+    sampled = time.time() - start
+    images = pipe.decode(rows.codes)
+    print(f"\n  {len(classes)} image(s) of {h}x{w} tokens in {sampled:.1f}s (GPT, CFG {cfg}) + "
+          f"{time.time() - start - sampled:.1f}s (VQ decode)")
+    grid = grid_image(images, args.n)
+    strip = 14   # a label strip above every row
+    canvas = Image.new("RGB", (grid.width, grid.height + strip * len(args.classes)), "white")
+    draw, side = ImageDraw.Draw(canvas), images[0].height
+    for row, label in enumerate(args.classes):
+        canvas.paste(grid.crop((0, row * side, grid.width, (row + 1) * side)), (0, row * (side + strip) + strip))
+        token = pipe.tokenizer.encode(label)
+        draw.text((2, row * (side + strip) + 1), f"{token[0] - pipe.tokenizer.first_class_id}: "
+                                                 f"{pipe.tokenizer.decode(token)}", fill="black")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out)
+    print(f"wrote {out} ({len(args.classes)} classes x {args.n})")
+
+
 def main(args):
+    if args.llamagen:   # LlamaGen's class-to-image weights
+        if not args.vq or not args.classes:
+            raise SystemExit("--llamagen needs --vq (vq_ds16_c2i.pt) and at least one --class")
+        return draw_classes(args)
     if bool(args.ckpt) == bool(args.weights):
         raise SystemExit("give either --ckpt (a train_tiny.py output folder) or --weights (released Emu3 weights)")
     if not args.prompt and not (args.caption or args.image):
@@ -121,6 +164,16 @@ def parse_args(argv=None):
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--out", default="sample.png", help="output PNG")
     gen.add_argument("--progress", default=None, help="also write a GIF of the image filling in row by row")
+    c2i = p.add_argument_group("LlamaGen class -> image (with --vq, --n, --cfg, --top-k, --temperature, --seed, --out)")
+    c2i.add_argument("--llamagen", help="a released LlamaGen c2i GPT checkpoint (c2i_B_256.pt, ...; .pt or "
+                     ".safetensors); --vq is then its VQ (vq_ds16_c2i.pt)")
+    c2i.add_argument("--class", dest="classes", action="append", default=[],
+                     help="ImageNet class index or name to draw, e.g. 207 or 'golden retriever' (repeat for rows)")
+    c2i.add_argument("--gpt-model", default=None, help="GPT-B | GPT-L | GPT-XL | GPT-XXL | GPT-3B "
+                     "(default: read off the checkpoint's shapes)")
+    c2i.add_argument("--image-size", type=int, default=None, help="256 or 384 (default: from the file name)")
+    c2i.add_argument("--cfg-interval", type=int, default=None,
+                     help="guide only the first cfg_interval + 2 tokens (LlamaGen's flag; default -1: all)")
     und = p.add_argument_group("image -> text")
     und.add_argument("--caption", help="image to caption (tiny models)")
     und.add_argument("--image", help="image to ask about (Emu3-Chat)")

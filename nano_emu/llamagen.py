@@ -226,6 +226,9 @@ def load_llamagen(gpt_ckpt: str | Path, vq_ckpt: str | Path, gpt_model: str | No
     the file name, c2i_B_256.pt); the grid is image_size / the VQ's downsampling."""
     gpt_path, vq_path = Path(gpt_ckpt), Path(vq_ckpt)
     gpt_file, vq_file = open_checkpoint(gpt_path), open_checkpoint(vq_path)   # names and shapes only
+    if "tok_embeddings.weight" in vq_file.shapes and "quantize.embedding.weight" in gpt_file.shapes:
+        raise ValueError(f"the two checkpoints are swapped: {gpt_path} is the VQ tokenizer and {vq_path} the GPT "
+                         f"(sample.py: --llamagen <GPT> --vq <VQ>)")
     vq_cfg = vq_config(vq_file.shapes, str(vq_path))
     image_size = image_size or image_size_from_name(gpt_path)
     if image_size is None:
