@@ -250,6 +250,11 @@ def load_llamagen(gpt_ckpt: str | Path, vq_ckpt: str | Path, gpt_model: str | No
     check_strict(gpt, gpt_file, gpt_keys, to_gpt, f"{gpt_path} (GPT)")   # both checked before any tensor is read
     load_strict(vq, vq_file, to_vq, f"{vq_path} (VQ)", keys=vq_keys, device=device)
     load_strict(gpt, gpt_file, to_gpt, f"{gpt_path} (GPT)", keys=gpt_keys, device=device, dtype=dtype)
-    return Pipeline(gpt.eval(), vq.eval(), ClassLabels(gpt_cfg.vocab_size, gpt_cfg.num_classes),
-                    Layout.llamagen(gpt_cfg.vocab_size), image_area=image_size * image_size,
-                    sampling=dict(LLAMAGEN_SAMPLING), cfg_scale=LLAMAGEN_CFG_SCALE)
+    return llamagen_pipeline(gpt, vq)
+
+
+def llamagen_pipeline(gpt: GPT, vq: VQModel) -> Pipeline:
+    """A class-to-image GPT and its VQ (loaded, or random for benchmarks) with the demo's conventions."""
+    cfg, side = gpt.config, gpt.config.rope_2d_grid * vq.cfg.spatial_factor
+    return Pipeline(gpt.eval(), vq.eval(), ClassLabels(cfg.vocab_size, cfg.num_classes), Layout.llamagen(cfg.vocab_size),
+                    image_area=side * side, sampling=dict(LLAMAGEN_SAMPLING), cfg_scale=LLAMAGEN_CFG_SCALE)
