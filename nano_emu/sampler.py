@@ -16,8 +16,8 @@ The mix is Emu3's, in log-prob space: log p = uncond + g * (cond - uncond) on lo
 mixes raw logits instead (`cfg_on="logits"`). The two differ only by a per-row constant (-(1-g)*logsumexp(uncond)
 - g*logsumexp(cond)), which softmax, temperature, top-k and top-p all ignore, so they draw from the same
 distribution; each family uses its own form so each processing step matches its released code. LlamaGen's
-`cfg_interval` >= 0 stops guiding after the first cfg_interval + 2 tokens (the unconditional half still runs). g = 1 skips the unconditional branch entirely, so it
-IS unguided sampling, token for token.
+`cfg_interval` >= 0 stops guiding after the first cfg_interval + 2 tokens (the unconditional half still runs).
+g = 1 skips the unconditional branch entirely, so it IS unguided sampling, token for token.
 
 Grid constraints: `Layout.grid_schedule` says what may stand at each offset after IMG (a visual token inside a
 row, EOL at each row end, EOF after each frame, then EOI and EOS); `GridConstraint` precomputes one vocabulary
@@ -137,6 +137,8 @@ def generate_image_stream(model, layout: Layout, prompts: list[list[int]], h: in
     the module docstring."""
     batch = len(prompts)
     guided = cfg_scale != 1.0
+    if cfg_on not in ("logprobs", "logits"):
+        raise ValueError(f"cfg_on must be 'logprobs' (Emu3) or 'logits' (LlamaGen), got {cfg_on!r}")
     if guided and (negative_prompts is None or len(negative_prompts) != batch):
         raise ValueError(f"cfg_scale {cfg_scale} needs one negative (unconditional) prompt per prompt; "
                          f"pass negative_prompts, or cfg_scale=1 for unguided sampling")
