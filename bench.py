@@ -7,6 +7,7 @@ per token should stay flat as the sequence doubles, without it it grows with the
 
     python bench.py                       # CPU, the tiny preset
     python bench.py --device cuda --dim 1024 --layers 16 --dtype bfloat16
+    python bench.py --llamagen GPT-B      # s per 256x256 image: LlamaGen GPT-B + VQ-16, random weights, with CFG
 """
 
 import argparse
@@ -51,7 +52,39 @@ def timed(fn, device, repeats):
     return statistics.median(times)
 
 
+@torch.no_grad()
+def bench_llamagen(args):
+    """Seconds per image for a released LlamaGen size with random weights (speed does not depend on them):
+    the demo's sampling (CFG 4 on a doubled batch, top-k 2000) through the shared sampler, then VQ-16 decoding."""
+    from nano_emu.llamagen import llamagen_pipeline
+    from nano_emu.vq import VQConfig, VQModel
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig.llamagen(args.llamagen, grid=args.image_size // 16)).to(device, dtype)
+    pipe = llamagen_pipeline(gpt, VQModel(VQConfig.llamagen(16)).to(device))
+    h, w = pipe.grid()
+    print(f"LlamaGen {args.llamagen} ({gpt.num_params() / 1e6:.0f}M, {args.dtype}) + VQ-16 "
+          f"({sum(p.numel() for p in pipe.vq.parameters()) / 1e6:.0f}M, float32) on {device}, "
+          f"{torch.get_num_threads()} threads: {args.images} image(s) of {h}x{w} tokens, CFG {pipe.cfg_scale} "
+          f"(batch {2 * args.images})")
+    sync(device)
+    start = time.perf_counter()
+    for rows in pipe.draw_stream(["207"] * args.images, seed=0):
+        pass
+    sync(device)
+    sampled = time.perf_counter() - start
+    pipe.decode(rows.codes)
+    sync(device)
+    decoded = time.perf_counter() - start - sampled
+    n = h * w
+    print(f"GPT: {sampled:.1f}s for {n} steps ({1e3 * sampled / n:.0f} ms/step, {args.images * n / sampled:.1f} "
+          f"image tokens/s); VQ decode: {decoded:.1f}s; {(sampled + decoded) / args.images:.1f} s per image")
+
+
 def main(args):
+    if args.llamagen:
+        return bench_llamagen(args)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     layout, tok = Layout.tiny(codebook_size=args.codebook), ByteTokenizer()
@@ -98,4 +131,8 @@ if __name__ == "__main__":
     parser.add_argument("--w", type=int, default=16, help="grid columns at 1x (2x doubles them)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per setting (median reported)")
     parser.add_argument("--skip-peer", action="store_true", help="skip the slow no-cache peer run")
+    parser.add_argument("--llamagen", default=None, help="instead: s/image of a LlamaGen size (GPT-B, ...) + VQ-16, "
+                        "random weights of the released shapes, the demo's sampling")
+    parser.add_argument("--image-size", type=int, default=256, help="with --llamagen: 256 or 384")
+    parser.add_argument("--images", type=int, default=1, help="with --llamagen: images drawn as one batch")
     main(parser.parse_args())

@@ -7,6 +7,7 @@
     python sample.py --weights BAAI/Emu3-Gen --vq BAAI/Emu3-VisionTokenizer --prompt "a cat" --ratio 16:9 \\
                      --device cuda --dtype bfloat16 --out cat.png   # the released model (folders you downloaded)
     python sample.py --weights BAAI/Emu3-Chat --vq BAAI/Emu3-VisionTokenizer --image cat.png --question "What is it?"
+    python sample.py --llamagen c2i_B_256.pt --vq vq_ds16_c2i.pt --class 207 --class "red panda" --n 8 --out grid.png
 """
 
 import argparse
@@ -90,7 +91,47 @@ def answer(pipe: Pipeline, args) -> None:
     print(f"{image}: {text}\n({time.time() - start:.1f}s)")
 
 
+def draw_classes(args) -> None:
+    """LlamaGen: a grid with one row of --n images per --class, each row labelled with its ImageNet class name."""
+    from PIL import ImageDraw
+
+    from nano_emu.llamagen import load_llamagen
+    device = resolve_device(args.device)
+    dtype = torch.float32 if args.dtype == "auto" else getattr(torch, args.dtype)
+    start = time.time()
+    pipe = load_llamagen(args.llamagen, args.vq, gpt_model=args.gpt_model, image_size=args.image_size,
+                         device=device, dtype=dtype)
+    print(f"loaded a {pipe.gpt.num_params() / 1e6:.1f}M-parameter GPT and a {pipe.vq.cfg.spatial_factor}x VQ "
+          f"in {time.time() - start:.1f}s")
+    classes = [c for c in args.classes for _ in range(args.n)]
+    h, w = pipe.grid()
+    cfg = pipe.cfg_scale if args.cfg is None else args.cfg
+    start = time.time()
+    for rows in pipe.draw_stream(classes, cfg_scale=cfg, seed=args.seed, temperature=args.temperature,
+                                 top_k=args.top_k, top_p=args.top_p, cfg_interval=args.cfg_interval):
+        print(f"\r  row {rows.rows_done:4d}/{rows.rows_total}", end="", file=sys.stderr, flush=True)
+    sampled = time.time() - start
+    images = pipe.decode(rows.codes)
+    print(f"\n  {len(classes)} image(s) of {h}x{w} tokens in {sampled:.1f}s (GPT, CFG {cfg}) + "
+          f"{time.time() - start - sampled:.1f}s (VQ decode)")
+    grid = grid_image(images, args.n)
+    strip = 14   # a label strip above every row
+    canvas = Image.new("RGB", (grid.width, grid.height + strip * len(args.classes)), "white")
+    draw, side = ImageDraw.Draw(canvas), images[0].height
+    for row, label in enumerate(args.classes):
+        canvas.paste(grid.crop((0, row * side, grid.width, (row + 1) * side)), (0, row * (side + strip) + strip))
+        token = pipe.tokenizer.encode(label)
+        draw.text((2, row * (side + strip) + 1), f"{token[0] - pipe.tokenizer.first_class_id}: "
+                                                 f"{pipe.tokenizer.decode(token)}", fill="black")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out)
+    print(f"wrote {out} ({len(args.classes)} classes x {args.n})")
+
+
 def main(args):
+    if args.llamagen:   # LlamaGen's class-to-image weights
+        return draw_classes(args)
     pipe = load(args)
     if args.prompt:
         draw(pipe, args)
@@ -105,8 +146,9 @@ def build_parser() -> cli.ArgumentParser:
                         help="a train_tiny.py output folder (vq.safetensors + gpt.safetensors)")
     source.add_argument("--weights", type=cli.existing_folder,
                         help="released Emu3 folder: Emu3-Gen / Emu3-Chat (original or -hf layout)")
-    source.add_argument("--vq", type=cli.existing_folder,
-                        help="Emu3-VisionTokenizer folder (not needed for -hf folders, which hold the VQ)")
+    source.add_argument("--vq", type=cli.existing_path,
+                        help="Emu3-VisionTokenizer folder (not needed for -hf folders, which hold the VQ); "
+                             "with --llamagen, its VQ file")
     gen = p.add_argument_group("text -> image")
     gen.add_argument("--prompt", action="append", default=[], help="caption to draw (repeat for several)")
     gen.add_argument("--n", type=cli.at_least(1), default=1, help="images per prompt (one grid row per prompt)")
@@ -129,6 +171,16 @@ def build_parser() -> cli.ArgumentParser:
                      default="sample.png", help="output image (.png, .jpg, ...)")
     gen.add_argument("--progress", type=cli.output_file({".gif"}, "a GIF (.gif)"), default=None,
                      help="also write a GIF (.gif) of the image filling in row by row")
+    c2i = p.add_argument_group("LlamaGen class -> image (with --vq, --n, --cfg, --top-k, --temperature, --seed, --out)")
+    c2i.add_argument("--llamagen", type=cli.existing_file, help="a released LlamaGen c2i GPT checkpoint (c2i_B_256.pt, ...; .pt or "
+                     ".safetensors); --vq is then its VQ (vq_ds16_c2i.pt)")
+    c2i.add_argument("--class", dest="classes", action="append", default=[],
+                     help="ImageNet class index or name to draw, e.g. 207 or 'golden retriever' (repeat for rows)")
+    c2i.add_argument("--gpt-model", default=None, help="GPT-B | GPT-L | GPT-XL | GPT-XXL | GPT-3B "
+                     "(default: read off the checkpoint's shapes)")
+    c2i.add_argument("--image-size", type=cli.at_least(1), default=None, help="pixels per side: 256 or 384 for the released weights (default: from the file name)")
+    c2i.add_argument("--cfg-interval", type=cli.at_least(-1), default=None,
+                     help="guide only the first cfg_interval + 2 tokens (LlamaGen's flag; default -1: all)")
     und = p.add_argument_group("image -> text")
     und.add_argument("--caption", type=cli.image_file, help="image to caption (tiny models)")
     und.add_argument("--image", type=cli.image_file, help="image to ask about (Emu3-Chat)")
@@ -144,10 +196,14 @@ def build_parser() -> cli.ArgumentParser:
 def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
+    if args.llamagen:
+        if not args.vq or not args.classes:
+            p.error("--llamagen needs --vq (its VQ, e.g. vq_ds16_c2i.pt) and at least one --class")
+        return args
     if bool(args.ckpt) == bool(args.weights):
         p.error("give either --ckpt (a train_tiny.py output folder) or --weights (released Emu3 weights)")
     if args.vq and not args.weights:
-        p.error("--vq goes with --weights (the released VQ of an original-layout Emu3 folder)")
+        p.error("--vq goes with --weights or --llamagen (the released VQ of an original-layout Emu3 folder)")
     if not args.prompt and not (args.caption or args.image):
         p.error("nothing to do: give --prompt (text -> image) or --caption / --image (image -> text)")
     return args

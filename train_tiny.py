@@ -28,7 +28,7 @@ from nano_emu.gpt import GPT, GPTConfig
 from nano_emu.layout import Layout
 from nano_emu.pipeline import TINY_CFG_SCALE, TINY_SAMPLING, Pipeline, resolve_device
 from nano_emu.tokenizer import ByteTokenizer, WordTokenizer
-from nano_emu.train import batch_rng, setup_distributed, train_gpt, train_vq
+from nano_emu.train import batch_rng, init_vq_for_training, setup_distributed, train_gpt, train_vq
 from nano_emu.vq import VQConfig, VQModel
 
 # what each preset trains; any flag given on the command line overrides its preset's value
@@ -62,6 +62,7 @@ def vq_stage(args, device, run, autocast):
     cfg = VQConfig.tiny() if args.preset != "small" else VQConfig.tiny(ch=32, norm_groups=8)
     torch.manual_seed(args.seed)
     vq = VQModel(cfg).to(device)
+    init_vq_for_training(vq)   # a checkpoint (--resume) overwrites it
 
     def sample_images(step):
         rng = batch_rng(args.seed, run.rank, step)

@@ -6,5 +6,6 @@ sampler with classifier-free guidance and grid constraints draws from it (sample
 """
 
 from .emu3 import load_emu3
+from .llamagen import load_llamagen
 
-__all__ = ["load_emu3"]
+__all__ = ["load_emu3", "load_llamagen"]

@@ -13,8 +13,14 @@ One `forward` does two jobs:
 Left-padded batches pass an `attention_mask` (1 = token, 0 = padding): padded keys are masked out and positions
 count only real tokens (`cumsum(mask) - 1`), as Emu3 does, so each row gives what it would give alone.
 
+LlamaGen's class-conditional GPT is the same decoder with two switches (docs/families.md): `num_classes` adds a class
+embedding table whose rows are fed as input ids vocab_size + class (the start token; the extra last row is the null
+class CFG uses), and `rope_2d_grid` rotates image token k by its row on one half of each head and its column on the
+other, with the condition token's rotation zeroed exactly as released. Its names are mapped in llamagen.py.
+
 References: Emu3 (github.com/baaivision/Emu3, emu3/mllm/modeling_emu3.py), Llama (github.com/meta-llama/llama),
-gpt-fast (github.com/pytorch-labs/gpt-fast) for the static cache, nanoGPT for the manual attention next to SDPA.
+gpt-fast (github.com/pytorch-labs/gpt-fast) for the static cache, nanoGPT for the manual attention next to SDPA,
+LlamaGen (github.com/FoundationVision/LlamaGen, autoregressive/models/gpt.py) for the class token and 2-D RoPE.
 """
 
 import math
@@ -37,6 +43,10 @@ class GPTConfig:
     rope_theta: float = 10000.0
     max_seq_len: int = 512       # the context the model is meant for; longer inputs raise a clear error
     sdpa: bool = True            # False: the readable manual attention below (same math, for stepping through)
+    num_classes: int = 0         # LlamaGen: > 0 adds `cls_embedding` (num_classes + 1 rows, the last the null class);
+    #                              input id vocab_size + c is class c. Outputs stay over the vocab_size tokens
+    rope_2d_grid: int = 0        # LlamaGen: > 0 = 2-D RoPE over a grid this wide, after n_cond_tokens condition
+    n_cond_tokens: int = 1       # tokens, which are zero-rotated; 0 = plain 1-D RoPE over positions
 
     def __post_init__(self):
         assert self.dim % self.n_head == 0, f"dim {self.dim} must be divisible by n_head {self.n_head}"
@@ -56,6 +66,23 @@ class GPTConfig:
         return cls(**{**dict(vocab_size=184622, n_layer=32, n_head=32, n_kv_head=8, dim=4096,
                              intermediate_size=14336, norm_eps=1e-5, rope_theta=1e6, max_seq_len=9216), **overrides})
 
+    @classmethod
+    def llamagen(cls, size: str = "GPT-B", grid: int = 16, **overrides) -> "GPTConfig":
+        """LlamaGen's class-to-image GPTs (c2i_{B,L,XL,XXL,3B}_{256,384}.pt) for a grid x grid image (16: 256 px with
+        VQ-16, 24: 384 px): 16384 image tokens, 1000 ImageNet classes, SwiGLU width 8/3 dim rounded up to 256."""
+        if size not in LLAMAGEN_SIZES:
+            raise ValueError(f"unknown LlamaGen size {size!r}; the released ones are {', '.join(LLAMAGEN_SIZES)}")
+        n_layer, n_head, dim = LLAMAGEN_SIZES[size]
+        ffn = -(-int(2 * 4 * dim / 3) // 256) * 256
+        return cls(**{**dict(vocab_size=16384, n_layer=n_layer, n_head=n_head, n_kv_head=n_head, dim=dim,
+                             intermediate_size=ffn, norm_eps=1e-5, rope_theta=10000.0, max_seq_len=1 + grid * grid,
+                             num_classes=1000, rope_2d_grid=grid, n_cond_tokens=1), **overrides})
+
+
+# LlamaGen's GPT_models that have released c2i weights: (n_layer, n_head, dim); the 3B has head_dim 100
+LLAMAGEN_SIZES = {"GPT-B": (12, 12, 768), "GPT-L": (24, 16, 1024), "GPT-XL": (36, 20, 1280),
+                  "GPT-XXL": (48, 24, 1536), "GPT-3B": (24, 32, 3200)}
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -71,12 +98,30 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+def rope_angles(positions: torch.Tensor, dim: int, theta: float) -> torch.Tensor:
+    """(B, T) integer positions -> (B, T, dim/2) rotation angles, one frequency per pair of a dim-wide vector."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=positions.device).float() / dim))
+    return positions[..., None].float() * inv_freq
+
+
+def rope_cos_sin(positions: torch.Tensor, config: GPTConfig, dtype: torch.dtype):
     """cos/sin tables for integer `positions` (B, T), computed on the fly (cheap, and any position works)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
-    freqs = positions[..., None].float() * inv_freq     # (B, T, head_dim/2)
+    if config.rope_2d_grid == 0:
+        freqs = rope_angles(positions, config.head_dim, config.rope_theta)                 # (B, T, head_dim/2)
+    else:   # LlamaGen: image token k = position - n_cond_tokens sits at (k // grid, k % grid); the first half
+        #     of the pairs turns with its row, the second with its column, each with half_dim's frequencies
+        k = positions - config.n_cond_tokens
+        half = config.head_dim // 2
+        freqs = torch.cat([rope_angles(k.div(config.rope_2d_grid, rounding_mode="floor"), half, config.rope_theta),
+                           rope_angles(k % config.rope_2d_grid, half, config.rope_theta)], dim=-1)
     angles = torch.cat([freqs, freqs], dim=-1)          # (B, T, head_dim): the "rotate_half" layout
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    cos, sin = angles.cos(), angles.sin()
+    if config.rope_2d_grid:
+        # released quirk: the condition positions get cos = sin = 0, so their queries and keys are ZEROED (not left
+        # unrotated); their values still flow. Reproduced because the released weights were trained with it.
+        is_cond = (positions < config.n_cond_tokens)[..., None]
+        cos, sin = cos.masked_fill(is_cond, 0.0), sin.masked_fill(is_cond, 0.0)
+    return cos.to(dtype), sin.to(dtype)
 
 
 def apply_rope(x, cos, sin):
@@ -173,6 +218,8 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        if config.num_classes:   # LlamaGen's LabelEmbedder table; its last row is the null class (class dropout)
+            self.cls_embedding = nn.Embedding(config.num_classes + 1, config.dim)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)   # untied, as Emu3
@@ -190,6 +237,14 @@ class GPT(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> (B, T, C); with num_classes, ids from vocab_size on are class embeddings."""
+        V = self.config.vocab_size
+        if not self.config.num_classes:
+            return self.embed_tokens(idx)
+        is_class = (idx >= V)[..., None]
+        return torch.where(is_class, self.cls_embedding((idx - V).clamp(min=0)), self.embed_tokens(idx.clamp(max=V - 1)))
 
     def setup_cache(self, batch_size: int, max_len: int, dtype=None, device=None):
         """Allocate the static KV cache for `batch_size` rows of up to `max_len` tokens (prompt + generation)."""
@@ -209,7 +264,7 @@ class GPT(nn.Module):
         input_pos None: full causal pass, returns logits (B, T, V).
         input_pos (T,) cache slots to write: decode step, returns logits (B, 1, V) for the last position."""
         B, T = idx.shape
-        x = self.embed_tokens(idx)                                                 # (B, T, C)
+        x = self.embed(idx)                                                        # (B, T, C)
         if input_pos is None:
             if T > self.config.max_seq_len:
                 raise ValueError(f"sequence of {T} tokens exceeds the model's context of {self.config.max_seq_len}")
@@ -230,7 +285,7 @@ class GPT(nn.Module):
             slots = torch.arange(self.key_valid.size(1), device=idx.device)
             causal = input_pos[:, None] >= slots[None, :]                                   # (T, S)
             mask = self._mask(causal, self.key_valid, input_pos)
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(positions, self.config, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, input_pos)
         if input_pos is not None:

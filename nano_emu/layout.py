@@ -16,6 +16,9 @@ This module writes such strings (`encode`, `image_block`, the two prompts) and r
 malformed string (row of the wrong length, a missing marker, a text token inside a row) raises LayoutError
 saying where and what; it is repaired only when the caller asks (`repair=True`), never silently.
 `grid_schedule` lists what may follow IMG at each offset; the sampler turns it into its constraint table.
+
+LlamaGen's class-to-image string is the bare case (`Layout.llamagen()`): the condition token, then the h*w codes in
+raster order with no markers at all (its roles other than `pad` are None), so the grid size is the model's own.
 """
 
 import re
@@ -35,13 +38,13 @@ class LayoutError(ValueError):
 @dataclass(frozen=True)
 class Layout:
     pad: int
-    bos: int
-    eos: int
-    img: int           # starts the vision tokens ("<|image token|>", the paper's SOT)
-    boi: int           # begins an image block ("<|image start|>", SOV)
-    eoi: int           # ends it ("<|image end|>", EOV)
-    eol: int           # end of a row
-    eof: int           # end of a (latent) frame
+    bos: int | None    # None (LlamaGen): the layout has no such token
+    eos: int | None
+    img: int | None    # starts the vision tokens ("<|image token|>", the paper's SOT)
+    boi: int | None    # begins an image block ("<|image start|>", SOV)
+    eoi: int | None    # ends it ("<|image end|>", EOV)
+    eol: int | None    # end of a row
+    eof: int | None    # end of a (latent) frame
     first_visual: int  # visual token id = first_visual + VQ code
     codebook_size: int
 
@@ -62,6 +65,13 @@ class Layout:
         n = text_vocab
         return cls(pad=n, bos=n + 1, eos=n + 2, img=n + 3, boi=n + 4, eoi=n + 5, eol=n + 6, eof=n + 7,
                    first_visual=n + 8, codebook_size=codebook_size)
+
+    @classmethod
+    def llamagen(cls, codebook_size: int = 16384) -> "Layout":
+        """LlamaGen c2i: codes are the token ids; the class token (GPT input id codebook_size + class) is the whole
+        prompt, so prompts never need padding (pad is the first class id, never fed)."""
+        return cls(pad=codebook_size, bos=None, eos=None, img=None, boi=None, eoi=None, eol=None, eof=None,
+                   first_visual=0, codebook_size=codebook_size)
 
     # --- naming and classifying tokens ---------------------------------------------------------------------
 
@@ -115,6 +125,8 @@ class Layout:
 
     def generation_prompt(self, text: str, h: int, w: int, tokenizer, frames: int | None = None) -> list[int]:
         """Emu3's mode 'G': BOS text BOI "h*w" IMG (or "t*h*w" for a video); the model writes the rows."""
+        if self.img is None:   # LlamaGen: the condition alone; the grid size is fixed by the model
+            return tokenizer.encode(text)
         meta = f"{h}*{w}" if frames is None else f"{frames}*{h}*{w}"
         return [self.bos, *tokenizer.encode(text), self.boi, *tokenizer.encode(meta), self.img]
 
@@ -129,8 +141,16 @@ class Layout:
     def grid_schedule(self, h: int, w: int, frames: int = 1) -> list[int]:
         """What may follow IMG at each offset: VISUAL (any code) or the one structural token that must stand
         there. Rows of w codes + EOL, EOF after every frame, then EOI and EOS."""
+        if self.eol is None:   # LlamaGen: the codes alone
+            return [VISUAL] * (frames * h * w)
         frame = ([VISUAL] * w + [self.eol]) * h + [self.eof]
         return frame * frames + [self.eoi, self.eos]
+
+    def row_ends(self, h: int, w: int, frames: int = 1) -> list[int]:
+        """The offsets in grid_schedule(h, w, frames) at which a row is complete (its EOL, or its last code)."""
+        if self.eol is None:
+            return list(range(w - 1, frames * h * w, w))
+        return [step for step, kind in enumerate(self.grid_schedule(h, w, frames)) if kind == self.eol]
 
     # --- reading -------------------------------------------------------------------------------------------
 
@@ -188,6 +208,12 @@ class Layout:
         codes (h, w) when `frames` is None (an image), else (frames, h, w)."""
         tokens = tokens.tolist() if torch.is_tensor(tokens) else tokens
         t = frames or 1
+        if self.eol is None:   # LlamaGen: exactly t*h*w codes
+            grid = tokens[start:start + t * h * w]
+            if len(grid) != t * h * w or not all(self.first_visual <= tok < self.vocab_size for tok in grid):
+                raise LayoutError(f"expected {t * h * w} visual tokens from token {start}, got {grid[:8]}...")
+            codes = torch.tensor(grid, dtype=torch.long).view(t, h, w) - self.first_visual
+            return (codes[0] if frames is None else codes), start + t * h * w
         # split the block into frames (by EOF) and rows (by EOL), remembering where every row starts
         grid, rows, row, row_start, i = [], [], [], start, start
         while i < len(tokens) and tokens[i] != self.eoi:

@@ -13,10 +13,11 @@ branch sees the same image tokens, exactly as in Emu3. The shorter prompt is lef
 masked out of attention (Emu3 issue #56 reports degraded images from batched CFG with padding); positions count
 only real tokens, as Emu3's do (RoPE is relative, so this matters only for rounding at large positions).
 The mix is Emu3's, in log-prob space: log p = uncond + g * (cond - uncond) on log_softmax outputs. LlamaGen
-mixes raw logits instead. The two differ only by a per-row constant (-(1-g)*logsumexp(uncond) - g*logsumexp(cond)),
-which softmax, temperature, top-k and top-p all ignore, so they draw from the same distribution; we keep Emu3's
-form so each processing step matches the released code. g = 1 skips the unconditional branch entirely, so it
-IS unguided sampling, token for token.
+mixes raw logits instead (`cfg_on="logits"`). The two differ only by a per-row constant (-(1-g)*logsumexp(uncond)
+- g*logsumexp(cond)), which softmax, temperature, top-k and top-p all ignore, so they draw from the same
+distribution; each family uses its own form so each processing step matches its released code. LlamaGen's
+`cfg_interval` >= 0 stops guiding after the first cfg_interval + 2 tokens (the unconditional half still runs).
+g = 1 skips the unconditional branch entirely, so it IS unguided sampling, token for token.
 
 Grid constraints: `Layout.grid_schedule` says what may stand at each offset after IMG (a visual token inside a
 row, EOL at each row end, EOF after each frame, then EOI and EOS); `GridConstraint` precomputes one vocabulary
@@ -127,13 +128,17 @@ class Rows(NamedTuple):
 def generate_image_stream(model, layout: Layout, prompts: list[list[int]], h: int, w: int, frames: int = 1,
                           negative_prompts: list[list[int]] | None = None, cfg_scale: float = 3.0,
                           temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                          generator: torch.Generator | None = None, constrain: bool = True) -> Iterator[Rows]:
+                          generator: torch.Generator | None = None, constrain: bool = True,
+                          cfg_on: str = "logprobs", cfg_interval: int = -1) -> Iterator[Rows]:
     """Draw len(prompts) images (or videos, frames > 1) of h x w codes; yields Rows after every finished row,
     the last one carrying every token through EOS. Prompts end with IMG (Layout.generation_prompt).
     negative_prompts: the unconditional branch for CFG, one per prompt (Emu3: a negative prompt; toy models:
-    the empty caption)."""
+    the empty caption). cfg_on: "logprobs" (Emu3) or "logits" (LlamaGen) is what CFG mixes; cfg_interval: see
+    the module docstring."""
     batch = len(prompts)
     guided = cfg_scale != 1.0
+    if cfg_on not in ("logprobs", "logits"):
+        raise ValueError(f"cfg_on must be 'logprobs' (Emu3) or 'logits' (LlamaGen), got {cfg_on!r}")
     if guided and (negative_prompts is None or len(negative_prompts) != batch):
         raise ValueError(f"cfg_scale {cfg_scale} needs one negative (unconditional) prompt per prompt; "
                          f"pass negative_prompts, or cfg_scale=1 for unguided sampling")
@@ -142,12 +147,13 @@ def generate_image_stream(model, layout: Layout, prompts: list[list[int]], h: in
     logits, length = prefill(model, prompts + (negative_prompts if guided else []), layout.pad, n_new)
     visual_steps = torch.tensor([s for s, kind in enumerate(constraint.schedule) if kind == VISUAL])
     out = torch.full((batch, n_new), layout.pad, dtype=torch.long, device=logits.device)
-    rows_total, rows_done = frames * h, 0
+    rows_total, rows_done, row_ends = frames * h, 0, set(layout.row_ends(h, w, frames))
     for step in range(n_new):
-        logprobs = F.log_softmax(logits.float(), dim=-1)
+        logprobs = logits.float() if cfg_on == "logits" else F.log_softmax(logits.float(), dim=-1)
         if guided:
             cond, uncond = logprobs.split(batch)
-            logprobs = cfg_mix(cond, uncond, cfg_scale)
+            # LlamaGen counts cfg_interval in decode steps after the prefill's token: step s is decode step s - 1
+            logprobs = cfg_mix(cond, uncond, cfg_scale) if cfg_interval < 0 or step - 1 <= cfg_interval else cond
         if constrain:
             logprobs = constraint(logprobs, step)
         token = sample(logprobs, generator, temperature, top_k, top_p)         # (B,)
@@ -155,7 +161,7 @@ def generate_image_stream(model, layout: Layout, prompts: list[list[int]], h: in
         if step + 1 < n_new:   # nothing comes after the last token, so it needs no forward
             fed = torch.cat([token, token]) if guided else token               # both CFG halves see it
             logits = decode_one(model, fed, torch.tensor([length + step], device=logits.device))
-        if constraint.schedule[step] == layout.eol:
+        if step in row_ends:
             rows_done += 1
             if rows_done < rows_total:   # the last row is reported with the final tokens below
                 yield _rows(out[:, :step + 1], layout, visual_steps, w, rows_done, rows_total, constrain)
