@@ -415,8 +415,9 @@ class VQModel(nn.Module):
 
     def pixels(self, z_q: Tensor, frame0: bool = False) -> Tensor:
         """Code vectors (B, C, t, h, w) -> video (B, 4t, 3, H, W), or only its frame 0 (B, 3, H, W) if frame0."""
-        if self.cfg.temporal_factor == 1:  # LlamaGen: one 2-D decoding of the single code frame
-            return self.decoder.frames(self.post_quant_conv(z_q[:, :, 0]))  # (B, 3, H, W)
+        if self.cfg.temporal_factor == 1:  # LlamaGen (or a 2-D MoVQ): one 2-D decoding of the single code frame
+            zq = z_q[:, :, 0] if self.cfg.spatial_norm else None   # SpatialNorm's condition, when there is one
+            return self.decoder.frames(self.post_quant_conv(z_q[:, :, 0]), zq)  # (B, 3, H, W)
         z, zq = self.decoder.temporal(self.post_quant_conv(z_q), z_q)  # (B, C, 4t, h, w) each
         if frame0:  # causal time + per-frame 2-D decoder: frame 0 needs nothing from frames 1..3
             return self.decoder.frames(z[:, :, 0], zq[:, :, 0])  # (B, 3, H, W)
