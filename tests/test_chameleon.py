@@ -276,3 +276,67 @@ def test_layout_block_round_trip_and_strictness():
         layout.image_block(torch.zeros(3, 3, dtype=torch.long), Chars())
     assert layout.grid_schedule(2, 3) == [-1] * 6 + [36]
     assert layout.generation_prompt("a", 2, 3, Chars()) == [0, 397, 37]
+
+
+# --- sampler: the 1024-block constraint, 3-way CFG, CD-K, completion -------------------------------------------
+
+from nano_emu.sampler import cdk_scores, cfg_mix, cfg_mix3, generate_image  # noqa: E402
+
+
+def tiny_chameleon_gpt(layout):
+    torch.manual_seed(0)
+    return GPT(GPTConfig.tiny(layout.vocab_size + 400, n_layer=1, dim=32, n_head=2, n_kv_head=2,
+                              intermediate_size=64, qk_norm=True)).eval()
+
+
+def test_constrained_block_then_eoi_and_three_way_cfg():
+    layout = Layout.chameleon(eoi=36, boi=37, codebook_size=32, image_grid=(3, 4))
+    gpt = tiny_chameleon_gpt(layout)
+    prompts = [layout.generation_prompt("ab", 3, 4, Chars())]
+    uncond = [layout.generation_prompt("", 3, 4, Chars())]
+    tokens, codes = generate_image(gpt, layout, prompts, 3, 4, negative_prompts=uncond, image_prompts=uncond,
+                                   cfg_scale=3.0, cfg_image_scale=1.2, temperature=0.7, top_p=0.9,
+                                   generator=torch.Generator().manual_seed(0))
+    assert tokens.shape == (1, 13) and tokens[0, -1] == layout.eoi and codes.shape == (1, 3, 4)
+    assert layout.decode_image([0, layout.boi, *tokens[0].tolist()], Chars()).equal(codes[0])
+    # with no image in the prompt the image-only branch is the unconditional one: 3-way = 2-way at the text scale
+    c, i = torch.randn(2, 50), torch.randn(2, 50)
+    torch.testing.assert_close(cfg_mix3(c, i, i, 3.0, 1.2), cfg_mix(c, i, 3.0))
+    greedy = dict(cfg_scale=3.0, temperature=0)
+    three = generate_image(gpt, layout, prompts, 3, 4, negative_prompts=uncond, image_prompts=uncond, **greedy)[0]
+    two = generate_image(gpt, layout, prompts, 3, 4, negative_prompts=uncond, **greedy)[0]
+    assert torch.equal(three, two)
+
+
+def test_cdk_rule_on_fake_logits():
+    """Candidates: p_cond >= alpha * (k-th largest p_cond); score log p_cond - log p_uncond; others -inf."""
+    cond = torch.log(torch.tensor([[0.40, 0.30, 0.20, 0.06, 0.04]]))
+    uncond = torch.log(torch.tensor([[0.50, 0.10, 0.30, 0.05, 0.05]]))
+    scores = cdk_scores(cond, uncond, k=2, alpha=0.5)          # k-th (2nd) best 0.30 -> threshold 0.15
+    expected = torch.tensor([[(0.4 / 0.5), (0.3 / 0.1), (0.2 / 0.3), 0.0, 0.0]]).log()
+    expected[0, 3:] = float("-inf")
+    torch.testing.assert_close(scores, expected)
+    assert scores.argmax() == 1            # the token the prompt raises most, not the most likely one
+    # k = 1 with alpha 1 keeps only the argmax (Li et al.'s rule at its strictest); masked tokens never come back
+    assert torch.isfinite(cdk_scores(cond, uncond, k=1, alpha=1.0)).sum() == 1
+    masked = cond.clone()
+    masked[0, :4] = float("-inf")
+    assert torch.isfinite(cdk_scores(masked, uncond, k=3, alpha=0.1)).tolist() == [[False] * 4 + [True]]
+
+
+@pytest.mark.parametrize("layout", [Layout.chameleon(eoi=36, boi=37, codebook_size=32, image_grid=(3, 4)),
+                                    Layout.tiny(codebook_size=32, text_vocab=400)])
+def test_completion_keeps_rows_and_continues_like_the_full_draw(layout):
+    """Greedy: completing from the first r rows of a greedy image gives that image back, and CD-K runs too."""
+    gpt = tiny_chameleon_gpt(layout)
+    prompts = [layout.generation_prompt("ab", 3, 4, Chars())] * 2
+    uncond = [layout.generation_prompt("", 3, 4, Chars())] * 2
+    kw = dict(negative_prompts=uncond, cfg_scale=2.0, temperature=0)
+    tokens, codes = generate_image(gpt, layout, prompts, 3, 4, **kw)
+    for r in (1, 2):
+        again, kept = generate_image(gpt, layout, prompts, 3, 4, keep=codes[:, :r], **kw)
+        assert torch.equal(again, tokens) and torch.equal(kept, codes)
+    other = torch.randint(0, 32, (2, 1, 4))
+    assert torch.equal(generate_image(gpt, layout, prompts, 3, 4, keep=other, **kw)[1][:, :1], other)
+    _, cdk = generate_image(gpt, layout, prompts, 3, 4, negative_prompts=uncond, cdk_k=4, temperature=0)
+    assert cdk.shape == (2, 3, 4)
