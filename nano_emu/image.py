@@ -72,7 +72,8 @@ def image_to_tensor(image: Image.Image | str | Path, factor: int = 8, min_pixels
         image = square_crop(image, square)
     # the released processor uses PIL's plain convert (transformers 4.44): alpha is dropped, not composited on white
     image = image.convert("RGB")
-    h, w = smart_resize(image.height, image.width, factor, min_pixels, max_pixels, max_aspect_ratio)
+    h, w = (square, square) if square is not None else smart_resize(image.height, image.width, factor, min_pixels,
+                                                                     max_pixels, max_aspect_ratio)
     if (h, w) != (image.height, image.width):
         image = image.resize((w, h), Image.BICUBIC)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)  # (3, H, W) in [0, 255]

@@ -340,3 +340,21 @@ def test_completion_keeps_rows_and_continues_like_the_full_draw(layout):
     assert torch.equal(generate_image(gpt, layout, prompts, 3, 4, keep=other, **kw)[1][:, :1], other)
     _, cdk = generate_image(gpt, layout, prompts, 3, 4, negative_prompts=uncond, cdk_k=4, temperature=0)
     assert cdk.shape == (2, 3, 4)
+
+
+def test_sample_py_answers_and_completes(hf, tmp_path, capsys):
+    """sample.py --chameleon: understanding on the -hf folder; completion on the original layout (it has a decoder)."""
+    import sample
+    from PIL import Image
+    model, tok, folder = hf
+    png = tmp_path / "in.png"
+    Image.fromarray((torch.rand(40, 48, 3) * 255).to(torch.uint8).numpy()).save(png)   # square-cropped to 32x32
+    sample.main(sample.parse_args(["--chameleon", str(folder), "--image-size", str(IMAGE), "--image", str(png),
+                                   "--question", "what", "--max-new-tokens", "4", "--dtype", "float32"]))
+    assert "in.png:" in capsys.readouterr().out
+    original = write_original(model, tok, tmp_path / "data")
+    out = tmp_path / "done.png"
+    sample.main(sample.parse_args(["--chameleon", str(original), "--image-size", str(IMAGE), "--complete", str(png),
+                                   "--keep-rows", "3", "--n", "2", "--out", str(out), "--dtype", "float32",
+                                   "--cdk-k", "4"]))
+    assert Image.open(out).size == (2 * IMAGE, IMAGE)
