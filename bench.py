@@ -8,6 +8,7 @@ per token should stay flat as the sequence doubles, without it it grows with the
     python bench.py                       # CPU, the tiny preset
     python bench.py --device cuda --dim 1024 --layers 16 --dtype bfloat16
     python bench.py --llamagen GPT-B      # s per 256x256 image: LlamaGen GPT-B + VQ-16, random weights, with CFG
+    python bench.py --chameleon-layers 2  # s per 512x512 Anole-shaped image: 7B width and vocabulary, 2 of 32 layers
 """
 
 import argparse
@@ -82,7 +83,43 @@ def bench_llamagen(args):
           f"image tokens/s); VQ decode: {decoded:.1f}s; {(sampled + decoded) / args.images:.1f} s per image")
 
 
+@torch.no_grad()
+def bench_chameleon(args):
+    """Seconds per 512x512 image for an Anole-shaped model cut to --chameleon-layers layers (random weights): the
+    7B's width, heads and 65536-token head, the CFG batch of 2 (3-way CFG on a text prompt is 2-way, chameleon.py),
+    --steps decode steps timed through the sampler's decode_one and extrapolated to the 1025 of an image (the
+    cache makes every step cost the same, bench.py's default mode shows it), plus the full VQGAN decoding 32x32."""
+    from nano_emu.sampler import decode_one, prefill
+    from nano_emu.vq import VQConfig, VQModel
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig.chameleon("7B", n_layer=args.chameleon_layers)).to(device, dtype).eval()
+    vq = VQModel(VQConfig.chameleon()).to(device).eval()
+    print(f"Anole-shaped GPT, {args.chameleon_layers} of 32 layers ({gpt.num_params() / 1e9:.2f}B, {args.dtype}) + "
+          f"VQGAN ({sum(p.numel() for p in vq.parameters()) / 1e6:.0f}M, float32) on {device}, "
+          f"{torch.get_num_threads()} threads, CFG batch 2")
+    prompt = [0] + list(range(100, 120)) + [8197]
+    logits, length = prefill(gpt, [prompt, [0, 8197]], 1, 1025)
+    token = logits.argmax(-1)
+    decode_one(gpt, token, torch.tensor([length], device=device))   # warm-up
+    sync(device)
+    start = time.perf_counter()
+    for step in range(1, args.steps + 1):
+        decode_one(gpt, token, torch.tensor([length + step], device=device))
+    sync(device)
+    per_step = (time.perf_counter() - start) / args.steps
+    start = time.perf_counter()
+    vq.decode(torch.randint(0, 8192, (1, 32, 32), device=device))
+    sync(device)
+    decoded = time.perf_counter() - start
+    print(f"GPT: {1e3 * per_step:.0f} ms/step over {args.steps} steps -> {1025 * per_step:.0f}s for 1024 codes + EOI; "
+          f"VQ decode 512x512: {decoded:.1f}s; {1025 * per_step + decoded:.0f} s per image")
+
+
 def main(args):
+    if args.chameleon_layers:
+        return bench_chameleon(args)
     if args.llamagen:
         return bench_llamagen(args)
     device = torch.device(args.device)
@@ -133,6 +170,9 @@ if __name__ == "__main__":
     parser.add_argument("--skip-peer", action="store_true", help="skip the slow no-cache peer run")
     parser.add_argument("--llamagen", default=None, help="instead: s/image of a LlamaGen size (GPT-B, ...) + VQ-16, "
                         "random weights of the released shapes, the demo's sampling")
+    parser.add_argument("--chameleon-layers", type=int, default=0, help="instead: s per 512x512 image of an "
+                        "Anole-shaped GPT with this many layers (7B width and vocabulary) + Chameleon's VQGAN")
+    parser.add_argument("--steps", type=int, default=16, help="with --chameleon-layers: decode steps timed")
     parser.add_argument("--image-size", type=int, default=256, help="with --llamagen: 256 or 384")
     parser.add_argument("--images", type=int, default=1, help="with --llamagen: images drawn as one batch")
     main(parser.parse_args())

@@ -8,6 +8,10 @@
                      --device cuda --dtype bfloat16 --out cat.png   # the released model (folders you downloaded)
     python sample.py --weights BAAI/Emu3-Chat --vq BAAI/Emu3-VisionTokenizer --image cat.png --question "What is it?"
     python sample.py --llamagen c2i_B_256.pt --vq vq_ds16_c2i.pt --class 207 --class "red panda" --n 8 --out grid.png
+    python sample.py --chameleon chameleon-7b --image cat.png --question "What animal is this?"   # understanding
+    python sample.py --chameleon Anole-7b-v0.1-hf --prompt "a watercolor fox" --out fox.png   # Anole draws
+    python sample.py --ckpt out/tiny --prompt "a red circle in the top left" --cdk-k 8 --out cdk.png   # CM3Leon's CD-K
+    python sample.py --ckpt out/tiny --complete shape.png --keep-rows 3 --n 4 --out completed.png  # image completion
 """
 
 import argparse
@@ -27,6 +31,14 @@ def load(args) -> Pipeline:
     if args.ckpt:
         return load_tiny(args.ckpt, device=device, dtype=torch.float32 if args.dtype == "auto" else
                          getattr(torch, args.dtype))
+    if args.chameleon:
+        from nano_emu.chameleon import load_chameleon
+        dtype = torch.bfloat16 if args.dtype == "auto" else getattr(torch, args.dtype)   # bf16 as released
+        start = time.time()
+        pipe = load_chameleon(args.chameleon, tokenizer_dir=args.tokenizer_dir, device=device, dtype=dtype,
+                              image_size=args.image_size or 512)
+        print(f"  {pipe.gpt.num_params() / 1e9:.2f}B-parameter Chameleon loaded in {time.time() - start:.1f}s")
+        return pipe
     from nano_emu.emu3 import load_emu3
     # auto: bf16, as Emu3's demos run it (the released checkpoints are fp32: 34 GB)
     dtype = torch.bfloat16 if args.dtype == "auto" else getattr(torch, args.dtype)
@@ -51,7 +63,7 @@ def draw(pipe: Pipeline, args) -> None:
     h, w = pipe.grid(args.ratio)
     cfg = pipe.cfg_scale if args.cfg is None else args.cfg
     sampling = dict(ratio=args.ratio, cfg_scale=cfg, seed=args.seed, temperature=args.temperature,
-                    top_k=args.top_k, top_p=args.top_p)
+                    top_k=args.top_k, top_p=args.top_p, cdk_k=args.cdk_k)
     if args.negative is not None:
         sampling["negative_prompt"] = args.negative
     print(f"drawing {len(prompts)} image(s) of {h}x{w} codes ({h * pipe.vq.cfg.spatial_factor}x"
@@ -82,6 +94,20 @@ def draw(pipe: Pipeline, args) -> None:
         frames += [frames[-1]] * 4   # hold the finished image for a moment
         frames[0].save(args.progress, save_all=True, append_images=frames[1:], duration=120, loop=0)
         print(f"wrote {args.progress} ({len(frames)} frames)")
+
+
+def complete(pipe: Pipeline, args) -> None:
+    """Keep the first --keep-rows rows of codes of --complete and draw the rest, --n times per prompt (or with the
+    empty caption), in one grid."""
+    prompts = [p for p in (args.prompt or [""]) for _ in range(args.n)]
+    start = time.time()
+    images = pipe.complete(args.complete, args.keep_rows, prompts, seed=args.seed, cfg_scale=args.cfg,
+                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cdk_k=args.cdk_k)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid_image(images, args.n).save(out)
+    print(f"wrote {out}: {len(images)} completion(s) of {args.complete} from its first {args.keep_rows} rows "
+          f"({time.time() - start:.1f}s)")
 
 
 def answer(pipe: Pipeline, args) -> None:
@@ -133,7 +159,9 @@ def main(args):
     if args.llamagen:   # LlamaGen's class-to-image weights
         return draw_classes(args)
     pipe = load(args)
-    if args.prompt:
+    if args.complete:
+        complete(pipe, args)
+    elif args.prompt:
         draw(pipe, args)
     if args.caption or args.image:
         answer(pipe, args)
@@ -178,9 +206,22 @@ def build_parser() -> cli.ArgumentParser:
                      help="ImageNet class index or name to draw, e.g. 207 or 'golden retriever' (repeat for rows)")
     c2i.add_argument("--gpt-model", default=None, help="GPT-B | GPT-L | GPT-XL | GPT-XXL | GPT-3B "
                      "(default: read off the checkpoint's shapes)")
-    c2i.add_argument("--image-size", type=cli.at_least(1), default=None, help="pixels per side: 256 or 384 for the released weights (default: from the file name)")
+    c2i.add_argument("--image-size", type=cli.at_least(1), default=None, help="pixels per side: 256 or 384 for the released weights (default: from the file name); "
+                     "with --chameleon, 512 as released")
     c2i.add_argument("--cfg-interval", type=cli.at_least(-1), default=None,
                      help="guide only the first cfg_interval + 2 tokens (LlamaGen's flag; default -1: all)")
+    cham = p.add_argument_group("Chameleon / Anole (with --prompt to draw, Anole only; --image/--question to answer)")
+    cham.add_argument("--chameleon", type=cli.existing_folder, help="a Chameleon or Anole folder: transformers layout "
+                      "(config.json, *.safetensors, tokenizer.json) or original (consolidated.pth, params.json)")
+    cham.add_argument("--tokenizer-dir", type=cli.existing_folder, default=None,
+                      help="the original layout's tokenizer/ folder (default: inside --chameleon or ../../tokenizer)")
+    extra = p.add_argument_group("decoding extras (every family)")
+    extra.add_argument("--cdk-k", type=cli.at_least(1), default=None,
+                       help="CM3Leon's contrastive decoding with top-K instead of the CFG mix: candidates within "
+                            "0.1x of the k-th likeliest conditional token, ranked by log p(cond) - log p(uncond)")
+    extra.add_argument("--complete", type=cli.image_file, default=None,
+                       help="image to complete: its first --keep-rows rows of codes are kept, the rest drawn")
+    extra.add_argument("--keep-rows", type=cli.at_least(0), default=None, help="rows of codes --complete keeps")
     und = p.add_argument_group("image -> text")
     und.add_argument("--caption", type=cli.image_file, help="image to caption (tiny models)")
     und.add_argument("--image", type=cli.image_file, help="image to ask about (Emu3-Chat)")
@@ -200,12 +241,17 @@ def parse_args(argv=None):
         if not args.vq or not args.classes:
             p.error("--llamagen needs --vq (its VQ, e.g. vq_ds16_c2i.pt) and at least one --class")
         return args
-    if bool(args.ckpt) == bool(args.weights):
-        p.error("give either --ckpt (a train_tiny.py output folder) or --weights (released Emu3 weights)")
+    if sum(map(bool, (args.ckpt, args.weights, args.chameleon))) != 1:
+        p.error("give one of --ckpt (a train_tiny.py output folder), --weights (released Emu3 weights) or "
+                "--chameleon (a Chameleon / Anole folder)")
     if args.vq and not args.weights:
         p.error("--vq goes with --weights or --llamagen (the released VQ of an original-layout Emu3 folder)")
-    if not args.prompt and not (args.caption or args.image):
-        p.error("nothing to do: give --prompt (text -> image) or --caption / --image (image -> text)")
+    if args.tokenizer_dir and not args.chameleon:
+        p.error("--tokenizer-dir goes with --chameleon (its original layout)")
+    if (args.complete is None) != (args.keep_rows is None):
+        p.error("--complete and --keep-rows go together (the image, and how many of its rows of codes to keep)")
+    if not args.prompt and not (args.caption or args.image or args.complete):
+        p.error("nothing to do: give --prompt (text -> image), --caption / --image (image -> text) or --complete")
     return args
 
 

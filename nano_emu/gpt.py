@@ -18,9 +18,16 @@ embedding table whose rows are fed as input ids vocab_size + class (the start to
 class CFG uses), and `rope_2d_grid` rotates image token k by its row on one half of each head and its column on the
 other, with the condition token's rotation zeroed exactly as released. Its names are mapped in llamagen.py.
 
+Chameleon / Anole (the CM3Leon line) is the same decoder with two more switches: `qk_norm` applies a LayerNorm with
+weight and bias to every head of q and k before RoPE (Chameleon's fix for logit drift in mixed-modal training), and
+`swin_norm` (the 30B) moves each RMSNorm from the branch input to the branch output. Its names are mapped in
+chameleon.py, which also permutes the original checkpoints' interleaved RoPE rows to this file's rotate_half layout.
+
 References: Emu3 (github.com/baaivision/Emu3, emu3/mllm/modeling_emu3.py), Llama (github.com/meta-llama/llama),
 gpt-fast (github.com/pytorch-labs/gpt-fast) for the static cache, nanoGPT for the manual attention next to SDPA,
-LlamaGen (github.com/FoundationVision/LlamaGen, autoregressive/models/gpt.py) for the class token and 2-D RoPE.
+LlamaGen (github.com/FoundationVision/LlamaGen, autoregressive/models/gpt.py) for the class token and 2-D RoPE,
+Chameleon (arXiv 2405.09818, github.com/facebookresearch/chameleon chameleon/inference/transformer.py) for qk-norm
+and swin-norm.
 """
 
 import math
@@ -47,6 +54,8 @@ class GPTConfig:
     #                              input id vocab_size + c is class c. Outputs stay over the vocab_size tokens
     rope_2d_grid: int = 0        # LlamaGen: > 0 = 2-D RoPE over a grid this wide, after n_cond_tokens condition
     n_cond_tokens: int = 1       # tokens, which are zero-rotated; 0 = plain 1-D RoPE over positions
+    qk_norm: bool = False        # Chameleon: LayerNorm (weight + bias, one per head) on q and k before RoPE
+    swin_norm: bool = False      # Chameleon-30B: x + norm(attn(x)), then h + norm(mlp(h)) (norms on the branch output)
 
     def __post_init__(self):
         assert self.dim % self.n_head == 0, f"dim {self.dim} must be divisible by n_head {self.n_head}"
@@ -79,6 +88,22 @@ class GPTConfig:
                              num_classes=1000, rope_2d_grid=grid, n_cond_tokens=1), **overrides})
 
 
+    @classmethod
+    def chameleon(cls, size: str = "7B", **overrides) -> "GPTConfig":
+        """facebook/chameleon-7b and -30b (Anole-7b is the 7B): 65536 tokens (text BPE + 8192 image codes), qk-norm,
+        context 4096, RoPE theta 1e4; the 30B adds grouped-query attention and swin-norm (CHAMELEON_SIZES)."""
+        if size not in CHAMELEON_SIZES:
+            raise ValueError(f"unknown Chameleon size {size!r}; the released ones are {', '.join(CHAMELEON_SIZES)}")
+        n_layer, n_head, n_kv_head, dim, ffn, swin = CHAMELEON_SIZES[size]
+        return cls(**{**dict(vocab_size=65536, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, dim=dim,
+                             intermediate_size=ffn, norm_eps=1e-5, rope_theta=10000.0, max_seq_len=4096,
+                             qk_norm=True, swin_norm=swin), **overrides})
+
+
+# Chameleon's released LLMs: (n_layer, n_head, n_kv_head, dim, SwiGLU width, swin_norm). The 30B numbers are the
+# reference notes' (params.json of the 30B was not at hand): check them against its config.json when you have it
+CHAMELEON_SIZES = {"7B": (32, 32, 32, 4096, 11008, False), "30B": (48, 64, 8, 8192, 22016, True)}
+
 # LlamaGen's GPT_models that have released c2i weights: (n_layer, n_head, dim); the 3B has head_dim 100
 LLAMAGEN_SIZES = {"GPT-B": (12, 12, 768), "GPT-L": (24, 16, 1024), "GPT-XL": (36, 20, 1280),
                   "GPT-XXL": (48, 24, 1536), "GPT-3B": (24, 32, 3200)}
@@ -96,6 +121,20 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+
+class HeadLayerNorm(nn.Module):
+    """Chameleon's qk-norm: LayerNorm over head_dim with a weight and bias for every head, (n_heads, head_dim).
+    The original code keeps one LayerNorm per tensor-parallel shard shared by that shard's heads; transformers (and
+    chameleon.py) repeat it per head, so the statistics are per head and the affine part is per head. eps 1e-5."""
+
+    def __init__(self, n_heads: int, head_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n_heads, head_dim))
+        self.bias = nn.Parameter(torch.zeros(n_heads, head_dim))
+
+    def forward(self, x):   # x (B, T, n_heads, head_dim)
+        return F.layer_norm(x, x.shape[-1:], eps=1e-5) * self.weight + self.bias
 
 
 def rope_angles(positions: torch.Tensor, dim: int, theta: float) -> torch.Tensor:
@@ -170,12 +209,18 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.dim, config.n_kv_head * config.head_dim, bias=False)
         self.v_proj = nn.Linear(config.dim, config.n_kv_head * config.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_head * config.head_dim, config.dim, bias=False)
+        if config.qk_norm:
+            self.q_norm = HeadLayerNorm(config.n_head, config.head_dim)
+            self.k_norm = HeadLayerNorm(config.n_kv_head, config.head_dim)
         self.kv_cache = None   # a KVCache once GPT.setup_cache() has run
 
     def forward(self, x, cos, sin, mask, input_pos):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)      # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)   # (B, Hkv, T, D)
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)                      # (B, T, H, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)                   # (B, T, Hkv, D)
+        if self.config.qk_norm:   # Chameleon: per-head LayerNorm before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)                                    # (B, H, T, D), (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)   # (B, Hkv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if input_pos is not None:
@@ -207,8 +252,12 @@ class Block(nn.Module):
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MLP(config)
+        self.swin_norm = config.swin_norm
 
     def forward(self, x, cos, sin, mask, input_pos):
+        if self.swin_norm:   # Chameleon-30B: the same two norms, applied to each branch's output instead of its input
+            x = x + self.input_layernorm(self.self_attn(x, cos, sin, mask, input_pos))
+            return x + self.post_attention_layernorm(self.mlp(x))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
         return x + self.mlp(self.post_attention_layernorm(x))
 

@@ -86,6 +86,26 @@ class Pipeline:
         return images
 
     @torch.no_grad()
+    def complete(self, image: Image.Image | str | Path, keep_rows: int, prompts: list[str] | None = None,
+                 seed: int = 0, **kwargs) -> list[Image.Image]:
+        """Image completion: the image's first keep_rows rows of codes are kept and the model draws the rest, once
+        per prompt (default: one, the empty caption), with the same sampler as draw (its `keep` option). The image
+        is brought to the pipeline's square image size as answer() does."""
+        device, dtype = next(self.vq.parameters()).device, next(self.vq.parameters()).dtype
+        pixels = image_to_tensor(image, factor=self.vq.cfg.spatial_factor, **(self.resize or {}))
+        codes = self.vq.encode(pixels[None].to(device, dtype)).cpu()                   # (1, h, w)
+        h, w = self.grid()
+        if codes.shape[1:] != (h, w):
+            raise ValueError(f"the image gives {codes.shape[1]}x{codes.shape[2]} codes, this model draws {h}x{w}")
+        if not 0 <= keep_rows < h:
+            raise ValueError(f"keep_rows must be in [0, {h}) for a {h}-row image, got {keep_rows}")
+        prompts = prompts or [""]
+        for rows in self.draw_stream(prompts, seed=seed, keep=codes[:, :keep_rows].expand(len(prompts), -1, -1),
+                                     **kwargs):
+            pass
+        return self.decode(rows.codes)
+
+    @torch.no_grad()
     def answer(self, image: Image.Image | str | Path | np.ndarray | list, question: str = "",
                max_new_tokens: int = 256, **sampling) -> str | list[str]:
         """Image understanding: the image block goes into the chat template, the answer is generated (greedy by

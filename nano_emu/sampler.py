@@ -24,9 +24,16 @@ row, EOL at each row end, EOF after each frame, then EOI and EOS); `GridConstrai
 mask per kind of slot and masks the logits with it before sampling, so a malformed grid is impossible whatever
 the model's logits are (Emu3's prefix_allowed_tokens_fn, as a table instead of Python branching per step).
 
+Chameleon / Anole add two options on the same loop. A 3-way CFG (`image_prompts`, `cfg_image_scale`): the batch is
+[full prompt; image-only prompt; unconditional] and the mix is InstructPix2Pix's, uncond + s_img * (image - uncond)
++ s_txt * (full - image) (Chameleon's reference ImageDecoder: s_img 1.2, s_txt 3.0). And CM3Leon's contrastive
+decoding with top-K (`cdk_k`, see `cdk_scores`) in place of the CFG mix, for every family. `keep` starts the image
+from given first rows (image completion): they are appended to every branch's prompt and the sampler continues.
+
 Sampling functions are small and pure, with an explicit torch.Generator, so a seed reproduces an image on CPU.
 """
 
+import math
 from typing import Iterator, NamedTuple
 
 import torch
@@ -38,6 +45,31 @@ from .layout import VISUAL, Layout
 def cfg_mix(cond_logprobs: torch.Tensor, uncond_logprobs: torch.Tensor, scale: float) -> torch.Tensor:
     """Emu3's guidance: push the conditional distribution away from the unconditional one, in log-prob space."""
     return uncond_logprobs + scale * (cond_logprobs - uncond_logprobs)
+
+
+def cfg_mix3(cond: torch.Tensor, image_cond: torch.Tensor, uncond: torch.Tensor, text_scale: float,
+             image_scale: float) -> torch.Tensor:
+    """Chameleon's 3-way guidance (InstructPix2Pix's): image_scale pulls towards the prompt's images, text_scale
+    towards its text on top of them. With no image in the prompt image_cond is uncond: 2-way CFG at text_scale."""
+    return uncond + image_scale * (image_cond - uncond) + text_scale * (cond - image_cond)
+
+
+def cdk_scores(cond_logprobs: torch.Tensor, uncond_logprobs: torch.Tensor, k: int, alpha: float = 0.1) -> torch.Tensor:
+    """CM3Leon's contrastive decoding with top-K (CD-K; Yu et al. 2023, arXiv 2309.02591, section 3.1), the rule
+    implemented here, on (B, V) log-probabilities:
+
+        candidates = {t : p_cond(t) >= alpha * (k-th largest p_cond)}
+        score(t)   = log p_cond(t) - log p_uncond(t)   for t in candidates, -inf otherwise
+
+    It is Li et al.'s contrastive decoding (arXiv 2210.15097: expert = the conditional model, amateur = CFG's
+    unconditional branch; plausibility set p >= alpha * max p, alpha 0.1) with the max replaced by the k-th
+    largest, so at least k tokens stay candidates. The scores are then sampled like logits (temperature, top-k,
+    top-p). This is our reading of the paper's description, not released code (there is none); alpha 0.1 is Li et
+    al.'s value, k is the caller's."""
+    kth = cond_logprobs.topk(min(k, cond_logprobs.size(-1)), dim=-1).values[:, -1:]     # (B, 1)
+    # p >= alpha * p_k, in logs; a masked token (-inf) is never a candidate, even when fewer than k are allowed
+    candidate = (cond_logprobs >= kth + math.log(alpha)) & (cond_logprobs > float("-inf"))
+    return (cond_logprobs - uncond_logprobs).masked_fill(~candidate, float("-inf"))
 
 
 def sample(logits: torch.Tensor, generator: torch.Generator | None = None, temperature: float = 1.0,
@@ -129,28 +161,56 @@ def generate_image_stream(model, layout: Layout, prompts: list[list[int]], h: in
                           negative_prompts: list[list[int]] | None = None, cfg_scale: float = 3.0,
                           temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                           generator: torch.Generator | None = None, constrain: bool = True,
-                          cfg_on: str = "logprobs", cfg_interval: int = -1) -> Iterator[Rows]:
+                          cfg_on: str = "logprobs", cfg_interval: int = -1,
+                          image_prompts: list[list[int]] | None = None, cfg_image_scale: float = 1.0,
+                          cdk_k: int | None = None, cdk_alpha: float = 0.1,
+                          keep: torch.Tensor | None = None) -> Iterator[Rows]:
     """Draw len(prompts) images (or videos, frames > 1) of h x w codes; yields Rows after every finished row,
     the last one carrying every token through EOS. Prompts end with IMG (Layout.generation_prompt).
     negative_prompts: the unconditional branch for CFG, one per prompt (Emu3: a negative prompt; toy models:
     the empty caption). cfg_on: "logprobs" (Emu3) or "logits" (LlamaGen) is what CFG mixes; cfg_interval: see
-    the module docstring."""
+    the module docstring. image_prompts: Chameleon's image-only branch (3-way CFG, cfg_image_scale; cfg_scale is
+    then the text scale). cdk_k: CD-K (cdk_scores) against the negative prompts instead of the CFG mix.
+    keep: (B, r, w) codes of the first r rows, kept as given (image completion; images only)."""
     batch = len(prompts)
-    guided = cfg_scale != 1.0
+    guided = cfg_scale != 1.0 or image_prompts is not None or cdk_k is not None
     if cfg_on not in ("logprobs", "logits"):
         raise ValueError(f"cfg_on must be 'logprobs' (Emu3) or 'logits' (LlamaGen), got {cfg_on!r}")
     if guided and (negative_prompts is None or len(negative_prompts) != batch):
         raise ValueError(f"cfg_scale {cfg_scale} needs one negative (unconditional) prompt per prompt; "
                          f"pass negative_prompts, or cfg_scale=1 for unguided sampling")
+    if image_prompts is not None and len(image_prompts) != batch:
+        raise ValueError(f"3-way CFG needs one image-only prompt per prompt, got {len(image_prompts)} for {batch}")
+    branches = [prompts] + ([image_prompts] if image_prompts is not None else []) + ([negative_prompts] if guided else [])
     constraint = GridConstraint(layout, h, w, frames, model.config.vocab_size, model.lm_head.weight.device)
     n_new = len(constraint)
-    logits, length = prefill(model, prompts + (negative_prompts if guided else []), layout.pad, n_new)
+    rows_total, rows_done, row_ends = frames * h, 0, set(layout.row_ends(h, w, frames))
+    start, kept = 0, []
+    if keep is not None:   # image completion: the kept rows, as the schedule writes them, extend every prompt
+        if frames != 1 or keep.dim() != 3 or keep.shape[0] != batch or keep.shape[2] != w or keep.shape[1] >= h:
+            raise ValueError(f"keep must be (batch {batch}, r < {h} rows, {w}) codes of an image, got {tuple(keep.shape)}")
+        rows_done = keep.shape[1]
+        start = sorted(row_ends)[rows_done - 1] + 1 if rows_done else 0
+        codes = iter(keep.flatten(1).T.tolist())   # one row of B codes per visual slot, in raster order
+        kept = [[c + layout.first_visual for c in next(codes)] if kind == VISUAL else [kind] * batch
+                for kind in constraint.schedule[:start]]
+        kept = [list(row) for row in zip(*kept)] if kept else [[] for _ in range(batch)]   # (B, start)
+        branches = [[p + kept[i] for i, p in enumerate(branch)] for branch in branches]
+    logits, length = prefill(model, [p for branch in branches for p in branch], layout.pad, n_new - start)
     visual_steps = torch.tensor([s for s, kind in enumerate(constraint.schedule) if kind == VISUAL])
     out = torch.full((batch, n_new), layout.pad, dtype=torch.long, device=logits.device)
-    rows_total, rows_done, row_ends = frames * h, 0, set(layout.row_ends(h, w, frames))
-    for step in range(n_new):
+    if start:
+        out[:, :start] = torch.tensor(kept, device=logits.device)
+    for step in range(start, n_new):
         logprobs = logits.float() if cfg_on == "logits" else F.log_softmax(logits.float(), dim=-1)
-        if guided:
+        if cdk_k is not None:   # CD-K on log-probabilities over what the constraint allows
+            cond, uncond = logits.float()[:batch], logits.float()[-batch:]
+            if constrain:
+                cond, uncond = constraint(cond, step), constraint(uncond, step)
+            logprobs = cdk_scores(F.log_softmax(cond, -1), F.log_softmax(uncond, -1), cdk_k, cdk_alpha)
+        elif image_prompts is not None:
+            logprobs = cfg_mix3(*logprobs.split(batch), text_scale=cfg_scale, image_scale=cfg_image_scale)
+        elif guided:
             cond, uncond = logprobs.split(batch)
             # LlamaGen counts cfg_interval in decode steps after the prefill's token: step s is decode step s - 1
             logprobs = cfg_mix(cond, uncond, cfg_scale) if cfg_interval < 0 or step - 1 <= cfg_interval else cond
@@ -159,8 +219,8 @@ def generate_image_stream(model, layout: Layout, prompts: list[list[int]], h: in
         token = sample(logprobs, generator, temperature, top_k, top_p)         # (B,)
         out[:, step] = token
         if step + 1 < n_new:   # nothing comes after the last token, so it needs no forward
-            fed = torch.cat([token, token]) if guided else token               # both CFG halves see it
-            logits = decode_one(model, fed, torch.tensor([length + step], device=logits.device))
+            fed = token.repeat(len(branches))                                  # every CFG branch sees it
+            logits = decode_one(model, fed, torch.tensor([length + step - start], device=logits.device))
         if step in row_ends:
             rows_done += 1
             if rows_done < rows_total:   # the last row is reported with the final tokens below

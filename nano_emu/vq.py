@@ -8,6 +8,9 @@ levels. Two families are switches of the same modules (table in docs/families.md
   checkpoint loads with an identity map (emu3.py maps the transformers `-hf` names).
 - LlamaGen (`VQConfig.llamagen(16)` / `(8)`): `temporal_factor=1` (no temporal axis), plain GroupNorm decoder, a
   256-wide latent projected by 1x1 convs to 8-wide codes in an L2-normalised codebook (llamagen.py maps its names).
+- Chameleon / Anole (`VQConfig.chameleon()`): the LlamaGen structure with attention only in the mid blocks and a
+  plain (not normalised) codebook of 8192 codes of width 256; its taming names are ours (chameleon.py). Its -hf
+  conversion drops the decoder: such a VQModel is built with `decoder=False` and can only encode.
 
     cfg = VQConfig.emu3()                 # or VQConfig.tiny() for CPU toys
     vq = VQModel(cfg).eval()
@@ -268,6 +271,14 @@ class VQConfig:
                    l2_norm=True)
 
     @classmethod
+    def chameleon(cls) -> "VQConfig":
+        """Chameleon's / Anole's VQGAN (tokenizer/vqgan.yaml): 512 px -> 32x32 codes of 8192, width 256, no L2
+        normalisation, attention only in the mid blocks (attn_resolutions [])."""
+        return cls(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_levels=(), embed_dim=256,
+                   codebook_size=8192, temporal_factor=1, z_channels=256, spatial_norm=False, norm_groups=32,
+                   l2_norm=False)
+
+    @classmethod
     def tiny(cls, **overrides) -> "VQConfig":
         """The same blocks, narrow (0.82M parameters): 64x64 toy images -> 8x8 codes of width 4, L2-normalised as in
         LlamaGen. Chosen by PSNR after a fixed CPU time on the shapes world (docs/benchmarks.md): ch 32 learns more
@@ -385,11 +396,12 @@ class VQOutput(NamedTuple):
 
 
 class VQModel(nn.Module):
-    def __init__(self, cfg: VQConfig):
+    def __init__(self, cfg: VQConfig, decoder: bool = True):
         super().__init__()
         self.cfg = cfg
         self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
+        # decoder=False: an encoder-only VQ, for checkpoints released without the decoder (Chameleon's -hf folders)
+        self.decoder = Decoder(cfg) if decoder else None
         self.quantize = VectorQuantizer(cfg)
         if cfg.temporal_factor > 1:   # Emu3: causal convs over the current and the 2 previous code frames
             self.quant_conv = CausalConv3d(cfg.embed_dim, cfg.embed_dim, (3, 1, 1))
@@ -438,6 +450,9 @@ class VQModel(nn.Module):
         """Codes (B, h, w) -> image (B, 3, H, W), frame 0 of the decoded clip as released; codes (B, t, h, w) ->
         video (B, 4t, 3, H, W)."""
         is_image = self._check_codes(codes)
+        if self.decoder is None:
+            raise ValueError("this VQ has no decoder: its checkpoint was released without one (Chameleon's -hf "
+                             "conversion drops it); load a folder that has it (Anole's, or the original vqgan.ckpt)")
         z_q = self.quantize.lookup(codes.unsqueeze(1) if is_image else codes).permute(0, 4, 1, 2, 3)  # (B, C, t, h, w)
         return self.pixels(z_q, frame0=is_image)
 

@@ -42,6 +42,9 @@ def ckpt(tmp_path):
     (["--progress", "fill.png"], "--progress"),
     (["--ckpt", "no/such/folder"], "--ckpt"),
     (["--vq", "."], "--vq"),
+    (["--cdk-k", "0"], "--cdk-k"),
+    (["--keep-rows", "-1"], "--keep-rows"),
+    (["--chameleon", "no/such/folder"], "--chameleon"),
 ])
 def test_sample_refuses_a_bad_flag_in_one_line(flags, named, ckpt, capsys):
     with pytest.raises(SystemExit) as exit:
@@ -61,7 +64,10 @@ def test_sample_refuses_bad_paths_in_one_line(ckpt, tmp_path, capsys):
                         (["--prompt", "x", "--out", str(a_file / "sub" / "x.png")], "is a file, not a folder"),
                         (["--prompt", "x", "--out", str(tmp_path)], "needs the suffix"),
                         ([], "nothing to do"),
-                        (["--weights", ckpt, "--prompt", "x"], "either --ckpt"),
+                        (["--weights", ckpt, "--prompt", "x"], "give one of --ckpt"),
+                        (["--chameleon", ckpt, "--prompt", "x"], "give one of --ckpt"),
+                        (["--prompt", "x", "--keep-rows", "2"], "--complete and --keep-rows go together"),
+                        (["--prompt", "x", "--tokenizer-dir", ckpt], "--tokenizer-dir goes with --chameleon"),
                         ]:
         with pytest.raises(SystemExit) as exit:
             sample.parse_args(["--ckpt", ckpt] + flags)
