@@ -179,7 +179,7 @@ def test_strict_loader_lists_every_problem_before_loading():
     msg = str(err.value)
     assert "bad.safetensors" in msg and "1 missing keys: encoder.conv_in.weight" in msg
     assert "1 unexpected keys: encoder.extra.weight" in msg
-    assert "quantize.embedding.weight: checkpoint (7, 8) vs model (512, 4)" in msg
+    assert "quantize.embedding.weight: checkpoint (7, 8) vs model (256, 4)" in msg
     assert torch.equal(model.decoder.conv_out.weight, before)  # nothing was loaded
 
 
@@ -323,8 +323,8 @@ def test_encode_rejects_bad_pixels(x, match):
     (torch.zeros(4, 4, dtype=torch.long), r"expected codes \(B, h, w\) for images or \(B, t, h, w\) for video, "
                                           r"got shape \(4, 4\)"),
     (torch.zeros(1, 4, 4), r"expected integer codes, got dtype torch.float32"),
-    (torch.full((1, 4, 4), 512), r"codes must lie in \[0, 512\), got min 512 and max 512"),
-    (torch.full((1, 1, 4, 4), -1), r"codes must lie in \[0, 512\), got min -1 and max -1"),
+    (torch.full((1, 4, 4), 256), r"codes must lie in \[0, 256\), got min 256 and max 256"),
+    (torch.full((1, 1, 4, 4), -1), r"codes must lie in \[0, 256\), got min -1 and max -1"),
 ])
 def test_decode_rejects_bad_codes(codes, match):
     with pytest.raises(ValueError, match=match):
