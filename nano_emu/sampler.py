@@ -5,6 +5,13 @@ An image is drawn one token at a time after the prompt `BOS caption BOI "h*w" IM
 2. each step: log-probabilities of the next token -> CFG mix -> grid constraint -> temperature / top-k /
    top-p -> sample; the token is fed back as a one-token decode step.
 
+The loop is gpt-fast's ("Accelerating Generative AI with PyTorch II: GPT, Fast", 2023): a `Decoder` owns the
+model's KV cache (allocated once for a batch size and length, reused by later calls, freed by release()) and the
+one-token decode step, which has the same shapes at every step and so can be handed to torch.compile (CUDA graphs
+on a GPU). Nothing in the image loop waits for the device: the cache slot is a device tensor advanced in place,
+the grid constraint is a lookup into a device table, sampling draws on the device, and which steps finish a row
+is known from the schedule, so a GPU runs ahead of Python.
+
 Classifier-free guidance runs the conditional and the unconditional prompts as ONE doubled batch
 [cond; uncond] through one forward per step (LlamaGen, min-dalle). The released Emu3 code instead runs two
 sequential forwards per token (transformers' UnbatchedClassifierFreeGuidanceLogitsProcessor), which is why it
@@ -31,6 +38,7 @@ from typing import Iterator, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .gpt import KVCache
 from .layout import VISUAL, Layout
 
 
@@ -39,15 +47,16 @@ def cfg_mix(cond_logprobs: torch.Tensor, uncond_logprobs: torch.Tensor, scale: f
     return uncond_logprobs + scale * (cond_logprobs - uncond_logprobs)
 
 
-def sample(logits: torch.Tensor, generator: torch.Generator | None = None, temperature: float = 1.0,
-           top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
-    """logits (B, V) -> token ids (B,). temperature 0 means greedy (argmax). Filters in transformers' order:
-    temperature, then top-k, then top-p (nucleus); masked entries (-inf) are never drawn."""
+def probabilities(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None) -> torch.Tensor:
+    """logits (..., V) -> the distribution `sample` draws from (..., V). Filters in transformers' order:
+    temperature, then top-k, then top-p (nucleus); masked entries (-inf) get probability 0. temperature 0 is
+    greedy: all the mass on the argmax."""
     if temperature == 0:
-        return logits.argmax(-1)
+        return F.one_hot(logits.argmax(-1), logits.size(-1)).float()
     logits = logits / temperature
     if top_k is not None and top_k < logits.size(-1):
-        kth_best = logits.topk(top_k, dim=-1).values[:, -1:]                   # (B, 1)
+        kth_best = logits.topk(top_k, dim=-1).values[..., -1:]                 # (..., 1)
         logits = logits.masked_fill(logits < kth_best, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
@@ -55,11 +64,25 @@ def sample(logits: torch.Tensor, generator: torch.Generator | None = None, tempe
         # drop a token once the tokens before it already hold top_p of the mass (the best one always stays)
         drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-    probs = logits.softmax(-1)
-    # argmax(p / Exp(1)) is a draw from p (the "exponential race"); unlike torch.multinomial it never makes
-    # the GPU wait for the CPU (gpt-fast's multinomial_sample_one_no_sync)
-    race = torch.empty_like(probs).exponential_(1, generator=generator)
-    return (probs / race).argmax(-1)
+    return logits.softmax(-1)
+
+
+def draw(weights: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw per row from non-negative weights (..., V), normalised or not -> ids (...), by inverting the
+    cumulative sum at a uniform point: one random number per row (speculative decoding draws whole windows of
+    rows), and unlike torch.multinomial it never makes the GPU wait for the CPU (gpt-fast's no-sync sampling).
+    A token of weight 0 is never drawn: the cumulative sum does not rise at it."""
+    cdf = weights.cumsum(-1)                                                    # (..., V)
+    point = torch.rand(cdf.shape[:-1] + (1,), generator=generator, device=cdf.device) * cdf[..., -1:]
+    return torch.searchsorted(cdf, point, right=True)[..., 0].clamp(max=weights.size(-1) - 1)
+
+
+def sample(logits: torch.Tensor, generator: torch.Generator | None = None, temperature: float = 1.0,
+           top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,). temperature 0 means greedy (argmax, no random draw)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    return draw(probabilities(logits, temperature, top_k, top_p), generator)
 
 
 class GridConstraint:
@@ -96,24 +119,74 @@ def left_pad(prompts: list[list[int]], pad_id: int, device=None):
     return ids, mask
 
 
-def prefill(model, prompts: list[list[int]], pad_id: int, n_new: int) -> tuple[torch.Tensor, int]:
-    """Allocate the cache for prompt + n_new tokens and run the prompts; returns (next-token logits (B, V),
-    the prompt length L, i.e. the cache slot of the first new token)."""
-    device = model.lm_head.weight.device
-    ids, mask = left_pad(prompts, pad_id, device)
-    length = ids.size(1)
-    if length + n_new > model.config.max_seq_len:
-        raise ValueError(f"prompt of {length} tokens + {n_new} new tokens exceeds the model's context of "
-                         f"{model.config.max_seq_len} tokens; shorten the prompt or generate less")
-    model.setup_cache(len(prompts), length + n_new)
-    logits = model(ids, input_pos=torch.arange(length, device=device), attention_mask=mask)
-    return logits[:, -1], length
+def decode_step(model, cache: KVCache, tokens: torch.Tensor, input_pos: torch.Tensor,
+                every_position: bool = False) -> torch.Tensor:
+    """One decode forward: tokens (B, T) at cache slots input_pos (T,) -> next-token logits (B, V), or (B, T, V)
+    for every position of a speculative window. Fixed shapes for a given cache and T: the function that
+    --compile hands to torch.compile."""
+    logits = model(tokens, cache=cache, input_pos=input_pos, every_position=every_position)
+    return logits if every_position else logits[:, -1]
 
 
-def decode_one(model, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-    """One decode step: tokens (B,) at cache slot input_pos (1,) -> next-token logits (B, V). This is the
-    fixed-shape function worth torch.compile-ing on a GPU."""
-    return model(tokens[:, None], input_pos=input_pos)[:, -1]
+class Decoder:
+    """The generator's state, with one owner (gpt-fast's generate + setup_caches): a model, its KV cache and the
+    (optionally compiled) decode step.
+
+    The cache is allocated on the first prefill for (rows, prompt + new tokens, rounded up to cache_block) and
+    kept: a later call with the same number of rows and no more tokens reuses it (the slots it does not need are
+    masked out), a bigger one replaces it. release() frees it. Keep one Decoder per model to draw many images without reallocating
+    (Pipeline does); a Decoder made for one call lives as long as that call.
+
+    compile=True hands decode_step to torch.compile: mode "reduce-overhead" (CUDA graphs) on CUDA, inductor's
+    default elsewhere. It changes speed only: the same tokens (tests/test_speed.py)."""
+
+    cache_block = 128   # cache lengths are multiples of this (up to the model's context)
+
+    def __init__(self, model, compile: bool = False):
+        self.model, self.compile = model, compile
+        self.cache = None
+        self.forwards = 0   # model calls since creation, prefill included (the benchmark's "forwards per image")
+        self.device = model.lm_head.weight.device
+        self._step = decode_step
+        if compile:
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self._step = torch.compile(decode_step, mode=mode, fullgraph=True, dynamic=False)
+
+    def release(self) -> None:
+        """Drop the KV cache (its memory returns to the allocator; the next prefill allocates a new one)."""
+        self.cache = None
+
+    # inference mode: the cache is made and written only here, so it never meets autograd (and is cheaper)
+    @torch.inference_mode()
+    def prefill(self, prompts: list[list[int]], pad_id: int, n_new: int) -> tuple[torch.Tensor, int]:
+        """Run the (left-padded) prompts into the cache, with room for n_new more tokens; returns (next-token
+        logits (B, V), the prompt length L, i.e. the cache slot of the first new token)."""
+        ids, mask = left_pad(prompts, pad_id, self.device)
+        length = ids.size(1)
+        if length + n_new > self.model.config.max_seq_len:
+            raise ValueError(f"prompt of {length} tokens + {n_new} new tokens exceeds the model's context of "
+                             f"{self.model.config.max_seq_len} tokens; shorten the prompt or generate less")
+        needed = length + n_new
+        if self.cache is None or self.cache.batch_size != len(prompts) or self.cache.max_len < needed:
+            self.cache = None   # free the old one before allocating its successor
+            # rounded up, so prompts of slightly different lengths share one cache and one compiled step
+            size = min(-(-needed // self.cache_block) * self.cache_block, self.model.config.max_seq_len)
+            self.cache = self.model.new_cache(len(prompts), size)
+            if self.compile:
+                self.cache.mark_static()
+        self.cache.start(mask)
+        self.forwards += 1
+        logits = self.model(ids, cache=self.cache, input_pos=torch.arange(length, device=self.device))
+        return logits[:, -1], length
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor, input_pos: torch.Tensor, every_position: bool = False) -> torch.Tensor:
+        """decode_step on this decoder's cache (see there)."""
+        if self.compile and self.device.type == "cuda":
+            # CUDA graphs reuse their output buffers: this says the previous step's logits were consumed
+            torch.compiler.cudagraph_mark_step_begin()
+        self.forwards += 1
+        return self._step(self.model, self.cache, tokens, input_pos, every_position)
 
 
 class Rows(NamedTuple):
@@ -123,29 +196,48 @@ class Rows(NamedTuple):
     rows_total: int
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate_image_stream(model, layout: Layout, prompts: list[list[int]], h: int, w: int, frames: int = 1,
                           negative_prompts: list[list[int]] | None = None, cfg_scale: float = 3.0,
                           temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                          generator: torch.Generator | None = None, constrain: bool = True) -> Iterator[Rows]:
+                          generator: torch.Generator | None = None, constrain: bool = True,
+                          decoder: Decoder | None = None) -> Iterator[Rows]:
     """Draw len(prompts) images (or videos, frames > 1) of h x w codes; yields Rows after every finished row,
     the last one carrying every token through EOS. Prompts end with IMG (Layout.generation_prompt).
     negative_prompts: the unconditional branch for CFG, one per prompt (Emu3: a negative prompt; toy models:
-    the empty caption)."""
+    the empty caption). decoder: a Decoder of `model` to reuse (its cache, its compiled step); None makes one
+    for this call."""
     batch = len(prompts)
     guided = cfg_scale != 1.0
     if guided and (negative_prompts is None or len(negative_prompts) != batch):
         raise ValueError(f"cfg_scale {cfg_scale} needs one negative (unconditional) prompt per prompt; "
                          f"pass negative_prompts, or cfg_scale=1 for unguided sampling")
-    constraint = GridConstraint(layout, h, w, frames, model.config.vocab_size, model.lm_head.weight.device)
+    decoder = decoder or Decoder(model)
+    constraint = GridConstraint(layout, h, w, frames, model.config.vocab_size, decoder.device)
+    rows_total = frames * h
+    visual_steps = torch.tensor([s for s, kind in enumerate(constraint.schedule) if kind == VISUAL],
+                                device=decoder.device)
+    report = lambda tokens, rows_done: _rows(tokens, layout, visual_steps, w, rows_done, rows_total, constrain)
+    prompts = prompts + (negative_prompts if guided else [])
+    mix = dict(batch=batch, cfg_scale=cfg_scale if guided else None, temperature=temperature, top_k=top_k,
+               top_p=top_p, generator=generator)
+    for tokens, rows_done in _decode(decoder, layout, constraint, prompts, constrain, **mix):
+        yield report(tokens, rows_done)
+
+
+def _decode(decoder, layout, constraint, prompts, constrain, batch, cfg_scale, temperature, top_k, top_p,
+            generator) -> Iterator[tuple[torch.Tensor, int]]:
+    """The plain loop: one forward per token, yields (tokens so far, rows done) at every row end. Nothing in it
+    waits for the device: the cache slot advances in place, the constraint is a lookup into a device table,
+    and which steps end a row is known from the schedule, so a GPU runs ahead of Python."""
     n_new = len(constraint)
-    logits, length = prefill(model, prompts + (negative_prompts if guided else []), layout.pad, n_new)
-    visual_steps = torch.tensor([s for s, kind in enumerate(constraint.schedule) if kind == VISUAL])
+    logits, length = decoder.prefill(prompts, layout.pad, n_new)
     out = torch.full((batch, n_new), layout.pad, dtype=torch.long, device=logits.device)
-    rows_total, rows_done = frames * h, 0
+    input_pos = torch.tensor([length], device=logits.device)   # the cache slot of the token fed next
+    rows_done, rows_total = 0, constraint.schedule.count(layout.eol)
     for step in range(n_new):
-        logprobs = F.log_softmax(logits.float(), dim=-1)
-        if guided:
+        logprobs = F.log_softmax(logits, dim=-1)
+        if cfg_scale is not None:
             cond, uncond = logprobs.split(batch)
             logprobs = cfg_mix(cond, uncond, cfg_scale)
         if constrain:
@@ -153,19 +245,20 @@ def generate_image_stream(model, layout: Layout, prompts: list[list[int]], h: in
         token = sample(logprobs, generator, temperature, top_k, top_p)         # (B,)
         out[:, step] = token
         if step + 1 < n_new:   # nothing comes after the last token, so it needs no forward
-            fed = torch.cat([token, token]) if guided else token               # both CFG halves see it
-            logits = decode_one(model, fed, torch.tensor([length + step], device=logits.device))
+            fed = token.repeat(len(prompts) // batch)[:, None]                 # (rows, 1): both CFG halves see it
+            logits = decoder.step(fed, input_pos)
+            input_pos += 1
         if constraint.schedule[step] == layout.eol:
             rows_done += 1
             if rows_done < rows_total:   # the last row is reported with the final tokens below
-                yield _rows(out[:, :step + 1], layout, visual_steps, w, rows_done, rows_total, constrain)
-    yield _rows(out, layout, visual_steps, w, rows_total, rows_total, constrain)
+                yield out[:, :step + 1], rows_done
+    yield out, rows_done
 
 
 def _rows(tokens, layout, visual_steps, w, rows_done, rows_total, constrain) -> Rows:
     codes = None
     if constrain:   # the structure is guaranteed, so the codes sit at the schedule's visual offsets
-        done = visual_steps[:rows_done * w].to(tokens.device)
+        done = visual_steps[:rows_done * w]
         codes = (tokens[:, done] - layout.first_visual).view(tokens.size(0), rows_done, w)
     return Rows(tokens, codes, rows_done, rows_total)
 
@@ -182,14 +275,18 @@ def generate_image(model, layout: Layout, prompts: list[list[int]], h: int, w: i
     return rows.tokens, torch.stack(codes)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate_text(model, layout: Layout, prompts: list[list[int]], max_new_tokens: int = 64,
                   temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                  generator: torch.Generator | None = None, allowed: torch.Tensor | None = None) -> list[list[int]]:
+                  generator: torch.Generator | None = None, allowed: torch.Tensor | None = None,
+                  decoder: Decoder | None = None) -> list[list[int]]:
     """Continue each prompt until EOS (not included in the result) or max_new_tokens; greedy by default, as
-    Emu3-Chat. allowed: optional (V,) bool mask of tokens that may be generated (e.g. no visual tokens)."""
-    logits, length = prefill(model, prompts, layout.pad, max_new_tokens)
+    Emu3-Chat. allowed: optional (V,) bool mask of tokens that may be generated (e.g. no visual tokens).
+    Unlike an image, text has no schedule: whether every row has stopped is asked of the device each step."""
+    decoder = decoder or Decoder(model)
+    logits, length = decoder.prefill(prompts, layout.pad, max_new_tokens)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=logits.device)
+    input_pos = torch.tensor([length], device=logits.device)
     out = []
     for step in range(max_new_tokens):
         logprobs = F.log_softmax(logits.float(), dim=-1)
@@ -201,6 +298,7 @@ def generate_text(model, layout: Layout, prompts: list[list[int]], max_new_token
         finished |= token == layout.eos
         if bool(finished.all()) or step + 1 == max_new_tokens:
             break
-        logits = decode_one(model, token, torch.tensor([length + step], device=logits.device))
+        logits = decoder.step(token[:, None], input_pos)
+        input_pos += 1
     rows = torch.stack(out, dim=1).tolist()
     return [row[:row.index(layout.eos)] if layout.eos in row else row for row in rows]
