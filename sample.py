@@ -95,7 +95,7 @@ def main(args):
     if not args.prompt and not (args.caption or args.image):
         raise SystemExit("nothing to do: give --prompt (text -> image) or --caption / --image (image -> text)")
     pipe = load(args)
-    pipe.compile = args.compile
+    pipe.compile, pipe.sjd = args.compile, args.sjd
     if args.prompt:
         draw(pipe, args)
     if args.caption or args.image:
@@ -130,6 +130,9 @@ def parse_args(argv=None):
     speed = p.add_argument_group("speed (same results, fewer seconds)")
     speed.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on a GPU; "
                        "the first image pays the compile time)")
+    speed.add_argument("--sjd", type=int, nargs="?", const=16, default=0, metavar="WINDOW",
+                       help="speculative Jacobi decoding: verify WINDOW drafted tokens per forward (default 16 when "
+                            "given; same distribution, fewer forwards)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="GPT weights and activations (auto: float32 for --ckpt, bfloat16 for --weights; "

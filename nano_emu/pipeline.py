@@ -8,7 +8,7 @@ strings together layout.py (prompts), sampler.py (generation) and vq.py (pixels)
     image = pipe.draw(["a red circle in the top left"], cfg_scale=3.0, seed=0)[0]
     for rows in pipe.draw_stream([...]): ...     # watch it fill in row by row
     text = pipe.answer(image, "")                # the tiny model captions; Emu3-Chat answers the question
-    pipe.compile = True                          # speed: a compiled decode step (the same tokens)
+    pipe.compile, pipe.sjd = True, 16            # speed options: a compiled decode step, speculative Jacobi decoding
     pipe.release()                               # free the KV cache it keeps between calls
 """
 
@@ -44,6 +44,7 @@ class Pipeline:
     sampling: dict | None = None        # the checkpoint's sampling defaults (Emu3-Gen: top_k 2048)
     cfg_scale: float = 3.0              # the checkpoint's guidance scale (Emu3-Gen: 3.0)
     compile: bool = False               # torch.compile the decode step (speed only: the same tokens)
+    sjd: int = 0                        # speculative Jacobi decoding window for draw (0: off; sjd.py)
     _decoder: Decoder | None = field(default=None, init=False, repr=False)   # owns the KV cache between calls
 
     @property
@@ -70,10 +71,10 @@ class Pipeline:
         return max(1, round(height * scale / factor)), max(1, round(width * scale / factor))
 
     def draw_stream(self, prompts: list[str], ratio: str = "1:1", cfg_scale: float | None = None, seed: int = 0,
-                    negative_prompt: str | None = None, **sampling) -> Iterator[Rows]:
+                    negative_prompt: str | None = None, sjd: int | None = None, **sampling) -> Iterator[Rows]:
         """Yields sampler.Rows after every finished row (last: the whole image). Each prompt gets the
         checkpoint's suffix; the negative prompt (default: the checkpoint's) is the unconditional branch.
-        cfg_scale and sampling options left at None take the checkpoint's defaults."""
+        cfg_scale and sampling options left at None take the checkpoint's defaults; sjd None takes self.sjd."""
         h, w = self.grid(ratio)
         cfg_scale = self.cfg_scale if cfg_scale is None else cfg_scale
         negative = self.negative_prompt if negative_prompt is None else negative_prompt
@@ -83,7 +84,7 @@ class Pipeline:
         sampling = {**(self.sampling or {}), **{k: v for k, v in sampling.items() if v is not None}}
         yield from generate_image_stream(self.gpt, self.layout, cond, h, w, negative_prompts=uncond,
                                          cfg_scale=cfg_scale, generator=generator, decoder=self.decoder,
-                                         **sampling)
+                                         sjd=self.sjd if sjd is None else sjd, **sampling)
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> list[Image.Image]:

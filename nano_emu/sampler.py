@@ -10,7 +10,8 @@ model's KV cache (allocated once for a batch size and length, reused by later ca
 one-token decode step, which has the same shapes at every step and so can be handed to torch.compile (CUDA graphs
 on a GPU). Nothing in the image loop waits for the device: the cache slot is a device tensor advanced in place,
 the grid constraint is a lookup into a device table, sampling draws on the device, and which steps finish a row
-is known from the schedule, so a GPU runs ahead of Python.
+is known from the schedule, so a GPU runs ahead of Python. With `sjd=n` the same loop verifies n drafted tokens
+per forward instead (speculative Jacobi decoding, sjd.py).
 
 Classifier-free guidance runs the conditional and the unconditional prompts as ONE doubled batch
 [cond; uncond] through one forward per step (LlamaGen, min-dalle). The released Emu3 code instead runs two
@@ -30,7 +31,8 @@ row, EOL at each row end, EOF after each frame, then EOI and EOS); `GridConstrai
 mask per kind of slot and masks the logits with it before sampling, so a malformed grid is impossible whatever
 the model's logits are (Emu3's prefix_allowed_tokens_fn, as a table instead of Python branching per step).
 
-Sampling functions are small and pure, with an explicit torch.Generator, so a seed reproduces an image on CPU.
+Sampling functions are small and pure, with an explicit torch.Generator, so a seed reproduces an image on CPU;
+`probabilities` is the distribution `sample` draws from, which speculative decoding needs to see whole.
 """
 
 from typing import Iterator, NamedTuple
@@ -101,12 +103,19 @@ class GridConstraint:
                 self.allowed[row, kind] = True
         self.allowed = self.allowed.to(device)
         self.kind_at = [kinds.index(kind) for kind in self.schedule]
+        # the same on the device, for looking up the masks of a whole window at once (speculative decoding)
+        self.kind_at_device = torch.tensor(self.kind_at, device=device)
 
     def __len__(self):
         return len(self.schedule)
 
     def __call__(self, logits: torch.Tensor, step: int) -> torch.Tensor:
         return logits.masked_fill(~self.allowed[self.kind_at[step]], float("-inf"))
+
+    def window(self, logits: torch.Tensor, first_step: int) -> torch.Tensor:
+        """logits (B, T, V) for the T offsets from first_step on -> the same, constrained."""
+        kinds = self.kind_at_device[first_step:first_step + logits.size(1)]
+        return logits.masked_fill(~self.allowed[kinds], float("-inf"))
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device=None):
@@ -201,12 +210,13 @@ def generate_image_stream(model, layout: Layout, prompts: list[list[int]], h: in
                           negative_prompts: list[list[int]] | None = None, cfg_scale: float = 3.0,
                           temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                           generator: torch.Generator | None = None, constrain: bool = True,
-                          decoder: Decoder | None = None) -> Iterator[Rows]:
+                          decoder: Decoder | None = None, sjd: int = 0) -> Iterator[Rows]:
     """Draw len(prompts) images (or videos, frames > 1) of h x w codes; yields Rows after every finished row,
     the last one carrying every token through EOS. Prompts end with IMG (Layout.generation_prompt).
     negative_prompts: the unconditional branch for CFG, one per prompt (Emu3: a negative prompt; toy models:
     the empty caption). decoder: a Decoder of `model` to reuse (its cache, its compiled step); None makes one
-    for this call."""
+    for this call. sjd: 0 decodes one token per forward; n >= 2 uses speculative Jacobi decoding with a window
+    of n tokens (sjd.py), which draws from the same distribution in fewer forwards."""
     batch = len(prompts)
     guided = cfg_scale != 1.0
     if guided and (negative_prompts is None or len(negative_prompts) != batch):
@@ -221,7 +231,12 @@ def generate_image_stream(model, layout: Layout, prompts: list[list[int]], h: in
     prompts = prompts + (negative_prompts if guided else [])
     mix = dict(batch=batch, cfg_scale=cfg_scale if guided else None, temperature=temperature, top_k=top_k,
                top_p=top_p, generator=generator)
-    for tokens, rows_done in _decode(decoder, layout, constraint, prompts, constrain, **mix):
+    if sjd:
+        from .sjd import jacobi_decode   # sjd.py builds on this module, so it is imported when asked for
+        loop = jacobi_decode(decoder, layout, constraint, prompts, constrain, window=sjd, **mix)
+    else:
+        loop = _decode(decoder, layout, constraint, prompts, constrain, **mix)
+    for tokens, rows_done in loop:
         yield report(tokens, rows_done)
 
 
