@@ -6,6 +6,9 @@
                                              #   wall time and drawing adherence, with and without SJD
     python bench.py emu3 --device cuda       # Emu3-8B shapes with random bf16 weights, a 90x90 image with CFG
 
+    python bench.py --llamagen GPT-B         # s per 256x256 image: LlamaGen GPT-B + VQ-16, random weights, with CFG
+    python bench.py --chameleon-layers 2     # s per 512x512 Anole-shaped image: 7B width and vocabulary, 2 of 32 layers
+
 `cache`: a tiny random GPT draws an image with CFG (doubled batch) and the grid constraint; the peer recomputes
 the whole sequence every step. With the cache the cost per token should stay flat as the sequence doubles.
 
@@ -348,6 +351,76 @@ def bench_emu3(args):
         del image
 
 
+# ------------------------------------------------------------------------------------ LlamaGen, Chameleon
+
+
+@torch.no_grad()
+def bench_llamagen(args):
+    """Seconds per image for a released LlamaGen size with random weights (speed does not depend on them):
+    the demo's sampling (CFG 4 on a doubled batch, top-k 2000) through the shared sampler, then VQ-16 decoding."""
+    from nano_emu.llamagen import llamagen_pipeline
+    from nano_emu.vq import VQConfig, VQModel
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig.llamagen(args.llamagen, grid=args.image_size // 16)).to(device, dtype)
+    pipe = llamagen_pipeline(gpt, VQModel(VQConfig.llamagen(16)).to(device))
+    pipe.compile = args.compile
+    h, w = pipe.grid()
+    print(f"LlamaGen {args.llamagen} ({gpt.num_params() / 1e6:.0f}M, {args.dtype}) + VQ-16 "
+          f"({sum(p.numel() for p in pipe.vq.parameters()) / 1e6:.0f}M, float32) on {device}, "
+          f"{torch.get_num_threads()} threads: {args.images} image(s) of {h}x{w} tokens, CFG {pipe.cfg_scale} "
+          f"(batch {2 * args.images})")
+    sync(device)
+    start = time.perf_counter()
+    for rows in pipe.draw_stream(["207"] * args.images, seed=0):
+        pass
+    sync(device)
+    sampled = time.perf_counter() - start
+    pipe.decode(rows.codes)
+    sync(device)
+    decoded = time.perf_counter() - start - sampled
+    n = h * w
+    print(f"GPT: {sampled:.1f}s for {n} steps ({1e3 * sampled / n:.0f} ms/step, {args.images * n / sampled:.1f} "
+          f"image tokens/s); VQ decode: {decoded:.1f}s; {(sampled + decoded) / args.images:.1f} s per image")
+
+
+@torch.no_grad()
+def bench_chameleon(args):
+    """Seconds per 512x512 image for an Anole-shaped model cut to --chameleon-layers layers (random weights): the
+    7B's width, heads and 65536-token head, the CFG batch of 2 (3-way CFG on a text prompt is 2-way, chameleon.py),
+    --steps decode steps timed through the sampler's Decoder and extrapolated to the 1025 of an image (the
+    cache makes every step cost the same, bench.py's default mode shows it), plus the full VQGAN decoding 32x32."""
+    from nano_emu.vq import VQConfig, VQModel
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig.chameleon("7B", n_layer=args.chameleon_layers)).to(device, dtype).eval()
+    vq = VQModel(VQConfig.chameleon()).to(device).eval()
+    print(f"Anole-shaped GPT, {args.chameleon_layers} of 32 layers ({gpt.num_params() / 1e9:.2f}B, {args.dtype}) + "
+          f"VQGAN ({sum(p.numel() for p in vq.parameters()) / 1e6:.0f}M, float32) on {device}, "
+          f"{torch.get_num_threads()} threads, CFG batch 2")
+    prompt = [0] + list(range(100, 120)) + [8197]
+    decoder = Decoder(gpt, compile=args.compile)
+    logits, length = decoder.prefill([prompt, [0, 8197]], 1, 1025)
+    token = logits.argmax(-1)[:, None]                                          # (2, 1)
+    input_pos = torch.tensor([length], device=device)
+    decoder.step(token, input_pos)   # warm-up (and the compile, with --compile)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        input_pos += 1
+        decoder.step(token, input_pos)
+    sync(device)
+    per_step = (time.perf_counter() - start) / args.steps
+    start = time.perf_counter()
+    vq.decode(torch.randint(0, 8192, (1, 32, 32), device=device))
+    sync(device)
+    decoded = time.perf_counter() - start
+    print(f"GPT: {1e3 * per_step:.0f} ms/step over {args.steps} steps -> {1025 * per_step:.0f}s for 1024 codes + EOI; "
+          f"VQ decode 512x512: {decoded:.1f}s; {1025 * per_step + decoded:.0f} s per image")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bench", nargs="?", default="cache", choices=["cache", "transformers", "sjd", "emu3"])
@@ -365,13 +438,22 @@ if __name__ == "__main__":
     parser.add_argument("--ckpt", help="sjd: a train_tiny.py output folder")
     parser.add_argument("--per-triple", type=int, default=2, help="sjd: images per seen (colour, shape, position)")
     parser.add_argument("--batch", type=int, default=1, help="sjd: images per draw call")
-    parser.add_argument("--compile", action="store_true", help="sjd: compile the decode step (plain and SJD alike)")
+    parser.add_argument("--compile", action="store_true", help="sjd, --llamagen, --chameleon-layers: compile the decode step")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--preset", default="emu3_8b", choices=["emu3_8b", "tiny"], help="emu3: model shapes")
     parser.add_argument("--top-k", type=int, default=2048, help="emu3: Emu3-Gen's top-k")
     parser.add_argument("--variants", default="plain,compiled,sjd,sjd-compiled",
                         help="emu3: which of plain,compiled,sjd,sjd-compiled to run")
+    parser.add_argument("--llamagen", default=None, help="instead: s/image of a LlamaGen size (GPT-B, ...) + VQ-16, "
+                        "random weights of the released shapes, the demo's sampling")
+    parser.add_argument("--chameleon-layers", type=int, default=0, help="instead: s per 512x512 image of an "
+                        "Anole-shaped GPT with this many layers (7B width and vocabulary) + Chameleon's VQGAN")
+    parser.add_argument("--steps", type=int, default=16, help="with --chameleon-layers: decode steps timed")
+    parser.add_argument("--image-size", type=int, default=256, help="with --llamagen: 256 or 384")
+    parser.add_argument("--images", type=int, default=1, help="with --llamagen: images drawn as one batch")
     args = parser.parse_args()
+    if args.llamagen or args.chameleon_layers:
+        args.bench = "llamagen" if args.llamagen else "chameleon"
     if args.ckpt and args.bench == "cache":
         args.bench = "sjd"
     if args.bench == "sjd" and not args.ckpt:
@@ -380,4 +462,5 @@ if __name__ == "__main__":
         # one thread: a model this small gains nothing from two, and OpenMP threads waiting on each other make
         # timings on a shared 2-core machine swing by 10x
         torch.set_num_threads(args.threads or 1)
-    {"cache": bench_cache, "transformers": bench_transformers, "sjd": bench_sjd, "emu3": bench_emu3}[args.bench](args)
+        {"cache": bench_cache, "transformers": bench_transformers, "sjd": bench_sjd, "emu3": bench_emu3,
+     "llamagen": bench_llamagen, "chameleon": bench_chameleon}[args.bench](args)

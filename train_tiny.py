@@ -21,24 +21,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nano_emu import data
+from nano_emu import cli, data
 from nano_emu import evaluate as ev
 from nano_emu.checkpoint import load_checkpoint
 from nano_emu.gpt import GPT, GPTConfig
 from nano_emu.layout import Layout
-from nano_emu.pipeline import TINY_CFG_SCALE, TINY_SAMPLING, resolve_device
-from nano_emu.tokenizer import ByteTokenizer
-from nano_emu.train import batch_rng, setup_distributed, train_gpt, train_vq
+from nano_emu.pipeline import TINY_CFG_SCALE, TINY_SAMPLING, Pipeline, resolve_device
+from nano_emu.tokenizer import ByteTokenizer, WordTokenizer
+from nano_emu.train import batch_rng, init_vq_for_training, setup_distributed, train_gpt, train_vq
 from nano_emu.vq import VQConfig, VQModel
 
 # what each preset trains; any flag given on the command line overrides its preset's value
 PRESETS = {
     "tiny": dict(vq_steps=700, vq_batch=8, vq_lr=1e-3, pool=8000, gpt_steps=1300, gpt_batch=24, gpt_lr=3e-3,
-                 gpt_dim=128, gpt_layers=4, eval_per_triple=2, eval_images=256),
+                 gpt_dim=128, gpt_layers=4, eval_per_triple=7, eval_images=256, tokenizer="bytes",
+                 p_drop_caption=0.1, visual_weight=0.5, learn_understood_image=False, answer_weight=1.0),
     "quick": dict(vq_steps=40, vq_batch=4, vq_lr=1e-3, pool=256, gpt_steps=40, gpt_batch=8, gpt_lr=2e-3,
-                  gpt_dim=64, gpt_layers=2, eval_per_triple=1, eval_images=16),
+                  gpt_dim=64, gpt_layers=2, eval_per_triple=1, eval_images=16, tokenizer="words",
+                  p_drop_caption=0.0, visual_weight=1.0, learn_understood_image=True, answer_weight=1.0),
     "small": dict(vq_steps=6000, vq_batch=16, vq_lr=1e-3, pool=40000, gpt_steps=6000, gpt_batch=64, gpt_lr=1e-3,
-                  gpt_dim=384, gpt_layers=8, eval_per_triple=8, eval_images=1024),
+                  gpt_dim=384, gpt_layers=8, eval_per_triple=8, eval_images=1024, tokenizer="words",
+                  p_drop_caption=0.0, visual_weight=1.0, learn_understood_image=True, answer_weight=1.0),
 }
 
 
@@ -59,6 +62,7 @@ def vq_stage(args, device, run, autocast):
     cfg = VQConfig.tiny() if args.preset != "small" else VQConfig.tiny(ch=32, norm_groups=8)
     torch.manual_seed(args.seed)
     vq = VQModel(cfg).to(device)
+    init_vq_for_training(vq)   # a checkpoint (--resume) overwrites it
 
     def sample_images(step):
         rng = batch_rng(args.seed, run.rank, step)
@@ -88,8 +92,17 @@ def encode_pool(vq, args, device):
     return codes, captions
 
 
+def make_tokenizer(kind: str):
+    """The toy captions' text tokenizer and how a checkpoint names it (pipeline.tiny_tokenizer reads it back)."""
+    if kind == "bytes":
+        return ByteTokenizer(), "bytes"
+    words = data.vocabulary()
+    return WordTokenizer(words), {"words": words}
+
+
 def gpt_stage(args, vq, device, run, autocast):
-    layout, tokenizer = Layout.tiny(vq.cfg.codebook_size), ByteTokenizer()
+    tokenizer, tokenizer_spec = make_tokenizer(args.tokenizer)
+    layout = Layout.tiny(vq.cfg.codebook_size, text_vocab=tokenizer.n_vocab)
     config = GPTConfig.tiny(layout.vocab_size, dim=args.gpt_dim, n_layer=args.gpt_layers,
                             intermediate_size=int(args.gpt_dim * 8 / 3) // 16 * 16)
     torch.manual_seed(args.seed)
@@ -97,16 +110,23 @@ def gpt_stage(args, vq, device, run, autocast):
     codes, captions = encode_pool(vq, args, device)
     if not args.video:
         codes = torch.stack(codes)
+    options = dict(p_drop_caption=args.p_drop_caption, visual_weight=args.visual_weight,
+                   learn_understood_image=args.learn_understood_image, answer_weight=args.answer_weight)
+    meta = {"kind": "gpt", "config": asdict(config), "layout": asdict(layout), "tokenizer": tokenizer_spec,
+            "image_size": data.IMAGE_SIZE, "sequence_options": options,
+            "sampling": {"cfg_scale": args.cfg, "temperature": args.temperature, "top_k": args.top_k}}
     with autocast:
         history = train_gpt(gpt, layout, tokenizer, codes, captions, args.gpt_steps, args.gpt_batch, args.gpt_lr,
-                            args.out / "gpt.safetensors",
-                            {"kind": "gpt", "config": asdict(config), "layout": asdict(layout), "tokenizer": "bytes"},
-                            run, seed=args.seed, resume=args.resume, ckpt_every=args.ckpt_every)
+                            args.out / "gpt.safetensors", meta, run, seed=args.seed, resume=args.resume,
+                            ckpt_every=args.ckpt_every, sequence_options=options)
     return gpt.eval(), layout, tokenizer, history
 
 
 @torch.no_grad()
 def evaluate(args, vq, gpt, layout, tokenizer):
+    """metrics.json and the pictures, through the same Pipeline a user samples with."""
+    pipe = Pipeline.tiny(gpt, vq, tokenizer, layout, image_size=data.IMAGE_SIZE,
+                         sampling={"cfg_scale": args.cfg, "temperature": args.temperature, "top_k": args.top_k})
     rng = np.random.default_rng([args.seed, 3])
     metrics = {}
     n = args.eval_images
@@ -120,27 +140,28 @@ def evaluate(args, vq, gpt, layout, tokenizer):
         reps = k if split == "seen" else k * 8   # only 6 held-out triples: more samples each
         attrs = [t for t in triples for _ in range(reps)]
         captions = [data.caption(*t) for t in attrs]
-        for cfg_scale in (args.cfg, 1.0):
-            images = ev.draw(gpt, vq, layout, tokenizer, captions, cfg_scale, seed=args.seed, **TINY_SAMPLING)
+        metrics[f"drawn_{split}"] = len(captions)
+        for cfg_scale in (pipe.cfg_scale, 1.0):
+            images = ev.draw(pipe, captions, cfg_scale=cfg_scale, seed=args.seed)
             metrics[f"adherence_{split}_cfg{cfg_scale:g}"] = ev.adherence(images, attrs)
 
     for split in ("train", "heldout"):
         images, _, attrs = data.sample_shapes(n if split == "train" else max(12, n // 2), rng, split=split)
-        captions = ev.caption_images(gpt, vq, layout, tokenizer, images)
+        captions = ev.caption_images(pipe, images)
         metrics[f"caption_accuracy_{'seen' if split == 'train' else 'heldout'}"] = ev.caption_accuracy(captions, attrs)
         if split == "train":
-            caption_examples = (images[:12], captions[:12])
+            caption_examples = (images[:12], captions[:12], attrs[:12])
 
     # pictures: samples for a few prompts (the last two held out) with CFG and without, and captions
     prompts = [data.caption(*t) for t in SHOWCASE] + [data.caption(*t) for t in data.HELDOUT[:2]]
     columns = 6 if n >= 64 else 2
-    for cfg_scale, name in ((args.cfg, "samples.png"), (1.0, "samples_cfg1.png")):
-        images = ev.draw(gpt, vq, layout, tokenizer, [p for p in prompts for _ in range(columns)], cfg_scale,
-                         seed=args.seed + 1, **TINY_SAMPLING)
+    for cfg_scale, name in ((pipe.cfg_scale, "samples.png"), (1.0, "samples_cfg1.png")):
+        images = ev.draw(pipe, [p for p in prompts for _ in range(columns)], cfg_scale=cfg_scale, seed=args.seed + 1)
         ev.image_grid(images, prompts, args.out / name, columns, title=f"text -> image, cfg {cfg_scale:g} "
                       f"(last two prompts held out of training)")
-    images, captions = caption_examples
-    ev.image_grid(images, captions, args.out / "captions.png", columns=1, title="image -> text (greedy)")
+    images, captions, attrs = caption_examples
+    ev.captioned_grid(images, captions, [data.parse_caption(c) == tuple(a) for c, a in zip(captions, attrs)],
+                      args.out / "captions.png", title="image -> text (greedy): the GPT's captions of fresh images")
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
 
 
@@ -180,7 +201,8 @@ def main(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    count, rate = cli.at_least(1), cli.above(0)   # steps, sizes and learning rates are all positive
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="out/tiny", help="output folder (checkpoints, metrics, pictures)")
     p.add_argument("--preset", default="tiny", choices=[k for k in PRESETS if k != "quick"],
                    help="model sizes and step counts: tiny = ~8 min on 2 CPU cores; small = for a GPU")
@@ -190,18 +212,31 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="autocast dtype for training (float32 = no autocast)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cfg", type=float, default=TINY_CFG_SCALE,
-                   help="CFG scale for evaluation and sample grids (compared with cfg 1 = no guidance)")
-    p.add_argument("--ckpt-every", type=int, default=250, help="checkpoint interval, in steps")
-    for name, kind, text in [("vq-steps", int, "VQ training steps"), ("vq-batch", int, "VQ batch size"),
-                             ("vq-lr", float, "VQ learning rate"), ("pool", int, "images encoded for GPT training"),
-                             ("gpt-steps", int, "GPT training steps"), ("gpt-batch", int, "GPT batch size"),
-                             ("gpt-lr", float, "GPT learning rate"), ("gpt-dim", int, "GPT width"),
-                             ("gpt-layers", int, "GPT layers"),
-                             ("eval-per-triple", int, "generated images per seen (color, shape, position)"),
-                             ("eval-images", int, "images for the VQ and captioning metrics")]:
+    p.add_argument("--seed", type=cli.at_least(0), default=0)
+    p.add_argument("--cfg", type=cli.above(0), default=TINY_CFG_SCALE,
+                   help="CFG scale for evaluation and sample grids (compared with cfg 1 = no guidance); "
+                        "saved in the checkpoint as its default")
+    p.add_argument("--temperature", type=cli.at_least(0, float), default=TINY_SAMPLING["temperature"],
+                   help="sampling temperature for evaluation and sample grids; saved as the checkpoint's default")
+    p.add_argument("--top-k", type=count, default=None, help="top-k for evaluation and sample grids (default: off)")
+    p.add_argument("--ckpt-every", type=count, default=250, help="checkpoint interval, in steps")
+    for name, kind, text in [("vq-steps", count, "VQ training steps"), ("vq-batch", count, "VQ batch size"),
+                             ("vq-lr", rate, "VQ learning rate"), ("pool", count, "images encoded for GPT training"),
+                             ("gpt-steps", count, "GPT training steps"), ("gpt-batch", count, "GPT batch size"),
+                             ("gpt-lr", rate, "GPT learning rate"), ("gpt-dim", count, "GPT width"),
+                             ("gpt-layers", count, "GPT layers"),
+                             ("eval-per-triple", count, "generated images per seen (color, shape, position)"),
+                             ("eval-images", count, "images for the VQ and captioning metrics"),
+                             ("p-drop-caption", cli.at_least(0, float), "probability of an empty caption in a "
+                              "generation string"),
+                             ("visual-weight", cli.above(0), "loss weight of visual tokens relative to text "
+                              "(Emu3: 0.5)"),
+                             ("answer-weight", cli.above(0), "loss weight of a caption written for an image")]:
         p.add_argument(f"--{name}", type=kind, default=None, help=f"{text} (default: from the preset)")
+    p.add_argument("--tokenizer", choices=["words", "bytes"], default=None,
+                   help="caption tokens: whole words (7 a caption) or UTF-8 bytes (28) (default: from the preset)")
+    p.add_argument("--learn-understood-image", action=argparse.BooleanOptionalAction, default=None,
+                   help="also learn the image block of image->caption strings (CFG's unconditional branch)")
     return p.parse_args(argv)
 
 

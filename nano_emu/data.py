@@ -65,6 +65,15 @@ def video_caption(color: str, shape: str, direction: str) -> str:
     return f"a {color} {shape} moving {direction}"
 
 
+def vocabulary() -> list[str]:
+    """Every word the captions of both worlds use, then what layout.py's meta text needs ("8*8", "2*8*8"): the
+    whole vocabulary of a tokenizer.WordTokenizer for this language, in a fixed order."""
+    words = ["a", "in", "the", "moving", *COLORS, *SHAPES, *DIRECTIONS]
+    for position in POSITIONS:
+        words += [w for w in position.split() if w not in words]
+    return words + [str(d) for d in range(10)] + ["*"]
+
+
 def parse_caption(text: str) -> tuple[str, str, str] | None:
     m = _CAPTION_RE.fullmatch(text.strip())
     return m.groups() if m else None

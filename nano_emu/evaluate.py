@@ -10,16 +10,12 @@
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")   # files only: works on a headless machine
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from matplotlib.figure import Figure   # a Figure saves itself without pyplot: no global backend is switched
 
 from . import data
-from .layout import Layout
-from .sampler import generate_image, generate_text
+from .pipeline import Pipeline
 
 
 def psnr(original: np.ndarray, reconstruction: np.ndarray) -> float:
@@ -40,40 +36,14 @@ def vq_report(vq, images: np.ndarray, batch_size: int = 256) -> dict:
     return {"psnr": psnr(images, recon), "usage": usage, "recon": recon}
 
 
-@torch.no_grad()
-def draw(gpt, vq, layout: Layout, tokenizer, captions: list[str], cfg_scale: float, seed: int,
-         batch_size: int = 64, **sampling) -> np.ndarray:
-    """Generate one image per caption -> uint8 (N, H, W, 3). The unconditional branch is the empty caption,
-    which is what the GPT saw when training dropped the caption."""
-    device = next(gpt.parameters()).device
-    h = w = data.IMAGE_SIZE // vq.cfg.spatial_factor
-    generator = torch.Generator(device).manual_seed(seed)
-    images = []
-    for i in range(0, len(captions), batch_size):
-        chunk = captions[i:i + batch_size]
-        prompts = [layout.generation_prompt(c, h, w, tokenizer) for c in chunk]
-        negative = [layout.generation_prompt("", h, w, tokenizer)] * len(chunk)
-        _, codes = generate_image(gpt, layout, prompts, h, w, negative_prompts=negative, cfg_scale=cfg_scale,
-                                  generator=generator, **sampling)
-        images.append(data.from_tensor(vq.decode(codes.to(device))))
-    return np.concatenate(images)
+def draw(pipe: Pipeline, captions: list[str], batch_size: int = 512, **sampling) -> np.ndarray:
+    """One image per caption, drawn exactly as a user draws them (Pipeline.draw) -> uint8 (N, H, W, 3)."""
+    return np.stack([np.asarray(image) for image in pipe.draw(captions, batch_size=batch_size, **sampling)])
 
 
-@torch.no_grad()
-def caption_images(gpt, vq, layout: Layout, tokenizer, images: np.ndarray, batch_size: int = 128,
-                   max_new_tokens: int = 48) -> list[str]:
-    """Greedy captions for uint8 images (N, H, W, 3), with visual and image-structure tokens masked out."""
-    device = next(gpt.parameters()).device
-    text_only = torch.ones(gpt.config.vocab_size, dtype=torch.bool, device=device)
-    text_only[layout.first_visual:] = False
-    text_only[[layout.pad, layout.bos, layout.img, layout.boi, layout.eoi, layout.eol, layout.eof]] = False
-    captions = []
-    for i in range(0, len(images), batch_size):
-        codes = vq.encode(data.to_tensor(images[i:i + batch_size]).to(device)).cpu()
-        prompts = [layout.understanding_prompt(c, "", tokenizer) for c in codes]
-        answers = generate_text(gpt, layout, prompts, max_new_tokens=max_new_tokens, allowed=text_only)
-        captions += [tokenizer.decode(a) for a in answers]
-    return captions
+def caption_images(pipe: Pipeline, images: np.ndarray, max_new_tokens: int = 48) -> list[str]:
+    """Greedy captions of uint8 images (N, H, W, 3), exactly as a user asks for them (Pipeline.answer)."""
+    return pipe.answer(list(images), max_new_tokens=max_new_tokens)
 
 
 def adherence(images: np.ndarray, attrs: list) -> float:
@@ -86,20 +56,25 @@ def caption_accuracy(captions: list[str], attrs: list) -> float:
 
 def plot_losses(histories: dict[str, list[dict]], path: Path, keys: dict[str, str]) -> None:
     """One panel per stage: histories[name] is fit()'s history, keys[name] the logged value to plot."""
-    fig, axes = plt.subplots(1, len(histories), figsize=(5 * len(histories), 3.6))
+    fig = Figure(figsize=(5 * len(histories), 3.6))
+    axes = fig.subplots(1, len(histories))
     for ax, (name, history) in zip(np.atleast_1d(axes), histories.items()):
         ax.plot([h["step"] for h in history], [h[keys[name]] for h in history], lw=1)
         ax.set(title=f"{name}: {keys[name]}", xlabel="step", yscale="log")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def image_grid(images: np.ndarray, labels: list[str], path: Path, columns: int, title: str = "") -> None:
-    """A labelled grid of uint8 images (N, H, W, 3): one label per row of `columns` images."""
+    """A labelled grid of uint8 images (N, H, W, 3): one label per row of `columns` images, left of the row."""
     rows = math.ceil(len(images) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(1.25 * columns + 2.2, 1.25 * rows + 0.4), squeeze=False)
+    label_width = 0.06 * max((len(label) for label in labels), default=0) + 0.2   # inches at fontsize 8
+    width, height = 1.1 * columns + label_width + 0.1, 1.1 * rows + (0.45 if title else 0.1)
+    fig = Figure(figsize=(width, height))
+    axes = fig.subplots(rows, columns, squeeze=False)
+    fig.subplots_adjust(left=label_width / width, right=1 - 0.05 / width, bottom=0.05 / height,
+                        top=1 - (0.4 if title else 0.05) / height, wspace=0.06, hspace=0.06)
     for k, ax in enumerate(axes.flat):
         ax.set_xticks([]), ax.set_yticks([])
         if k < len(images):
@@ -110,6 +85,25 @@ def image_grid(images: np.ndarray, labels: list[str], path: Path, columns: int, 
             ax.set_ylabel(labels[k // columns], rotation=0, ha="right", va="center", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=110)
+
+
+def captioned_grid(images: np.ndarray, captions: list[str], correct: list[bool], path: Path, columns: int = 4,
+                   title: str = "") -> None:
+    """Images with the model's caption under each, green where the checker agrees with it and red where not."""
+    rows = math.ceil(len(images) / columns)
+    fig = Figure(figsize=(1.9 * columns, 2.25 * rows + (0.4 if title else 0)))
+    axes = fig.subplots(rows, columns, squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.set_xticks([]), ax.set_yticks([])
+        if k >= len(images):
+            ax.axis("off")
+            continue
+        ax.imshow(images[k], interpolation="nearest")
+        words = captions[k].split(" ")   # two lines: "a red circle" / "in the top left"
+        ax.set_xlabel(" ".join(words[:3]) + "\n" + " ".join(words[3:]), fontsize=8,
+                      color="tab:green" if correct[k] else "tab:red")
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

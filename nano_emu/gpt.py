@@ -16,8 +16,21 @@ only real tokens (`cumsum(mask) - 1`), as Emu3 does, so each row gives what it w
 that is `forward(..., attention_mask=)`; with one it is `cache.start(prompt_mask)`, which also computes the
 positions and rotary tables of every slot once, so a decode step does no position arithmetic at all.
 
+LlamaGen's class-conditional GPT is the same decoder with two switches (docs/families.md): `num_classes` adds a class
+embedding table whose rows are fed as input ids vocab_size + class (the start token; the extra last row is the null
+class CFG uses), and `rope_2d_grid` rotates image token k by its row on one half of each head and its column on the
+other, with the condition token's rotation zeroed exactly as released. Its names are mapped in llamagen.py.
+
+Chameleon / Anole (the CM3Leon line) is the same decoder with two more switches: `qk_norm` applies a LayerNorm with
+weight and bias to every head of q and k before RoPE (Chameleon's fix for logit drift in mixed-modal training), and
+`swin_norm` (the 30B) moves each RMSNorm from the branch input to the branch output. Its names are mapped in
+chameleon.py, which also permutes the original checkpoints' interleaved RoPE rows to this file's rotate_half layout.
+
 References: Emu3 (github.com/baaivision/Emu3, emu3/mllm/modeling_emu3.py), Llama (github.com/meta-llama/llama),
-gpt-fast (github.com/pytorch-labs/gpt-fast) for the static cache, nanoGPT for the manual attention next to SDPA.
+gpt-fast (github.com/pytorch-labs/gpt-fast) for the static cache, nanoGPT for the manual attention next to SDPA,
+LlamaGen (github.com/FoundationVision/LlamaGen, autoregressive/models/gpt.py) for the class token and 2-D RoPE,
+Chameleon (arXiv 2405.09818, github.com/facebookresearch/chameleon chameleon/inference/transformer.py) for qk-norm
+and swin-norm.
 """
 
 import math
@@ -40,6 +53,12 @@ class GPTConfig:
     rope_theta: float = 10000.0
     max_seq_len: int = 512       # the context the model is meant for; longer inputs raise a clear error
     sdpa: bool = True            # False: the readable manual attention below (same math, for stepping through)
+    num_classes: int = 0         # LlamaGen: > 0 adds `cls_embedding` (num_classes + 1 rows, the last the null class);
+    #                              input id vocab_size + c is class c. Outputs stay over the vocab_size tokens
+    rope_2d_grid: int = 0        # LlamaGen: > 0 = 2-D RoPE over a grid this wide, after n_cond_tokens condition
+    n_cond_tokens: int = 1       # tokens, which are zero-rotated; 0 = plain 1-D RoPE over positions
+    qk_norm: bool = False        # Chameleon: LayerNorm (weight + bias, one per head) on q and k before RoPE
+    swin_norm: bool = False      # Chameleon-30B: x + norm(attn(x)), then h + norm(mlp(h)) (norms on the branch output)
 
     def __post_init__(self):
         assert self.dim % self.n_head == 0, f"dim {self.dim} must be divisible by n_head {self.n_head}"
@@ -59,6 +78,39 @@ class GPTConfig:
         return cls(**{**dict(vocab_size=184622, n_layer=32, n_head=32, n_kv_head=8, dim=4096,
                              intermediate_size=14336, norm_eps=1e-5, rope_theta=1e6, max_seq_len=9216), **overrides})
 
+    @classmethod
+    def llamagen(cls, size: str = "GPT-B", grid: int = 16, **overrides) -> "GPTConfig":
+        """LlamaGen's class-to-image GPTs (c2i_{B,L,XL,XXL,3B}_{256,384}.pt) for a grid x grid image (16: 256 px with
+        VQ-16, 24: 384 px): 16384 image tokens, 1000 ImageNet classes, SwiGLU width 8/3 dim rounded up to 256."""
+        if size not in LLAMAGEN_SIZES:
+            raise ValueError(f"unknown LlamaGen size {size!r}; the released ones are {', '.join(LLAMAGEN_SIZES)}")
+        n_layer, n_head, dim = LLAMAGEN_SIZES[size]
+        ffn = -(-int(2 * 4 * dim / 3) // 256) * 256
+        return cls(**{**dict(vocab_size=16384, n_layer=n_layer, n_head=n_head, n_kv_head=n_head, dim=dim,
+                             intermediate_size=ffn, norm_eps=1e-5, rope_theta=10000.0, max_seq_len=1 + grid * grid,
+                             num_classes=1000, rope_2d_grid=grid, n_cond_tokens=1), **overrides})
+
+
+    @classmethod
+    def chameleon(cls, size: str = "7B", **overrides) -> "GPTConfig":
+        """facebook/chameleon-7b and -30b (Anole-7b is the 7B): 65536 tokens (text BPE + 8192 image codes), qk-norm,
+        context 4096, RoPE theta 1e4; the 30B adds grouped-query attention and swin-norm (CHAMELEON_SIZES)."""
+        if size not in CHAMELEON_SIZES:
+            raise ValueError(f"unknown Chameleon size {size!r}; the released ones are {', '.join(CHAMELEON_SIZES)}")
+        n_layer, n_head, n_kv_head, dim, ffn, swin = CHAMELEON_SIZES[size]
+        return cls(**{**dict(vocab_size=65536, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, dim=dim,
+                             intermediate_size=ffn, norm_eps=1e-5, rope_theta=10000.0, max_seq_len=4096,
+                             qk_norm=True, swin_norm=swin), **overrides})
+
+
+# Chameleon's released LLMs: (n_layer, n_head, n_kv_head, dim, SwiGLU width, swin_norm). The 30B numbers are the
+# reference notes' (params.json of the 30B was not at hand): check them against its config.json when you have it
+CHAMELEON_SIZES = {"7B": (32, 32, 32, 4096, 11008, False), "30B": (48, 64, 8, 8192, 22016, True)}
+
+# LlamaGen's GPT_models that have released c2i weights: (n_layer, n_head, dim); the 3B has head_dim 100
+LLAMAGEN_SIZES = {"GPT-B": (12, 12, 768), "GPT-L": (24, 16, 1024), "GPT-XL": (36, 20, 1280),
+                  "GPT-XXL": (48, 24, 1536), "GPT-3B": (24, 32, 3200)}
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -75,12 +127,44 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+class HeadLayerNorm(nn.Module):
+    """Chameleon's qk-norm: LayerNorm over head_dim with a weight and bias for every head, (n_heads, head_dim).
+    The original code keeps one LayerNorm per tensor-parallel shard shared by that shard's heads; transformers (and
+    chameleon.py) repeat it per head, so the statistics are per head and the affine part is per head. eps 1e-5."""
+
+    def __init__(self, n_heads: int, head_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n_heads, head_dim))
+        self.bias = nn.Parameter(torch.zeros(n_heads, head_dim))
+
+    def forward(self, x):   # x (B, T, n_heads, head_dim)
+        return F.layer_norm(x, x.shape[-1:], eps=1e-5) * self.weight + self.bias
+
+
+def rope_angles(positions: torch.Tensor, dim: int, theta: float) -> torch.Tensor:
+    """(B, T) integer positions -> (B, T, dim/2) rotation angles, one frequency per pair of a dim-wide vector."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=positions.device).float() / dim))
+    return positions[..., None].float() * inv_freq
+
+
+def rope_cos_sin(positions: torch.Tensor, config: GPTConfig, dtype: torch.dtype):
     """cos/sin tables for integer `positions` (B, T), computed on the fly (cheap, and any position works)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
-    freqs = positions[..., None].float() * inv_freq     # (B, T, head_dim/2)
+    if config.rope_2d_grid == 0:
+        freqs = rope_angles(positions, config.head_dim, config.rope_theta)                 # (B, T, head_dim/2)
+    else:   # LlamaGen: image token k = position - n_cond_tokens sits at (k // grid, k % grid); the first half
+        #     of the pairs turns with its row, the second with its column, each with half_dim's frequencies
+        k = positions - config.n_cond_tokens
+        half = config.head_dim // 2
+        freqs = torch.cat([rope_angles(k.div(config.rope_2d_grid, rounding_mode="floor"), half, config.rope_theta),
+                           rope_angles(k % config.rope_2d_grid, half, config.rope_theta)], dim=-1)
     angles = torch.cat([freqs, freqs], dim=-1)          # (B, T, head_dim): the "rotate_half" layout
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    cos, sin = angles.cos(), angles.sin()
+    if config.rope_2d_grid:
+        # released quirk: the condition positions get cos = sin = 0, so their queries and keys are ZEROED (not left
+        # unrotated); their values still flow. Reproduced because the released weights were trained with it.
+        is_cond = (positions < config.n_cond_tokens)[..., None]
+        cos, sin = cos.masked_fill(is_cond, 0.0), sin.masked_fill(is_cond, 0.0)
+    return cos.to(dtype), sin.to(dtype)
 
 
 def apply_rope(x, cos, sin):
@@ -122,7 +206,7 @@ class KVCache:
         if prompt_mask is not None:
             self.is_token[:, :prompt_mask.size(1)] = prompt_mask.bool()
         positions = (self.is_token.long().cumsum(-1) - 1).clamp(min=0)              # (B, S)
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, self.cos.dtype)
+        cos, sin = rope_cos_sin(positions, self.config, self.cos.dtype)
         self.cos.copy_(cos)
         self.sin.copy_(sin)
 
@@ -153,11 +237,17 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.dim, config.n_kv_head * config.head_dim, bias=False)
         self.v_proj = nn.Linear(config.dim, config.n_kv_head * config.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_head * config.head_dim, config.dim, bias=False)
+        if config.qk_norm:
+            self.q_norm = HeadLayerNorm(config.n_head, config.head_dim)
+            self.k_norm = HeadLayerNorm(config.n_kv_head, config.head_dim)
 
     def forward(self, x, cos, sin, mask, kv_cache=None, input_pos=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)      # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)   # (B, Hkv, T, D)
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)                      # (B, T, H, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)                   # (B, T, Hkv, D)
+        if self.config.qk_norm:   # Chameleon: per-head LayerNorm before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)                                    # (B, H, T, D), (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)   # (B, Hkv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:   # this layer's (B, Hkv, S, D) buffers: write the new slots, attend over all
@@ -190,8 +280,12 @@ class Block(nn.Module):
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MLP(config)
+        self.swin_norm = config.swin_norm
 
     def forward(self, x, cos, sin, mask, kv_cache=None, input_pos=None):
+        if self.swin_norm:   # Chameleon-30B: the same two norms, applied to each branch's output instead of its input
+            x = x + self.input_layernorm(self.self_attn(x, cos, sin, mask, kv_cache, input_pos))
+            return x + self.post_attention_layernorm(self.mlp(x))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, input_pos)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -201,6 +295,8 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        if config.num_classes:   # LlamaGen's LabelEmbedder table; its last row is the null class (class dropout)
+            self.cls_embedding = nn.Embedding(config.num_classes + 1, config.dim)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)   # untied, as Emu3
@@ -218,6 +314,14 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> (B, T, C); with num_classes, ids from vocab_size on are class embeddings."""
+        V = self.config.vocab_size
+        if not self.config.num_classes:
+            return self.embed_tokens(idx)
+        is_class = (idx >= V)[..., None]
+        return torch.where(is_class, self.cls_embedding((idx - V).clamp(min=0)), self.embed_tokens(idx.clamp(max=V - 1)))
+
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         """A KV cache for `batch_size` rows of up to `max_len` tokens (prompt + generation), in the model's dtype
         and on its device. The caller owns it."""
@@ -234,7 +338,7 @@ class GPT(nn.Module):
             raise ValueError("a decode step takes both cache= (model.new_cache(batch_size, max_len)) and "
                              "input_pos= (the cache slots to write); a full pass takes neither")
         B, T = idx.shape
-        x = self.embed_tokens(idx)                                                 # (B, T, C)
+        x = self.embed(idx)                                                        # (B, T, C)
         if cache is None:
             if T > self.config.max_seq_len:
                 raise ValueError(f"sequence of {T} tokens exceeds the model's context of {self.config.max_seq_len}")
@@ -246,7 +350,7 @@ class GPT(nn.Module):
                 positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
                 causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
                 mask = self._mask(causal, valid, torch.arange(T, device=idx.device))
-            cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+            cos, sin = rope_cos_sin(positions, self.config, x.dtype)
             for layer in self.layers:
                 x = layer(x, cos, sin, mask)
             return self.lm_head(self.norm(x)).float()

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -25,7 +26,7 @@ from .gpt import GPT, GPTConfig
 from .image import image_to_tensor, tensor_to_image
 from .layout import Layout
 from .sampler import Decoder, Rows, generate_image_stream, generate_text
-from .tokenizer import ByteTokenizer
+from .tokenizer import ByteTokenizer, WordTokenizer
 from .vq import VQConfig, VQModel
 from .weights import load_state_dict_strict
 
@@ -92,25 +93,71 @@ class Pipeline:
         pixels = self.vq.decode(codes.to(next(self.vq.parameters()).device))
         return [tensor_to_image(p) for p in pixels.float()]
 
-    def draw(self, prompts: list[str], **kwargs) -> list[Image.Image]:
-        for rows in self.draw_stream(prompts, **kwargs):
+    def draw(self, prompts: list[str], batch_size: int | None = None, seed: int = 0, **kwargs) -> list[Image.Image]:
+        """One image per prompt. batch_size splits long lists into batches (batch k is drawn with seed + k)."""
+        batch_size = batch_size or len(prompts)
+        images = []
+        for k, start in enumerate(range(0, len(prompts), batch_size)):
+            for rows in self.draw_stream(prompts[start:start + batch_size], seed=seed + k, **kwargs):
+                pass
+            images += self.decode(rows.codes)
+        return images
+
+    @torch.no_grad()
+    def complete(self, image: Image.Image | str | Path, keep_rows: int, prompts: list[str] | None = None,
+                 seed: int = 0, **kwargs) -> list[Image.Image]:
+        """Image completion: the image's first keep_rows rows of codes are kept and the model draws the rest, once
+        per prompt (default: one, the empty caption), with the same sampler as draw (its `keep` option). The image
+        is brought to the pipeline's square image size as answer() does."""
+        device, dtype = next(self.vq.parameters()).device, next(self.vq.parameters()).dtype
+        pixels = image_to_tensor(image, factor=self.vq.cfg.spatial_factor, **(self.resize or {}))
+        codes = self.vq.encode(pixels[None].to(device, dtype)).cpu()                   # (1, h, w)
+        h, w = self.grid()
+        if codes.shape[1:] != (h, w):
+            raise ValueError(f"the image gives {codes.shape[1]}x{codes.shape[2]} codes, this model draws {h}x{w}")
+        if not 0 <= keep_rows < h:
+            raise ValueError(f"keep_rows must be in [0, {h}) for a {h}-row image, got {keep_rows}")
+        prompts = prompts or [""]
+        for rows in self.draw_stream(prompts, seed=seed, keep=codes[:, :keep_rows].expand(len(prompts), -1, -1),
+                                     **kwargs):
             pass
         return self.decode(rows.codes)
 
     @torch.no_grad()
-    def answer(self, image: Image.Image | str | Path, question: str = "", max_new_tokens: int = 256,
-               **sampling) -> str:
-        """Image understanding: the image block goes into the chat template, the answer is generated
-        (greedy by default, as Emu3-Chat's demo) until EOS."""
-        pixels = image_to_tensor(image, factor=self.vq.cfg.spatial_factor, **(self.resize or {}))
+    def answer(self, image: Image.Image | str | Path | np.ndarray | list, question: str = "",
+               max_new_tokens: int = 256, **sampling) -> str | list[str]:
+        """Image understanding: the image block goes into the chat template, the answer is generated (greedy by
+        default, as Emu3-Chat's demo) until EOS, under Layout.answer_mask (text only). `image` is a PIL image, a
+        path or a uint8 (H, W, 3) array; a list of them is answered as one batch and gives a list of answers."""
+        images = image if isinstance(image, list) else [image]
         device = next(self.vq.parameters()).device
-        codes = self.vq.encode(pixels[None].to(device, next(self.vq.parameters()).dtype))[0].cpu()
-        prompt = self.layout.understanding_prompt(codes, question, self.tokenizer, self.chat_template)
-        text_only = torch.ones(self.gpt.config.vocab_size, dtype=torch.bool, device=self.gpt.lm_head.weight.device)
-        text_only[self.layout.first_visual:] = False   # an answer is text: no visual tokens
-        out = generate_text(self.gpt, self.layout, [prompt], max_new_tokens=max_new_tokens, allowed=text_only,
-                            decoder=self.decoder, **sampling)[0]
-        return self.tokenizer.decode(out)
+        pixels = [image_to_tensor(Image.fromarray(x) if isinstance(x, np.ndarray) else x,
+                                  factor=self.vq.cfg.spatial_factor, **(self.resize or {})) for x in images]
+        prompts = []
+        for i in range(0, len(pixels), 256):   # same-size images (the toys) encode as one batch
+            chunk = pixels[i:i + 256]
+            batch = [torch.stack(chunk)] if len({p.shape for p in chunk}) == 1 else [p[None] for p in chunk]
+            for x in batch:
+                for codes in self.vq.encode(x.to(device, next(self.vq.parameters()).dtype)).cpu():
+                    prompts.append(self.layout.understanding_prompt(codes, question, self.tokenizer,
+                                                                    self.chat_template))
+        allowed = self.layout.answer_mask(self.gpt.config.vocab_size, self.gpt.lm_head.weight.device)
+        answers = generate_text(self.gpt, self.layout, prompts, max_new_tokens=max_new_tokens, allowed=allowed,
+                                decoder=self.decoder, **sampling)
+        texts = [self.tokenizer.decode(a) for a in answers]
+        return texts if isinstance(image, list) else texts[0]
+
+    @classmethod
+    def tiny(cls, gpt: GPT, vq: VQModel, tokenizer, layout: Layout, image_size: int,
+             sampling: dict | None = None) -> "Pipeline":
+        """The toy models as train_tiny.py trains them (in memory, or read back by load_tiny): square images of
+        image_size pixels taken as they are, no prompt conventions. sampling: {"cfg_scale": .., "temperature":
+        .., "top_k": ..} as the checkpoint records them; missing entries take the tiny defaults below."""
+        sampling = {"cfg_scale": TINY_CFG_SCALE, **TINY_SAMPLING, **(sampling or {})}
+        side = image_size
+        return cls(gpt, vq, tokenizer, layout, image_area=side * side,
+                   resize=dict(min_pixels=side * side, max_pixels=side * side), cfg_scale=sampling.pop("cfg_scale"),
+                   sampling={k: v for k, v in sampling.items() if v is not None})
 
 
 def resolve_device(name: str) -> torch.device:
@@ -124,6 +171,16 @@ def resolve_device(name: str) -> torch.device:
 # guidance at 3 (Emu3's) overshoots a model this small into broken shapes, temperature 1 samples too many stray codes
 TINY_CFG_SCALE = 2.0
 TINY_SAMPLING = {"temperature": 0.5}
+
+
+def tiny_tokenizer(spec) -> ByteTokenizer | WordTokenizer:
+    """The text tokenizer a tiny checkpoint names in its metadata: "bytes", or {"words": [...]}."""
+    if spec == "bytes":
+        return ByteTokenizer()
+    if isinstance(spec, dict) and "words" in spec:
+        return WordTokenizer(spec["words"])
+    raise ValueError(f"unknown tiny tokenizer {spec!r} in the checkpoint's metadata (expected 'bytes' or "
+                     f"{{'words': [...]}})")
 
 
 def load_tiny(folder: str | Path, device="cpu", dtype=torch.float32) -> Pipeline:
@@ -142,7 +199,5 @@ def load_tiny(folder: str | Path, device="cpu", dtype=torch.float32) -> Pipeline
               f"{meta.get('steps')})")
     gpt = GPT(GPTConfig(**meta["config"]))
     load_state_dict_strict(gpt, state, source=str(folder / "gpt.safetensors"))
-    side = 64   # the toy worlds' image size; the tiny VQ's 8x downsampling makes it an 8x8 grid
-    return Pipeline(gpt.to(device, dtype).eval(), vq.to(device).eval(), ByteTokenizer(), Layout(**meta["layout"]),
-                    image_area=side * side, resize=dict(min_pixels=side * side, max_pixels=side * side),
-                    sampling=dict(TINY_SAMPLING), cfg_scale=TINY_CFG_SCALE)
+    return Pipeline.tiny(gpt.to(device, dtype).eval(), vq.to(device).eval(), tiny_tokenizer(meta["tokenizer"]),
+                         Layout(**meta["layout"]), image_size=meta.get("image_size", 64), sampling=meta.get("sampling"))

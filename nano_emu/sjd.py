@@ -21,7 +21,10 @@ token to token, so drafts drawn from a neighbour's distribution are often accept
 How it composes with the rest of nano_emu:
 - Greedy (temperature 0): p and q are one-hot, so a draft is accepted exactly when it is the argmax and a
   rejection yields the argmax: the tokens of plain greedy decoding (Jacobi decoding, Song et al. 2021).
-- Batched CFG: both halves of [cond; uncond] are fed the same window; p is the mixed distribution per image.
+- Batched CFG: every branch ([cond; uncond], or Chameleon's 3-way [cond; image-only; uncond]) is fed the same
+  window; p is sampler.Guidance's score per image and position, the very function the plain loop samples from,
+  so every guidance option (Emu3's or LlamaGen's mix, cfg_interval, 3-way CFG, CD-K) and image completion
+  (`keep`: the kept tokens are settled from the start) hold here too.
 - Several images in a batch share the cache slots, so the batch advances by the SHORTEST settled run: images
   that settled more keep only that many (an accepted token is a correct draw whether or not the ones after it
   are kept) and redraw the rest as fresh drafts. Per-image windows would waste fewer forwards but need per-row
@@ -39,9 +42,8 @@ How it composes with the rest of nano_emu:
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 
-from .sampler import Decoder, GridConstraint, cfg_mix, draw, probabilities
+from .sampler import Decoder, GridConstraint, Guidance, draw, probabilities
 
 
 def accept(p_draft: torch.Tensor, q_draft: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
@@ -56,53 +58,55 @@ def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return (p - q).clamp(min=0)
 
 
-def jacobi_decode(decoder: Decoder, layout, constraint: GridConstraint, prompts: list[list[int]], constrain: bool,
-                  batch: int, cfg_scale: float | None, temperature: float, top_k: int | None, top_p: float | None,
-                  generator: torch.Generator | None, window: int = 16) -> Iterator[tuple[torch.Tensor, int]]:
+def jacobi_decode(decoder: Decoder, layout, constraint: GridConstraint, row_ends: list[int], guidance: Guidance,
+                  prompts: list[list[int]], kept: torch.Tensor, constrain: bool, temperature: float,
+                  top_k: int | None, top_p: float | None, generator: torch.Generator | None,
+                  window: int = 16) -> Iterator[tuple[torch.Tensor, int]]:
     """sampler._decode's contract with a window of `window` tokens per forward: yields (tokens so far (B, n),
-    rows done) whenever rows were finished. prompts holds the batch's prompts then, with CFG, their negatives."""
-    n_new = len(constraint)
+    rows done) whenever rows were finished. prompts holds every branch's prompts, stacked as Guidance expects;
+    kept (B, start) the first tokens, given (image completion)."""
+    n_new, start, batch = len(constraint), kept.size(1), guidance.batch
     window = min(window, n_new - 1)   # tokens fed per forward; the last token is never fed, as in _decode
     if window < 2:
         raise ValueError(f"speculative Jacobi decoding needs a window of at least 2 tokens, got {window}")
-    vocab = decoder.model.config.vocab_size
     device = decoder.device
 
-    def guide(logits: torch.Tensor) -> torch.Tensor:
-        """Logits (rows, T, V) -> guided log-probabilities (B, T, V), as _decode mixes them."""
-        logprobs = F.log_softmax(logits, dim=-1)
-        if cfg_scale is not None:
-            cond, uncond = logprobs.split(batch)
-            logprobs = cfg_mix(cond, uncond, cfg_scale)
-        return logprobs
+    def distribution(logits: torch.Tensor, first: int) -> torch.Tensor:
+        """Logits (rows, T, V) for tokens first..first+T-1 -> the distributions _decode samples them from (B, T, V)."""
+        return probabilities(guidance(logits, first, constraint if constrain else None), temperature, top_k, top_p)
 
-    def finish(logprobs: torch.Tensor, first: int) -> torch.Tensor:
-        """Guided log-probabilities (B, T, V) of tokens first..first+T-1 -> the distributions _decode samples."""
-        if constrain:
-            logprobs = constraint.window(logprobs, first)
-        return probabilities(logprobs, temperature, top_k, top_p)
+    def propose(reuse: torch.Tensor, last_logits: torch.Tensor) -> torch.Tensor:
+        """Draw the drafts of the next window, tokens settled .. settled+window-2 (never the last token alone):
+        from this forward's distributions past the settled prefix (reuse (B, r, V)), and where no output reached
+        yet from the last output's logits (rows, 1, V) under each position's own rules. Returns their q."""
+        n_next = max(0, min(window - 1, n_new - 1 - settled))
+        q = reuse[:, :n_next]
+        if n_next > q.size(1):
+            last = last_logits.expand(-1, n_next - q.size(1), -1)
+            q = torch.cat([q, distribution(last, settled + q.size(1))], dim=1)          # (B, n_next, V)
+        if n_next:
+            tokens[:, settled:settled + n_next] = draw(q, generator)
+        return q
 
-    logits, length = decoder.prefill(prompts, layout.pad, n_new)
-    mixed = guide(logits[:, None])                                            # (B, 1, V) for token 0
+    logits, length = decoder.prefill(prompts, layout.pad, n_new - start)
+    first_slot = length - start                  # the cache slot of token 0 (kept tokens sit before `length`)
     tokens = torch.full((batch, n_new), layout.pad, dtype=torch.long, device=device)   # settled, then drafts
-    tokens[:, 0] = draw(finish(mixed, 0), generator)[:, 0]
-    settled = 1
-    # drafts for tokens 1 .. window-1, from token 0's distribution under each position's own constraint
-    q = finish(mixed.expand(batch, window - 1, vocab), 1)                       # (B, window-1, V)
-    tokens[:, 1:window] = draw(q, generator)
+    tokens[:, :start] = kept
+    p = distribution(logits[:, None], start)                                    # (B, 1, V)
+    tokens[:, start] = draw(p, generator)[:, 0]
+    settled = start + 1
+    q = propose(p[:, 1:], logits[:, None])
     offsets = torch.arange(window, device=device)
-    eol_steps = [s for s, kind in enumerate(constraint.schedule) if kind == layout.eol]
-    rows_done = 0
+    rows_done = sum(end < settled for end in row_ends)
 
     while settled < n_new:
-        # feed tokens start .. start+window-1: the last settled token, then the drafts (near the end the window
-        # slides back over settled tokens so its length stays fixed; their keys are rewritten with the same values)
-        start = min(settled - 1, n_new - 1 - window)
-        fed = tokens[:, start:start + window]                                   # (B, window)
-        logits = decoder.step(fed.repeat(len(prompts) // batch, 1), length + start + offsets, every_position=True)
-        mixed = guide(logits)                                                  # (B, window, V): tokens start+1..
-        first = settled - start - 1                  # the output that predicts token `settled`
-        p = finish(mixed[:, first:], settled)                                   # (B, n_drafts + 1, V)
+        # feed tokens s .. s+window-1: the last settled token, then the drafts (near the end the window slides
+        # back over settled tokens so its length stays fixed; their keys are rewritten with the same values)
+        s = min(settled - 1, n_new - 1 - window)
+        fed = tokens[:, s:s + window]                                           # (B, window)
+        logits = decoder.step(fed.repeat(guidance.branches, 1), first_slot + s + offsets, every_position=True)
+        first = settled - s - 1                      # the output that predicts token `settled`
+        p = distribution(logits[:, first:], settled)                            # (B, n_drafts + 1, V)
         n_drafts = p.size(1) - 1                     # tokens settled .. settled+n_drafts-1 were drafted and fed
         drafts = tokens[:, settled:settled + n_drafts]                          # (B, n_drafts)
         p_draft = p[:, :-1].gather(-1, drafts[..., None])[..., 0]              # (B, n_drafts)
@@ -118,21 +122,11 @@ def jacobi_decode(decoder: Decoder, layout, constraint: GridConstraint, prompts:
             fresh = torch.where(run > k, drafts[:, k], fresh)   # images that accepted token k keep it
         tokens[:, settled + k] = fresh
         settled += n_settle
+        q = propose(p[:, n_settle:], logits[:, -1:])
 
-        # new drafts for tokens settled .. settled+window-2 (the next window's), never the last token alone
-        n_next = min(window - 1, n_new - 1 - settled)
-        if n_next > 0:
-            reuse = p[:, n_settle:n_settle + n_next]     # this forward's outputs past the settled prefix
-            extra = n_next - reuse.size(1)               # positions no output reached yet: start from the last one
-            if extra > 0:
-                last = mixed[:, -1:].expand(batch, extra, vocab)
-                reuse = torch.cat([reuse, finish(last, settled + reuse.size(1))], dim=1)
-            q = reuse                                                          # (B, n_next, V)
-            tokens[:, settled:settled + n_next] = draw(q, generator)
-
-        finished = [s for s in eol_steps if s < settled]
+        finished = [end for end in row_ends if end < settled]
         if len(finished) > rows_done:
             rows_done = len(finished)
-            if rows_done < len(eol_steps):   # the last row is reported with the final tokens
+            if rows_done < len(row_ends):   # the last row is reported with the final tokens
                 yield tokens[:, :finished[-1] + 1], rows_done
     yield tokens, rows_done

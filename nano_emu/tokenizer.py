@@ -1,4 +1,4 @@
-"""Text tokenizers: raw bytes for the toy models, Emu3's QWen BPE for the released checkpoints.
+"""Text tokenizers: raw bytes or whole words for the toy models, Emu3's QWen BPE for the released checkpoints.
 
 Emu3 (Wang et al. 2024, "Emu3: Next-Token Prediction is All You Need") writes text and images into one token
 string. Its text tokenizer is QWen's (Bai et al. 2023): a tiktoken byte-level BPE with 151643 ranks and
@@ -10,12 +10,16 @@ either released folder layout, with the same ids as `tokenization_emu3.py` in ba
 - -hf (BAAI/Emu3-Gen-hf, made by transformers' convert_emu3_weights_to_hf.py): `tokenizer.json`, whose
   ByteLevel vocab is the same ranks spelled as GPT-2 unicode strings, with the specials as `added_tokens`.
 
+Chameleon / Anole ship a `tokenizers` JSON (tokenizer.json, or text_tokenizer.json in the original layout):
+`JSONTokenizer` reads it with the `tokenizers` package (also optional), whatever model it describes.
+
 layout.py places these ids; this module only maps text <-> ids. tiktoken is imported lazily: it is an
 optional dependency (`pip install nano_emu[weights]`) that the toy models never need.
 """
 
 import base64
 import json
+import re
 import unicodedata
 from pathlib import Path
 
@@ -53,6 +57,39 @@ class ByteTokenizer:
     def decode(self, ids) -> str:
         text_bytes = bytes(i for i in map(int, ids) if i < 256)
         return text_bytes.decode("utf-8", errors="replace")
+
+
+class WordTokenizer:
+    """A toy language's whole words as tokens: "a red circle in the top left" is 7 tokens instead of 28 bytes.
+
+    Emu3 uses a BPE; a closed toy language needs no merges, so its BPE is simply one token per word. The layout
+    and the GPT do not care which text tokenizer wrote the string. Text splits into letter runs (words), single
+    digits and single other characters (the meta text "8*8" is three tokens); decode joins two words with one
+    space and everything else with none, so every caption of the toy language round-trips exactly. A word
+    outside the vocabulary is an error that names it, never a silent <unk>.
+    """
+
+    def __init__(self, vocab: list[str]):
+        self.vocab = list(vocab)
+        self.ids = {piece: i for i, piece in enumerate(self.vocab)}
+        if len(self.ids) != len(self.vocab):
+            raise ValueError("WordTokenizer: the vocabulary lists a piece twice")
+        self.n_vocab = len(self.vocab)
+
+    def encode(self, text: str) -> list[int]:
+        pieces = re.findall(r"[^\W\d_]+|\S", text)   # words (letter runs), then any other single character
+        unknown = [piece for piece in pieces if piece not in self.ids]
+        if unknown:
+            raise ValueError(f"{unknown[0]!r} is not in this model's vocabulary (text {text!r}); it knows: "
+                             f"{' '.join(self.vocab)}")
+        return [self.ids[piece] for piece in pieces]
+
+    def decode(self, ids) -> str:
+        pieces = [self.vocab[i] for i in map(int, ids) if 0 <= i < self.n_vocab]   # drop non-text ids
+        text = ""
+        for prev, piece in zip([""] + pieces, pieces):
+            text += " " + piece if prev.isalpha() and piece.isalpha() else piece
+        return text
 
 
 def load_tiktoken_ranks(path) -> dict[bytes, int]:
@@ -221,3 +258,27 @@ class Emu3Tokenizer:
         if bad:
             raise ValueError(f"token ids {bad[:8]} are outside the vocabulary [0, {self.n_vocab})")
         return self._enc.decode(ids, errors="replace")
+
+
+class JSONTokenizer:
+    """A Hugging Face `tokenizers` JSON file (Chameleon's BPE: text, specials and the 8192 IMGIMG image tokens in
+    one 65536-id vocabulary). encode never adds BOS/EOS (layout.py places them); special tokens written in the
+    text (e.g. "<reserved08706>") are matched as such, as in the released processor."""
+
+    def __init__(self, path):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise ImportError("Chameleon's tokenizer needs the `tokenizers` package: pip install nano_emu[weights]") from None
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as e:   # tokenizers raises a bare Exception for a malformed file
+            raise ValueError(f"cannot read {path} as a tokenizers JSON file: {e}") from None
+        self.vocab = self._tok.get_vocab(with_added_tokens=True)   # name -> id
+        self.n_vocab = max(self.vocab.values()) + 1
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=True)

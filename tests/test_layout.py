@@ -65,6 +65,7 @@ def test_grid_schedule():
     # the schedule is exactly the image block after IMG (plus EOS), wildcards where codes stand
     block = L.image_block(torch.zeros(2, 2, 3, dtype=torch.long), tok)
     after_img = block[block.index(L.img) + 1:] + [L.eos]
+    assert len(after_img) == len(schedule)   # zip below would hide a block longer or shorter than the schedule
     assert [VISUAL if s == VISUAL else t for s, t in zip(schedule, after_img)] == schedule
     assert all(t >= L.first_visual for s, t in zip(schedule, after_img) if s == VISUAL)
 
@@ -112,3 +113,17 @@ def test_bad_codes_are_rejected():
         L.image_block(torch.tensor([[0, 100]]), tok)
     with pytest.raises(ValueError, match="shape \\(h, w\\) or \\(t, h, w\\)"):
         L.image_block(torch.zeros(4, dtype=torch.long), tok)
+
+
+def test_tiny_layout_numbers_specials_after_any_text_vocabulary():
+    words = Layout.tiny(codebook_size=512, text_vocab=31)
+    assert (words.pad, words.eof, words.first_visual, words.vocab_size) == (31, 38, 39, 39 + 512)
+    assert Layout.tiny(codebook_size=512).first_visual == 264   # bytes: the default, as before
+
+
+def test_answer_mask_allows_text_and_eos_only():
+    allowed = L.answer_mask(L.vocab_size)
+    assert allowed[:256].all() and allowed[L.eos]
+    assert not allowed[L.first_visual:].any()
+    for marker in (L.pad, L.bos, L.img, L.boi, L.eoi, L.eol, L.eof):
+        assert not allowed[marker]

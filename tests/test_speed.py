@@ -250,7 +250,7 @@ def test_sjd_samples_the_distribution_of_plain_sampling(monkeypatch):
 # ------------------------------------------------------------------------------------ user-facing options
 
 
-def test_pipeline_and_sample_py_options():
+def test_pipeline_and_sample_py_options(tmp_path):
     model = tiny_gpt(Layout.tiny(codebook_size=512))
     vq = VQModel(VQConfig.tiny()).eval()
     pipe = Pipeline(model, vq, tok, Layout.tiny(codebook_size=512), image_area=64 * 64)
@@ -262,6 +262,65 @@ def test_pipeline_and_sample_py_options():
     assert pipe.decoder.cache is not None
     pipe.release()
     assert pipe.decoder.cache is None
-    args = sample.parse_args(["--ckpt", "x", "--prompt", "y", "--sjd", "--compile"])
+    ckpt = str(tmp_path)   # sample.py checks the folder exists; its files are read only later
+    args = sample.parse_args(["--ckpt", ckpt, "--prompt", "y", "--sjd", "--compile"])
     assert args.sjd == 16 and args.compile
-    assert sample.parse_args(["--ckpt", "x", "--sjd", "4"]).sjd == 4 and sample.parse_args(["--ckpt", "x"]).sjd == 0
+    draw = ["--ckpt", ckpt, "--prompt", "y"]
+    assert sample.parse_args([*draw, "--sjd", "4"]).sjd == 4 and sample.parse_args(draw).sjd == 0
+    with pytest.raises(SystemExit) as refused:   # a window of 1 verifies nothing: refused in one line, exit 2
+        sample.parse_args([*draw, "--sjd", "1"])
+    assert refused.value.code == 2
+
+
+# ------------------------------------------------------------------------------------ other families' options
+
+
+def test_sjd_and_compile_give_llamagens_reference_tokens():
+    """LlamaGen's options (class token, 2-D RoPE, raw-logit CFG, cfg_interval) through SJD and the compiled step:
+    the reference's greedy tokens (tests/fixtures/llamagen). With cfg_interval 3 a window straddles the last
+    guided step, so SJD applies guidance per position inside one window."""
+    from test_llamagen import FIXTURE, GOLDEN, TINY
+
+    import nano_emu
+    pipe = nano_emu.load_llamagen(FIXTURE / "gpt.pt", FIXTURE / "vq.pt", **TINY)
+    for name, interval in [("cfg", -1), ("cfg_interval3", 3)]:
+        for window in (2, 4, 16):
+            *_, rows = pipe.draw_stream(["3", "7"], cfg_scale=4.0, temperature=0, cfg_interval=interval, sjd=window)
+            assert torch.equal(rows.tokens, GOLDEN[f"greedy_{name}"]), (name, window)
+    pipe.compile = True
+    *_, rows = pipe.draw_stream(["3", "7"], cfg_scale=4.0, temperature=0, cfg_interval=3)
+    assert torch.equal(rows.tokens, GOLDEN["greedy_cfg_interval3"])
+
+
+def chameleon_gpt(layout):
+    torch.manual_seed(1)
+    vocab = max(layout.vocab_size, 512)   # Chameleon's BOI/EOI ids lie past its codes
+    model = GPT(GPTConfig.tiny(vocab, n_layer=2, dim=64, n_head=4, n_kv_head=2, intermediate_size=128,
+                               max_seq_len=256, qk_norm=True)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)
+    return model
+
+
+@pytest.mark.parametrize("layout", [Layout.chameleon(eoi=300, boi=301, codebook_size=64, image_grid=(3, 4)), L],
+                         ids=["chameleon", "emu3"])
+def test_sjd_greedy_with_three_way_cfg_cdk_and_completion(layout):
+    """Chameleon's options through SJD, greedy: 3-way CFG (with an image-only branch that differs from the
+    unconditional one), CD-K, and completion from kept rows give the tokens of the plain loop."""
+    model = chameleon_gpt(layout)
+    p = [layout.generation_prompt(c, 3, 4, tok) for c in ("a red circle", "b")]
+    n = [layout.generation_prompt("", 3, 4, tok)] * 2
+    image_only = [layout.generation_prompt("xy", 3, 4, tok)] * 2
+    options = {"3-way": dict(negative_prompts=n, image_prompts=image_only, cfg_scale=3.0, cfg_image_scale=1.2),
+               "cd-k": dict(negative_prompts=n, cdk_k=4), "logits": dict(negative_prompts=n, cfg_on="logits")}
+    for name, kw in options.items():
+        plain, plain_codes = generate_image(model, layout, p, 3, 4, temperature=0, **kw)
+        for window in (3, 8):
+            fast, fast_codes = generate_image(model, layout, p, 3, 4, temperature=0, sjd=window, **kw)
+            assert torch.equal(fast, plain) and torch.equal(fast_codes, plain_codes), (name, window)
+    kw = dict(negative_prompts=n, cfg_scale=2.0, temperature=0)
+    tokens, codes = generate_image(model, layout, p, 3, 4, **kw)
+    for r in (1, 2):
+        stream = list(generate_image_stream(model, layout, p, 3, 4, keep=codes[:, :r], sjd=4, **kw))
+        assert [rows.rows_done for rows in stream] == list(range(r + 1, 4))   # only the drawn rows are reported
+        assert torch.equal(stream[-1].tokens, tokens) and torch.equal(stream[-1].codes, codes)

@@ -329,3 +329,27 @@ def test_real_ids_match_qwen2_reference(real_dirs, real_tok):
         assert tok.decode(ids) == reference.decode(ids) == s.replace("e\u0301", "é")
     assert tok.decode(tok.encode(REAL_STRINGS[-1]), skip_special=True) == \
         "You are a helpful assistant. USER: 1*1Describe it. ASSISTANT:"
+
+
+# --- WordTokenizer (the toy captions, one token per word) -------------------------------------------------------
+
+def test_word_tokenizer_round_trips_the_toy_language():
+    from nano_emu import data
+    from nano_emu.tokenizer import WordTokenizer
+    tok = WordTokenizer(data.vocabulary())
+    _, captions, _ = data.sample_shapes(300, 0, split="all")
+    _, clip_captions, _ = data.sample_moving_shapes(40, 0)
+    for text in captions + clip_captions + ["8*8", "2*8*8", "16*16"]:
+        assert tok.decode(tok.encode(text)) == text
+    assert len(tok.encode("a red circle in the top left")) == 7
+    assert tok.encode("8*8") == [tok.ids["8"], tok.ids["*"], tok.ids["8"]]
+
+
+def test_word_tokenizer_names_an_unknown_word_and_skips_non_text_ids():
+    from nano_emu.tokenizer import WordTokenizer
+    tok = WordTokenizer(["a", "red", "circle"])
+    with pytest.raises(ValueError, match="'purple' is not in this model's vocabulary"):
+        tok.encode("a purple circle")
+    assert tok.decode([0, 1, 99, 2]) == "a red circle"   # 99: a marker or visual token, not text
+    with pytest.raises(ValueError, match="twice"):
+        WordTokenizer(["a", "a"])

@@ -112,3 +112,28 @@ def test_torchrun_two_cpu_processes(tmp_path):
         _, meta, _ = load_checkpoint(out / name)
         assert meta["step"] == 6
     assert np.isfinite(json.loads((out / "metrics.json").read_text())["final_gpt_loss"])
+
+
+def test_understanding_strings_train_the_unconditional_branch():
+    """`BOS image caption EOS` starts exactly like CFG's unconditional string `BOS "" image`, so with
+    learn_understood_image its image block carries the loss that the dropped captions used to provide."""
+    from nano_emu.layout import Layout
+    from nano_emu.tokenizer import WordTokenizer
+    from nano_emu.train import sequences
+    tok = WordTokenizer(data.vocabulary())
+    layout = Layout.tiny(64, text_vocab=tok.n_vocab)
+    codes = torch.randint(0, 64, (1, 3, 3))
+    caption = ["a red circle in the top left"]
+    # p_understand=1: always image -> caption
+    inputs, targets, weights = sequences(layout, tok, codes, caption, np.random.default_rng(0), p_understand=1.0,
+                                         visual_weight=0.5, learn_understood_image=True)
+    uncond = layout.encode(["", codes[0]], tok)   # BOS BOI "3*3" IMG rows EOF EOI
+    full = torch.cat([inputs[0, :1], targets[0]])
+    assert full[:len(uncond)].tolist() == uncond
+    visual = layout.is_visual(targets[0])
+    assert visual.sum() == 9 and (weights[0][visual] == 0.5).all()
+    answer = len(tok.encode(caption[0])) + 1   # the caption and EOS
+    assert (weights[0][-answer:] == 1).all()
+    # without the switch only the answer is learned (Emu3's rule)
+    _, _, weights = sequences(layout, tok, codes, caption, np.random.default_rng(0), p_understand=1.0)
+    assert weights[0].sum() == answer and (weights[0][-answer:] == 1).all()

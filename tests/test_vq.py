@@ -12,8 +12,10 @@ from PIL import Image
 from torch import nn
 
 from nano_emu.image import image_to_tensor, load_image, smart_resize, tensor_to_image
-from nano_emu.vq import VQConfig, VQModel, codebook_usage
-from nano_emu.weights import load_state_dict_strict, load_vq, rename, vq_from_hf, VQ_HF_TO_ORIGINAL
+from nano_emu.train import codebook_usage, init_vq_for_training, restart_dead_codes
+from nano_emu.vq import VQConfig, VQModel, VectorQuantizer
+from nano_emu.emu3 import VQ_HF_TO_ORIGINAL, load_emu3_vq, vq_from_hf
+from nano_emu.weights import load_state_dict_strict, rename
 
 transformers = pytest.importorskip("transformers")
 from transformers import Emu3VQVAE, Emu3VQVAEConfig  # noqa: E402
@@ -194,29 +196,31 @@ def test_load_vq_from_safetensors(small_pair, tmp_path):
     save_file(vq_from_hf(ref.state_dict(), prefix=""), tmp_path / "original.safetensors")
     codes = torch.randint(0, SMALL.codebook_size, (1, 4, 4))
     for path in (tmp_path / "hf", tmp_path / "original.safetensors"):
-        loaded = load_vq(path, cfg=SMALL)
+        loaded = load_emu3_vq(path, cfg=SMALL)
         assert not loaded.training
         assert torch.equal(loaded.decode(codes), ours.decode(codes))
     with pytest.raises(ValueError, match="original.safetensors"):
-        load_vq(tmp_path / "original.safetensors", cfg=VQConfig.tiny())
+        load_emu3_vq(tmp_path / "original.safetensors", cfg=VQConfig.tiny())
 
 
 # ------------------------------------------------------------------------------------------------ shortcut, training
 
 
 def test_image_shortcut_equals_full_path():
+    """The released path runs an image as a clip of 4 identical frames, i.e. the video path; the shortcut agrees."""
     torch.manual_seed(0)
     vq = VQModel(VQConfig.tiny())
     randomize_norms(vq)
     x = pixels(2, 3, 64, 64)
+    clip = x.unsqueeze(1).expand(-1, 4, -1, -1, -1)  # (B, 4, 3, H, W)
     vq.eval()
     codes = vq.encode(x)
     assert codes.shape == (2, 8, 8)
-    assert torch.equal(codes, vq.encode(x, full=True))
-    torch.testing.assert_close(vq.latent(x), vq.latent(x, full=True), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(vq.decode(codes), vq.decode(codes, full=True), rtol=1e-5, atol=1e-6)
+    assert torch.equal(codes, vq.encode(clip)[:, 0])
+    torch.testing.assert_close(vq.latent(x), vq.latent(clip), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(vq.decode(codes), vq.decode(codes[:, None])[:, 0], rtol=1e-5, atol=1e-6)
     vq.train()  # batch statistics too: the temporal stack always runs on all frames
-    torch.testing.assert_close(vq.latent(x), vq.latent(x, full=True), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(vq.latent(x), vq.latent(clip), rtol=1e-5, atol=1e-6)
 
 
 def toy_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -233,6 +237,7 @@ def test_toy_training_reconstructs():
     torch.manual_seed(0)
     cfg = VQConfig.tiny()
     vq = VQModel(cfg)
+    init_vq_for_training(vq)
     x = toy_images(2, 32)
     opt = torch.optim.Adam(vq.parameters(), lr=3e-3)
     losses = []
@@ -247,11 +252,11 @@ def test_toy_training_reconstructs():
     vq.eval()
     recon = vq.decode(vq.encode(x))
     assert F.mse_loss(recon, x) < 0.5 * x.var()  # far better than predicting the mean colour
-    assert 0 < codebook_usage(vq.encode(x), cfg.codebook_size) <= 32 / cfg.codebook_size
 
 
 def test_straight_through_gradients_reach_encoder():
     vq = VQModel(VQConfig.tiny())
+    init_vq_for_training(vq)
     x = toy_images(2, 32)
     out = vq(x)
     F.mse_loss(out.recon, x).backward()  # reconstruction only: no commitment-loss path to the encoder
@@ -270,6 +275,30 @@ def test_video_training_forward():
 
 def test_codebook_usage():
     assert codebook_usage(torch.tensor([[0, 1], [1, 3]]), 8) == 3 / 8
+
+
+@pytest.mark.parametrize("l2_norm", [True, False])
+def test_restart_moves_only_dead_codes_onto_encoder_outputs(l2_norm):
+    """Codebook collapse is what the restart is against: encoder outputs far from a random codebook all pick the
+    same few codes. After a restart every unused code sits on an encoder output of the batch, the used codes are
+    untouched, and the same batch now spreads over many codes."""
+    torch.manual_seed(0)
+    K, C = 64, 4
+    quantizer = VectorQuantizer(VQConfig.tiny(codebook_size=K, embed_dim=C, l2_norm=l2_norm))
+    latents = torch.randn(2, C, 1, 3, 3) + 4   # (B, C, t, h, w): 18 vectors off to one side of the N(0, 1) codebook
+    codes = quantizer(latents)[1]
+    counts = torch.bincount(codes.flatten(), minlength=K)
+    dead = counts == 0
+    assert codebook_usage(codes, K) <= 8 / K   # 18 outputs on a handful of codes: the setting of a restart
+    before = quantizer.embedding.weight.clone()
+
+    assert restart_dead_codes(quantizer, latents, counts) == dead.sum() > 0
+    after = quantizer.embedding.weight
+    assert torch.equal(after[~dead], before[~dead])
+    outputs = latents.permute(0, 2, 3, 4, 1).reshape(-1, C)   # (18, C)
+    outputs = F.normalize(outputs, dim=-1) if l2_norm else outputs
+    assert (after[dead, None] - outputs[None]).abs().amax(-1).min(dim=1).values.max() < 1e-6   # (dead, 18) -> (dead,)
+    assert codebook_usage(quantizer(latents)[1], K) >= 12 / K   # most of the 18 outputs now have a code of their own
 
 
 # ------------------------------------------------------------------------------------------------ bad inputs
