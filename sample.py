@@ -127,6 +127,7 @@ def draw_classes(args) -> None:
     start = time.time()
     pipe = load_llamagen(args.llamagen, args.vq, gpt_model=args.gpt_model, image_size=args.image_size,
                          device=device, dtype=dtype)
+    pipe.compile, pipe.sjd = args.compile, args.sjd
     print(f"loaded a {pipe.gpt.num_params() / 1e6:.1f}M-parameter GPT and a {pipe.vq.cfg.spatial_factor}x VQ "
           f"in {time.time() - start:.1f}s")
     classes = [c for c in args.classes for _ in range(args.n)]
@@ -159,6 +160,7 @@ def main(args):
     if args.llamagen:   # LlamaGen's class-to-image weights
         return draw_classes(args)
     pipe = load(args)
+    pipe.compile, pipe.sjd = args.compile, args.sjd
     if args.complete:
         complete(pipe, args)
     elif args.prompt:
@@ -227,6 +229,13 @@ def build_parser() -> cli.ArgumentParser:
     und.add_argument("--image", type=cli.image_file, help="image to ask about (Emu3-Chat)")
     und.add_argument("--question", default="", help="question about --image")
     und.add_argument("--max-new-tokens", type=cli.at_least(1), default=256)
+    speed = p.add_argument_group("speed (same results, fewer seconds)")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on a GPU; "
+                       "the first image pays the compile time)")
+    speed.add_argument("--sjd", type=cli.checked(int, lambda n: n == 0 or n >= 2, "0 (off) or a window >= 2"),
+                       nargs="?", const=16, default=0, metavar="WINDOW",
+                       help="speculative Jacobi decoding: verify WINDOW drafted tokens per forward (default 16 when "
+                            "given; same distribution, fewer forwards)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="GPT weights and activations (auto: float32 for --ckpt, bfloat16 for --weights; "

@@ -6,12 +6,15 @@ Module and parameter names follow the Llama/Emu3 checkpoints (`self_attn.q_proj`
 released weights map onto this file with a literal name map (weights.py).
 
 One `forward` does two jobs:
-- training / full recompute (`input_pos=None`): logits for every position of a (B, T) batch;
-- decoding with a static KV cache (gpt-fast): `setup_cache(...)` allocates the cache once, each call writes its
-  keys/values at `input_pos` and returns logits for the last position only, so a 184622-wide vocabulary never
-  materialises for a whole 8k-token prompt.
-Left-padded batches pass an `attention_mask` (1 = token, 0 = padding): padded keys are masked out and positions
-count only real tokens (`cumsum(mask) - 1`), as Emu3 does, so each row gives what it would give alone.
+- training / full recompute (no cache): logits for every position of a (B, T) batch;
+- decoding with a static KV cache (gpt-fast): a `KVCache` is allocated once for (batch, length) by whoever
+  decodes (sampler.Decoder owns it); each call writes its keys/values at the cache slots `input_pos` and returns
+  logits for the last position only (or for every position of a speculative window), so a 184622-wide
+  vocabulary never materialises for a whole 8k-token prompt. The model itself holds no decoding state.
+Left-padded batches mark their padding (1 = token, 0 = padding): padded keys are masked out and positions count
+only real tokens (`cumsum(mask) - 1`), as Emu3 does, so each row gives what it would give alone. Without a cache
+that is `forward(..., attention_mask=)`; with one it is `cache.start(prompt_mask)`, which also computes the
+positions and rotary tables of every slot once, so a decode step does no position arithmetic at all.
 
 LlamaGen's class-conditional GPT is the same decoder with two switches (docs/families.md): `num_classes` adds a class
 embedding table whose rows are fed as input ids vocab_size + class (the start token; the extra last row is the null
@@ -117,10 +120,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # the statistics are computed in float32 even when the model runs in bf16 (as Emu3/Llama do), the
-        # result is cast back before the weight multiplies it, which is the released order of operations
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # result is cast back before the weight multiplies it, which is the released order of operations.
+        # F.rms_norm is x * rsqrt(mean(x^2) + eps) in one kernel: a decode step is ~100 small ops on a CPU,
+        # and this one was seven of them, five times per layer pair
+        normed = F.rms_norm(x.float(), (x.size(-1),), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 class HeadLayerNorm(nn.Module):
@@ -171,21 +175,45 @@ def apply_rope(x, cos, sin):
     return x * cos[:, None] + rotated * sin[:, None]    # cos/sin (B, 1, T, head_dim) broadcast over heads
 
 
-class KVCache(nn.Module):
-    """Static cache (gpt-fast): one buffer per layer, allocated once, written in place at `input_pos`,
-    so a decode step always has the same shapes (compile/CUDA-graph friendly)."""
+class KVCache:
+    """Static KV cache (gpt-fast) for one batch of sequences: the keys and values of every layer, which slots hold
+    real tokens, and the rotary cos/sin of every slot. Allocated once for (batch_size, max_len) and written in place
+    at `input_pos`, so a decode step always sees the same shapes and addresses (compile / CUDA-graph friendly).
 
-    def __init__(self, batch_size, n_kv_head, max_len, head_dim, dtype, device):
-        super().__init__()
-        shape = (batch_size, n_kv_head, max_len, head_dim)
-        # persistent=False keeps caches out of state_dict(): they are working memory, not weights
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+    Its owner is whoever decodes (sampler.Decoder keeps one across calls and drops it on release()); the GPT only
+    reads and writes the cache it is handed, so nothing is left hanging on the modules after generation."""
 
-    def update(self, input_pos, k, v):
-        self.k[:, :, input_pos] = k
-        self.v[:, :, input_pos] = v
-        return self.k, self.v
+    def __init__(self, config: "GPTConfig", batch_size: int, max_len: int, dtype=torch.float32, device=None):
+        if max_len > config.max_seq_len:
+            raise ValueError(f"a cache of {max_len} tokens exceeds the model's context of "
+                             f"{config.max_seq_len} (GPTConfig.max_seq_len); shorten the prompt or the output")
+        self.config, self.batch_size, self.max_len = config, batch_size, max_len
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)   # layer i writes k[i]: (B, Hkv, S, D)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.slots = torch.arange(max_len, device=device)                           # (S,)
+        self.is_token = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)   # False on padding
+        self.cos = torch.zeros(batch_size, max_len, config.head_dim, dtype=dtype, device=device)
+        self.sin = torch.zeros_like(self.cos)
+        self.start()
+
+    def start(self, prompt_mask: torch.Tensor | None = None) -> None:
+        """Begin new sequences. prompt_mask (B, L): 1 on the prompt's tokens, 0 on its left padding, for the
+        first L slots; every later slot will hold a generated token. Positions count real tokens only, so they
+        and their rotary tables are known for every slot now. Tensors are updated in place: a compiled or
+        CUDA-graphed step keeps pointing at them."""
+        self.is_token.fill_(True)
+        if prompt_mask is not None:
+            self.is_token[:, :prompt_mask.size(1)] = prompt_mask.bool()
+        positions = (self.is_token.long().cumsum(-1) - 1).clamp(min=0)              # (B, S)
+        cos, sin = rope_cos_sin(positions, self.config, self.cos.dtype)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+
+    def mark_static(self) -> None:
+        """Tell torch.compile these buffers never move, so CUDA graphs may write them in place."""
+        for buffer in (self.k, self.v, self.slots, self.is_token, self.cos, self.sin):
+            torch._dynamo.mark_static_address(buffer)
 
 
 def manual_attention(q, k, v, mask):
@@ -212,9 +240,8 @@ class Attention(nn.Module):
         if config.qk_norm:
             self.q_norm = HeadLayerNorm(config.n_head, config.head_dim)
             self.k_norm = HeadLayerNorm(config.n_kv_head, config.head_dim)
-        self.kv_cache = None   # a KVCache once GPT.setup_cache() has run
 
-    def forward(self, x, cos, sin, mask, input_pos):
+    def forward(self, x, cos, sin, mask, kv_cache=None, input_pos=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)                      # (B, T, H, D)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)                   # (B, T, Hkv, D)
@@ -223,8 +250,9 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)                                    # (B, H, T, D), (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)   # (B, Hkv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)                               # (B, Hkv, S, D)
+        if kv_cache is not None:   # this layer's (B, Hkv, S, D) buffers: write the new slots, attend over all
+            k_cache, v_cache = kv_cache
+            k, v = k_cache.index_copy_(2, input_pos, k), v_cache.index_copy_(2, input_pos, v)
         if self.config.sdpa:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                enable_gqa=self.n_head != self.n_kv_head)
@@ -254,11 +282,11 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.swin_norm = config.swin_norm
 
-    def forward(self, x, cos, sin, mask, input_pos):
+    def forward(self, x, cos, sin, mask, kv_cache=None, input_pos=None):
         if self.swin_norm:   # Chameleon-30B: the same two norms, applied to each branch's output instead of its input
-            x = x + self.input_layernorm(self.self_attn(x, cos, sin, mask, input_pos))
+            x = x + self.input_layernorm(self.self_attn(x, cos, sin, mask, kv_cache, input_pos))
             return x + self.post_attention_layernorm(self.mlp(x))
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, input_pos)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -272,7 +300,6 @@ class GPT(nn.Module):
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)   # untied, as Emu3
-        self.key_valid = None   # (B, S) bool once setup_cache() has run: which cache slots hold real tokens
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
@@ -295,26 +322,24 @@ class GPT(nn.Module):
         is_class = (idx >= V)[..., None]
         return torch.where(is_class, self.cls_embedding((idx - V).clamp(min=0)), self.embed_tokens(idx.clamp(max=V - 1)))
 
-    def setup_cache(self, batch_size: int, max_len: int, dtype=None, device=None):
-        """Allocate the static KV cache for `batch_size` rows of up to `max_len` tokens (prompt + generation)."""
-        if max_len > self.config.max_seq_len:
-            raise ValueError(f"a cache of {max_len} tokens exceeds the model's context of "
-                             f"{self.config.max_seq_len} (GPTConfig.max_seq_len); shorten the prompt or the output")
-        ref = self.lm_head.weight
-        dtype, device = dtype or ref.dtype, device or ref.device
-        for layer in self.layers:
-            layer.self_attn.kv_cache = KVCache(batch_size, self.config.n_kv_head, max_len,
-                                               self.config.head_dim, dtype, device)
-        self.key_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """A KV cache for `batch_size` rows of up to `max_len` tokens (prompt + generation), in the model's dtype
+        and on its device. The caller owns it."""
+        return KVCache(self.config, batch_size, max_len, self.lm_head.weight.dtype, self.lm_head.weight.device)
 
-    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """idx (B, T) token ids. attention_mask (B, T): 1 for tokens, 0 for left padding (optional).
-        input_pos None: full causal pass, returns logits (B, T, V).
-        input_pos (T,) cache slots to write: decode step, returns logits (B, 1, V) for the last position."""
+    def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                input_pos: torch.Tensor | None = None, every_position: bool = False) -> torch.Tensor:
+        """idx (B, T) token ids.
+        Without a cache: a full causal pass; attention_mask (B, T) is 1 for tokens, 0 for left padding (optional).
+        Returns logits (B, T, V).
+        With a cache: a decode step writing slots input_pos (T,) of `cache` (padding was declared by
+        cache.start). Returns logits (B, 1, V) for the last position, or (B, T, V) with every_position."""
+        if (cache is None) != (input_pos is None):
+            raise ValueError("a decode step takes both cache= (model.new_cache(batch_size, max_len)) and "
+                             "input_pos= (the cache slots to write); a full pass takes neither")
         B, T = idx.shape
         x = self.embed(idx)                                                        # (B, T, C)
-        if input_pos is None:
+        if cache is None:
             if T > self.config.max_seq_len:
                 raise ValueError(f"sequence of {T} tokens exceeds the model's context of {self.config.max_seq_len}")
             if attention_mask is None:
@@ -325,26 +350,30 @@ class GPT(nn.Module):
                 positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
                 causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
                 mask = self._mask(causal, valid, torch.arange(T, device=idx.device))
-        else:
-            if self.key_valid is None:
-                raise RuntimeError("call setup_cache(batch_size, max_len) before decoding with input_pos")
-            self.key_valid[:, input_pos] = True if attention_mask is None else attention_mask.bool()
-            # a token's position = how many real tokens precede it, so left padding does not shift a row
-            positions = (self.key_valid.long().cumsum(-1)[:, input_pos] - 1).clamp(min=0)   # (B, T)
-            slots = torch.arange(self.key_valid.size(1), device=idx.device)
-            causal = input_pos[:, None] >= slots[None, :]                                   # (T, S)
-            mask = self._mask(causal, self.key_valid, input_pos)
-        cos, sin = rope_cos_sin(positions, self.config, x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask, input_pos)
-        if input_pos is not None:
+            cos, sin = rope_cos_sin(positions, self.config, x.dtype)
+            for layer in self.layers:
+                x = layer(x, cos, sin, mask)
+            return self.lm_head(self.norm(x)).float()
+
+        if attention_mask is not None:
+            raise ValueError("a decode step takes no attention_mask: declare the prompt's left padding once with "
+                             "cache.start(prompt_mask)")
+        # positions and rotary tables were computed for every slot by cache.start(): only look them up
+        cos, sin = cache.cos[:, input_pos], cache.sin[:, input_pos]                 # (B, T, head_dim)
+        causal = cache.slots[None, :] <= input_pos[:, None]                         # (T, S)
+        mask = self._mask(causal, cache.is_token, input_pos, cache.slots)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, (cache.k[i], cache.v[i]), input_pos)
+        if not every_position:
             x = x[:, -1:]   # decoding only needs the next token's distribution
         return self.lm_head(self.norm(x)).float()
 
     @staticmethod
-    def _mask(causal, key_valid, query_slots):
+    def _mask(causal, key_valid, query_slots, slots=None):
         """(B, 1, T, S) bool: causal AND the key is a real token. Every query may also see itself, so a padding
-        query never has an all-masked row (softmax of all -inf is NaN); padding outputs are never used."""
-        S = key_valid.size(1)
-        self_slot = query_slots[:, None] == torch.arange(S, device=key_valid.device)[None, :]   # (T, S)
+        query never has an all-masked row (softmax of all -inf is NaN); padding outputs are never used.
+        Cache slots past the newest query (stale tokens of an earlier call, rejected draft tokens) are hidden
+        by `causal`, so a reused cache never needs clearing."""
+        slots = torch.arange(key_valid.size(1), device=key_valid.device) if slots is None else slots
+        self_slot = query_slots[:, None] == slots[None, :]                                       # (T, S)
         return ((causal[None] & key_valid[:, None, :]) | self_slot[None])[:, None]

@@ -8,10 +8,12 @@ strings together layout.py (prompts), sampler.py (generation) and vq.py (pixels)
     image = pipe.draw(["a red circle in the top left"], cfg_scale=3.0, seed=0)[0]
     for rows in pipe.draw_stream([...]): ...     # watch it fill in row by row
     text = pipe.answer(image, "")                # the tiny model captions; Emu3-Chat answers the question
+    pipe.compile, pipe.sjd = True, 16            # speed options: a compiled decode step, speculative Jacobi decoding
+    pipe.release()                               # free the KV cache it keeps between calls
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -23,7 +25,7 @@ from .checkpoint import load_checkpoint
 from .gpt import GPT, GPTConfig
 from .image import image_to_tensor, tensor_to_image
 from .layout import Layout
-from .sampler import Rows, generate_image_stream, generate_text
+from .sampler import Decoder, Rows, generate_image_stream, generate_text
 from .tokenizer import ByteTokenizer, WordTokenizer
 from .vq import VQConfig, VQModel
 from .weights import load_state_dict_strict
@@ -42,6 +44,21 @@ class Pipeline:
     resize: dict | None = None          # keyword limits for image.image_to_tensor (None: the released processor's)
     sampling: dict | None = None        # the checkpoint's sampling defaults (Emu3-Gen: top_k 2048)
     cfg_scale: float = 3.0              # the checkpoint's guidance scale (Emu3-Gen: 3.0)
+    compile: bool = False               # torch.compile the decode step (speed only: the same tokens)
+    sjd: int = 0                        # speculative Jacobi decoding window for draw (0: off; sjd.py)
+    _decoder: Decoder | None = field(default=None, init=False, repr=False)   # owns the KV cache between calls
+
+    @property
+    def decoder(self) -> Decoder:
+        """The GPT's decoder: its KV cache is allocated by the first draw/answer and reused by the next ones."""
+        if self._decoder is None or self._decoder.model is not self.gpt or self._decoder.compile != self.compile:
+            self._decoder = Decoder(self.gpt, compile=self.compile)
+        return self._decoder
+
+    def release(self) -> None:
+        """Free the KV cache kept between calls (the next call allocates a new one)."""
+        if self._decoder is not None:
+            self._decoder.release()
 
     def grid(self, ratio: str = "1:1") -> tuple[int, int]:
         """Token grid (h, w) for an aspect ratio "W:H" at the checkpoint's image area (Emu3's rule: the
@@ -55,10 +72,10 @@ class Pipeline:
         return max(1, round(height * scale / factor)), max(1, round(width * scale / factor))
 
     def draw_stream(self, prompts: list[str], ratio: str = "1:1", cfg_scale: float | None = None, seed: int = 0,
-                    negative_prompt: str | None = None, **sampling) -> Iterator[Rows]:
+                    negative_prompt: str | None = None, sjd: int | None = None, **sampling) -> Iterator[Rows]:
         """Yields sampler.Rows after every finished row (last: the whole image). Each prompt gets the
         checkpoint's suffix; the negative prompt (default: the checkpoint's) is the unconditional branch.
-        cfg_scale and sampling options left at None take the checkpoint's defaults."""
+        cfg_scale and sampling options left at None take the checkpoint's defaults; sjd None takes self.sjd."""
         h, w = self.grid(ratio)
         cfg_scale = self.cfg_scale if cfg_scale is None else cfg_scale
         negative = self.negative_prompt if negative_prompt is None else negative_prompt
@@ -67,7 +84,8 @@ class Pipeline:
         generator = torch.Generator(self.gpt.lm_head.weight.device).manual_seed(seed)
         sampling = {**(self.sampling or {}), **{k: v for k, v in sampling.items() if v is not None}}
         yield from generate_image_stream(self.gpt, self.layout, cond, h, w, negative_prompts=uncond,
-                                         cfg_scale=cfg_scale, generator=generator, **sampling)
+                                         cfg_scale=cfg_scale, generator=generator, decoder=self.decoder,
+                                         sjd=self.sjd if sjd is None else sjd, **sampling)
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> list[Image.Image]:
@@ -125,7 +143,7 @@ class Pipeline:
                                                                     self.chat_template))
         allowed = self.layout.answer_mask(self.gpt.config.vocab_size, self.gpt.lm_head.weight.device)
         answers = generate_text(self.gpt, self.layout, prompts, max_new_tokens=max_new_tokens, allowed=allowed,
-                                **sampling)
+                                decoder=self.decoder, **sampling)
         texts = [self.tokenizer.decode(a) for a in answers]
         return texts if isinstance(image, list) else texts[0]
 
