@@ -35,13 +35,13 @@ from nano_emu.vq import VQConfig, VQModel
 PRESETS = {
     "tiny": dict(vq_steps=700, vq_batch=8, vq_lr=1e-3, pool=8000, gpt_steps=1300, gpt_batch=24, gpt_lr=3e-3,
                  gpt_dim=128, gpt_layers=4, eval_per_triple=7, eval_images=256, tokenizer="bytes",
-                 p_drop_caption=0.1, visual_weight=0.5, learn_understood_image=False, answer_weight=1.0),
+                 p_drop_caption=0.1, visual_weight=0.5, understood_image_weight=0.0, answer_weight=1.0),
     "quick": dict(vq_steps=40, vq_batch=4, vq_lr=1e-3, pool=256, gpt_steps=40, gpt_batch=8, gpt_lr=2e-3,
                   gpt_dim=64, gpt_layers=2, eval_per_triple=1, eval_images=16, tokenizer="words",
-                  p_drop_caption=0.0, visual_weight=1.0, learn_understood_image=True, answer_weight=1.0),
+                  p_drop_caption=0.0, visual_weight=1.0, understood_image_weight=1.0, answer_weight=1.0),
     "small": dict(vq_steps=6000, vq_batch=16, vq_lr=1e-3, pool=40000, gpt_steps=6000, gpt_batch=64, gpt_lr=1e-3,
                   gpt_dim=384, gpt_layers=8, eval_per_triple=8, eval_images=1024, tokenizer="words",
-                  p_drop_caption=0.0, visual_weight=1.0, learn_understood_image=True, answer_weight=1.0),
+                  p_drop_caption=0.0, visual_weight=1.0, understood_image_weight=1.0, answer_weight=1.0),
 }
 
 
@@ -113,7 +113,7 @@ def gpt_stage(args, vq, device, run, autocast):
     if not args.video:
         codes = torch.stack(codes)
     options = dict(p_drop_caption=args.p_drop_caption, visual_weight=args.visual_weight,
-                   learn_understood_image=args.learn_understood_image, answer_weight=args.answer_weight)
+                   understood_image_weight=args.understood_image_weight, answer_weight=args.answer_weight)
     meta = {"kind": "gpt", "config": asdict(config), "layout": asdict(layout), "tokenizer": tokenizer_spec,
             "image_size": data.IMAGE_SIZE, "sequence_options": options,
             "sampling": {"cfg_scale": args.cfg, "temperature": args.temperature, "top_k": args.top_k}}
@@ -233,12 +233,12 @@ def parse_args(argv=None):
                               "generation string"),
                              ("visual-weight", cli.above(0), "loss weight of visual tokens relative to text "
                               "(Emu3: 0.5)"),
-                             ("answer-weight", cli.above(0), "loss weight of a caption written for an image")]:
+                             ("answer-weight", cli.above(0), "loss weight of a caption written for an image"),
+                             ("understood-image-weight", cli.at_least(0, float), "loss weight of the image block "
+                              "of image->caption strings, relative to generation strings (0 = Emu3: none)")]:
         p.add_argument(f"--{name}", type=kind, default=None, help=f"{text} (default: from the preset)")
     p.add_argument("--tokenizer", choices=["words", "bytes"], default=None,
                    help="caption tokens: whole words (7 a caption) or UTF-8 bytes (28) (default: from the preset)")
-    p.add_argument("--learn-understood-image", action=argparse.BooleanOptionalAction, default=None,
-                   help="also learn the image block of image->caption strings (CFG's unconditional branch)")
     return p.parse_args(argv)
 
 

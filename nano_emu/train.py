@@ -202,14 +202,14 @@ def train_vq(vq, sample_images: Callable, steps: int, lr: float, ckpt_path: Path
 
 def sequences(layout: Layout, tokenizer, codes: torch.Tensor, captions: list[str], rng: np.random.Generator,
               p_understand: float = 0.5, p_drop_caption: float = 0.1, visual_weight: float = VISUAL_WEIGHT,
-              learn_understood_image: bool = False, answer_weight: float = 1.0):
+              understood_image_weight: float = 0.0, answer_weight: float = 1.0):
     """A mixed batch of generation and understanding sequences. codes (B, h, w) or (B, t, h, w).
     Returns inputs (B, T), targets (B, T) and loss weights (B, T) (0 on padding and on prompts).
 
-    learn_understood_image: also put the loss on the image block of an understanding sequence (CM3Leon and
-    Chameleon train on every token, Emu3 only on the answer). `BOS image caption` starts exactly like the
-    unconditional generation string `BOS "" image`, so this trains CFG's unconditional branch on every
-    understanding sequence for free, and the caption need no longer be dropped from generation strings.
+    understood_image_weight: also put loss on the image block of an understanding sequence, this many times its
+    weight in a generation string (0: the answer only, as Emu3; 1: every token alike, as CM3Leon and Chameleon).
+    `BOS image caption` starts exactly like the unconditional generation string `BOS "" image`, so this trains
+    CFG's unconditional branch on every understanding sequence for free.
     answer_weight: loss weight of the answer (caption and EOS) of an understanding sequence."""
     def weight(token):
         return visual_weight if layout.first_visual <= token else 1.0
@@ -220,7 +220,7 @@ def sequences(layout: Layout, tokenizer, codes: torch.Tensor, captions: list[str
             prompt = layout.understanding_prompt(item_codes, "", tokenizer)
             answer = tokenizer.encode(caption) + [layout.eos]
             tokens = prompt + answer
-            prompt_weights = [weight(t) for t in prompt[1:]] if learn_understood_image else [0.0] * (len(prompt) - 1)
+            prompt_weights = [understood_image_weight * weight(t) for t in prompt[1:]]
             weights = prompt_weights + [answer_weight] * len(answer)
         else:
             text = "" if rng.random() < p_drop_caption else caption

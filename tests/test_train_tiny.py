@@ -116,7 +116,7 @@ def test_torchrun_two_cpu_processes(tmp_path):
 
 def test_understanding_strings_train_the_unconditional_branch():
     """`BOS image caption EOS` starts exactly like CFG's unconditional string `BOS "" image`, so with
-    learn_understood_image its image block carries the loss that the dropped captions used to provide."""
+    understood_image_weight its image block carries the loss that the dropped captions used to provide."""
     from nano_emu.layout import Layout
     from nano_emu.tokenizer import WordTokenizer
     from nano_emu.train import sequences
@@ -126,7 +126,7 @@ def test_understanding_strings_train_the_unconditional_branch():
     caption = ["a red circle in the top left"]
     # p_understand=1: always image -> caption
     inputs, targets, weights = sequences(layout, tok, codes, caption, np.random.default_rng(0), p_understand=1.0,
-                                         visual_weight=0.5, learn_understood_image=True)
+                                         visual_weight=0.5, understood_image_weight=1.0)
     uncond = layout.encode(["", codes[0]], tok)   # BOS BOI "3*3" IMG rows EOF EOI
     full = torch.cat([inputs[0, :1], targets[0]])
     assert full[:len(uncond)].tolist() == uncond
@@ -134,6 +134,6 @@ def test_understanding_strings_train_the_unconditional_branch():
     assert visual.sum() == 9 and (weights[0][visual] == 0.5).all()
     answer = len(tok.encode(caption[0])) + 1   # the caption and EOS
     assert (weights[0][-answer:] == 1).all()
-    # without the switch only the answer is learned (Emu3's rule)
+    # weight 0: only the answer is learned (Emu3's rule)
     _, _, weights = sequences(layout, tok, codes, caption, np.random.default_rng(0), p_understand=1.0)
     assert weights[0].sum() == answer and (weights[0][-answer:] == 1).all()
