@@ -9,6 +9,11 @@
     python sample.py --weights BAAI/Emu3-Gen --vq BAAI/Emu3-VisionTokenizer --prompt "a cat" --ratio 16:9 \\
                      --device cuda --dtype bfloat16 --out cat.png   # the released model (folders you downloaded)
     python sample.py --weights BAAI/Emu3-Chat --vq BAAI/Emu3-VisionTokenizer --image cat.png --question "What is it?"
+    python sample.py --llamagen c2i_B_256.pt --vq vq_ds16_c2i.pt --class 207 --class "red panda" --n 8 --out grid.png
+    python sample.py --chameleon chameleon-7b --image cat.png --question "What animal is this?"   # understanding
+    python sample.py --chameleon Anole-7b-v0.1-hf --prompt "a watercolor fox" --out fox.png   # Anole draws
+    python sample.py --ckpt out/tiny --prompt "a red circle in the top left" --cdk-k 8 --out cdk.png   # CM3Leon's CD-K
+    python sample.py --ckpt out/tiny --complete shape.png --keep-rows 3 --n 4 --out completed.png  # image completion
 """
 
 import argparse
@@ -32,6 +37,14 @@ def load(args) -> Pipeline:
     if args.ckpt:
         return load_tiny(args.ckpt, device=device, dtype=torch.float32 if args.dtype == "auto" else
                          getattr(torch, args.dtype))
+    if args.chameleon:
+        from nano_emu.chameleon import load_chameleon
+        dtype = torch.bfloat16 if args.dtype == "auto" else getattr(torch, args.dtype)   # bf16 as released
+        start = time.time()
+        pipe = load_chameleon(args.chameleon, tokenizer_dir=args.tokenizer_dir, device=device, dtype=dtype,
+                              image_size=args.image_size or 512)
+        print(f"  {pipe.gpt.num_params() / 1e9:.2f}B-parameter Chameleon loaded in {time.time() - start:.1f}s")
+        return pipe
     from nano_emu.emu3 import load_emu3
     # auto: bf16, as Emu3's demos run it (the released checkpoints are fp32: 34 GB)
     dtype = torch.bfloat16 if args.dtype == "auto" else getattr(torch, args.dtype)
@@ -56,7 +69,7 @@ def draw(pipe: Pipeline, args) -> None:
     h, w = pipe.grid(args.ratio)
     cfg = pipe.cfg_scale if args.cfg is None else args.cfg
     sampling = dict(ratio=args.ratio, cfg_scale=cfg, seed=args.seed, temperature=args.temperature,
-                    top_k=args.top_k, top_p=args.top_p)
+                    top_k=args.top_k, top_p=args.top_p, cdk_k=args.cdk_k)
     if args.negative is not None:
         sampling["negative_prompt"] = args.negative
     if args.frames:
@@ -108,6 +121,20 @@ def write_clips(clips: list[list[Image.Image]], args, out: Path) -> None:
         print(f"wrote {out} ({len(clips)} clip(s), one row of {len(clips[0])} frames each)")
 
 
+def complete(pipe: Pipeline, args) -> None:
+    """Keep the first --keep-rows rows of codes of --complete and draw the rest, --n times per prompt (or with the
+    empty caption), in one grid."""
+    prompts = [p for p in (args.prompt or [""]) for _ in range(args.n)]
+    start = time.time()
+    images = pipe.complete(args.complete, args.keep_rows, prompts, seed=args.seed, cfg_scale=args.cfg,
+                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cdk_k=args.cdk_k)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid_image(images, args.n).save(out)
+    print(f"wrote {out}: {len(images)} completion(s) of {args.complete} from its first {args.keep_rows} rows "
+          f"({time.time() - start:.1f}s)")
+
+
 def answer(pipe: Pipeline, args) -> None:
     image = args.caption or args.image
     start = time.time()
@@ -118,9 +145,53 @@ def answer(pipe: Pipeline, args) -> None:
     print(f"{image}: {text}\n({time.time() - start:.1f}s)")
 
 
+def draw_classes(args) -> None:
+    """LlamaGen: a grid with one row of --n images per --class, each row labelled with its ImageNet class name."""
+    from PIL import ImageDraw
+
+    from nano_emu.llamagen import load_llamagen
+    device = resolve_device(args.device)
+    dtype = torch.float32 if args.dtype == "auto" else getattr(torch, args.dtype)
+    start = time.time()
+    pipe = load_llamagen(args.llamagen, args.vq, gpt_model=args.gpt_model, image_size=args.image_size,
+                         device=device, dtype=dtype)
+    pipe.compile, pipe.sjd = args.compile, args.sjd
+    print(f"loaded a {pipe.gpt.num_params() / 1e6:.1f}M-parameter GPT and a {pipe.vq.cfg.spatial_factor}x VQ "
+          f"in {time.time() - start:.1f}s")
+    classes = [c for c in args.classes for _ in range(args.n)]
+    h, w = pipe.grid()
+    cfg = pipe.cfg_scale if args.cfg is None else args.cfg
+    start = time.time()
+    for rows in pipe.draw_stream(classes, cfg_scale=cfg, seed=args.seed, temperature=args.temperature,
+                                 top_k=args.top_k, top_p=args.top_p, cfg_interval=args.cfg_interval):
+        print(f"\r  row {rows.rows_done:4d}/{rows.rows_total}", end="", file=sys.stderr, flush=True)
+    sampled = time.time() - start
+    images = pipe.decode(rows.codes)
+    print(f"\n  {len(classes)} image(s) of {h}x{w} tokens in {sampled:.1f}s (GPT, CFG {cfg}) + "
+          f"{time.time() - start - sampled:.1f}s (VQ decode)")
+    grid = grid_image(images, args.n)
+    strip = 14   # a label strip above every row
+    canvas = Image.new("RGB", (grid.width, grid.height + strip * len(args.classes)), "white")
+    draw, side = ImageDraw.Draw(canvas), images[0].height
+    for row, label in enumerate(args.classes):
+        canvas.paste(grid.crop((0, row * side, grid.width, (row + 1) * side)), (0, row * (side + strip) + strip))
+        token = pipe.tokenizer.encode(label)
+        draw.text((2, row * (side + strip) + 1), f"{token[0] - pipe.tokenizer.first_class_id}: "
+                                                 f"{pipe.tokenizer.decode(token)}", fill="black")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out)
+    print(f"wrote {out} ({len(args.classes)} classes x {args.n})")
+
+
 def main(args):
+    if args.llamagen:   # LlamaGen's class-to-image weights
+        return draw_classes(args)
     pipe = load(args)
-    if args.prompt:
+    pipe.compile, pipe.sjd = args.compile, args.sjd
+    if args.complete:
+        complete(pipe, args)
+    elif args.prompt:
         draw(pipe, args)
     if args.caption or args.image:
         answer(pipe, args)
@@ -133,8 +204,9 @@ def build_parser() -> cli.ArgumentParser:
                         help="a train_tiny.py output folder (vq.safetensors + gpt.safetensors)")
     source.add_argument("--weights", type=cli.existing_folder,
                         help="released Emu3 folder: Emu3-Gen / Emu3-Chat (original or -hf layout)")
-    source.add_argument("--vq", type=cli.existing_folder,
-                        help="Emu3-VisionTokenizer folder (not needed for -hf folders, which hold the VQ)")
+    source.add_argument("--vq", type=cli.existing_path,
+                        help="Emu3-VisionTokenizer folder (not needed for -hf folders, which hold the VQ); "
+                             "with --llamagen, its VQ file")
     gen = p.add_argument_group("text -> image")
     gen.add_argument("--prompt", action="append", default=[], help="caption to draw (repeat for several)")
     gen.add_argument("--n", type=cli.at_least(1), default=1, help="images per prompt (one grid row per prompt)")
@@ -162,12 +234,42 @@ def build_parser() -> cli.ArgumentParser:
                      default="sample.png", help="output image (.png, .jpg, ...)")
     gen.add_argument("--progress", type=cli.output_file({".gif"}, "a GIF (.gif)"), default=None,
                      help="also write a GIF (.gif) of the image filling in row by row")
+    c2i = p.add_argument_group("LlamaGen class -> image (with --vq, --n, --cfg, --top-k, --temperature, --seed, --out)")
+    c2i.add_argument("--llamagen", type=cli.existing_file, help="a released LlamaGen c2i GPT checkpoint (c2i_B_256.pt, ...; .pt or "
+                     ".safetensors); --vq is then its VQ (vq_ds16_c2i.pt)")
+    c2i.add_argument("--class", dest="classes", action="append", default=[],
+                     help="ImageNet class index or name to draw, e.g. 207 or 'golden retriever' (repeat for rows)")
+    c2i.add_argument("--gpt-model", default=None, help="GPT-B | GPT-L | GPT-XL | GPT-XXL | GPT-3B "
+                     "(default: read off the checkpoint's shapes)")
+    c2i.add_argument("--image-size", type=cli.at_least(1), default=None, help="pixels per side: 256 or 384 for the released weights (default: from the file name); "
+                     "with --chameleon, 512 as released")
+    c2i.add_argument("--cfg-interval", type=cli.at_least(-1), default=None,
+                     help="guide only the first cfg_interval + 2 tokens (LlamaGen's flag; default -1: all)")
+    cham = p.add_argument_group("Chameleon / Anole (with --prompt to draw, Anole only; --image/--question to answer)")
+    cham.add_argument("--chameleon", type=cli.existing_folder, help="a Chameleon or Anole folder: transformers layout "
+                      "(config.json, *.safetensors, tokenizer.json) or original (consolidated.pth, params.json)")
+    cham.add_argument("--tokenizer-dir", type=cli.existing_folder, default=None,
+                      help="the original layout's tokenizer/ folder (default: inside --chameleon or ../../tokenizer)")
+    extra = p.add_argument_group("decoding extras (every family)")
+    extra.add_argument("--cdk-k", type=cli.at_least(1), default=None,
+                       help="CM3Leon's contrastive decoding with top-K instead of the CFG mix: candidates within "
+                            "0.1x of the k-th likeliest conditional token, ranked by log p(cond) - log p(uncond)")
+    extra.add_argument("--complete", type=cli.image_file, default=None,
+                       help="image to complete: its first --keep-rows rows of codes are kept, the rest drawn")
+    extra.add_argument("--keep-rows", type=cli.at_least(0), default=None, help="rows of codes --complete keeps")
     und = p.add_argument_group("image -> text")
     und.add_argument("--caption", type=cli.image_or_clip,
                      help="image, animated GIF or folder of frames to caption (tiny models)")
     und.add_argument("--image", type=cli.image_file, help="image to ask about (Emu3-Chat)")
     und.add_argument("--question", default="", help="question about --image")
     und.add_argument("--max-new-tokens", type=cli.at_least(1), default=256)
+    speed = p.add_argument_group("speed (same results, fewer seconds)")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on a GPU; "
+                       "the first image pays the compile time)")
+    speed.add_argument("--sjd", type=cli.checked(int, lambda n: n == 0 or n >= 2, "0 (off) or a window >= 2"),
+                       nargs="?", const=16, default=0, metavar="WINDOW",
+                       help="speculative Jacobi decoding: verify WINDOW drafted tokens per forward (default 16 when "
+                            "given; same distribution, fewer forwards)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="GPT weights and activations (auto: float32 for --ckpt, bfloat16 for --weights; "
@@ -178,14 +280,25 @@ def build_parser() -> cli.ArgumentParser:
 def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
-    if bool(args.ckpt) == bool(args.weights):
-        p.error("give either --ckpt (a train_tiny.py output folder) or --weights (released Emu3 weights)")
+    if args.llamagen:
+        if not args.vq or not args.classes:
+            p.error("--llamagen needs --vq (its VQ, e.g. vq_ds16_c2i.pt) and at least one --class")
+        return args
+    if sum(map(bool, (args.ckpt, args.weights, args.chameleon))) != 1:
+        p.error("give one of --ckpt (a train_tiny.py output folder), --weights (released Emu3 weights) or "
+                "--chameleon (a Chameleon / Anole folder)")
     if args.vq and not args.weights:
-        p.error("--vq goes with --weights (the released VQ of an original-layout Emu3 folder)")
+        p.error("--vq goes with --weights or --llamagen (the released VQ of an original-layout Emu3 folder)")
     if args.frames and args.progress:
         p.error("--progress shows an image filling in row by row; it is not available with --frames")
-    if not args.prompt and not (args.caption or args.image):
-        p.error("nothing to do: give --prompt (text -> image) or --caption / --image (image -> text)")
+    if args.frames and args.complete:
+        p.error("--complete keeps rows of an image; it is not available with --frames")
+    if args.tokenizer_dir and not args.chameleon:
+        p.error("--tokenizer-dir goes with --chameleon (its original layout)")
+    if (args.complete is None) != (args.keep_rows is None):
+        p.error("--complete and --keep-rows go together (the image, and how many of its rows of codes to keep)")
+    if not args.prompt and not (args.caption or args.image or args.complete):
+        p.error("nothing to do: give --prompt (text -> image), --caption / --image (image -> text) or --complete")
     return args
 
 

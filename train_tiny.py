@@ -31,29 +31,30 @@ from nano_emu.gpt import GPT, GPTConfig
 from nano_emu.layout import Layout
 from nano_emu.pipeline import TINY_CFG_SCALE, TINY_SAMPLING, Pipeline, resolve_device
 from nano_emu.tokenizer import ByteTokenizer, WordTokenizer
-from nano_emu.train import batch_rng, setup_distributed, train_gpt, train_vq
+from nano_emu.train import batch_rng, init_vq_for_training, setup_distributed, train_gpt, train_vq
 from nano_emu.vq import VQConfig, VQModel
 
 # what each preset trains; any flag given on the command line overrides its preset's value
 PRESETS = {
     "tiny": dict(vq_steps=700, vq_batch=8, vq_lr=1e-3, pool=8000, gpt_steps=1300, gpt_batch=24, gpt_lr=3e-3,
                  gpt_dim=128, gpt_layers=4, eval_per_triple=7, eval_images=256, tokenizer="bytes",
-                 p_drop_caption=0.1, visual_weight=0.5, learn_understood_image=False),
+                 p_drop_caption=0.1, visual_weight=0.5, understood_image_weight=0.0, answer_weight=1.0),
     "quick": dict(vq_steps=40, vq_batch=4, vq_lr=1e-3, pool=256, gpt_steps=40, gpt_batch=8, gpt_lr=2e-3,
                   gpt_dim=64, gpt_layers=2, eval_per_triple=1, eval_images=16, tokenizer="words",
-                  p_drop_caption=0.0, visual_weight=1.0, learn_understood_image=True),
+                  p_drop_caption=0.0, visual_weight=1.0, understood_image_weight=1.0, answer_weight=1.0),
     "small": dict(vq_steps=6000, vq_batch=16, vq_lr=1e-3, pool=40000, gpt_steps=6000, gpt_batch=64, gpt_lr=1e-3,
                   gpt_dim=384, gpt_layers=8, eval_per_triple=8, eval_images=1024, tokenizer="words",
-                  p_drop_caption=0.0, visual_weight=1.0, learn_understood_image=True),
+                  p_drop_caption=0.0, visual_weight=1.0, understood_image_weight=1.0, answer_weight=1.0),
 }
 
-# With --video, clips join both stages: a step trains on a batch of 8-frame moving-shapes clips with probability
-# vq/gpt_clip_share. The preset's step counts are then divided by (1 - share), so the image steps stay the image
-# run's (in expectation) and its image metrics stay comparable; --vq-steps / --gpt-steps given by hand are totals.
+# With --video, clips join both stages: a vq/gpt_clip_share of the steps trains on a batch of 8-frame moving-shapes
+# clips (the VQ's all in its second half: vq_stage's curriculum). The preset's step counts are then divided by
+# (1 - share), so the image steps stay the image run's (in expectation) and its image metrics stay comparable;
+# --vq-steps / --gpt-steps given by hand are totals. A VQ share of 0.25 alternates images and clips after the half.
 VIDEO = {
-    "tiny": dict(vq_clip_share=0.3, vq_clip_batch=2, clip_pool=4000, gpt_clip_share=0.4, eval_clips=216),
+    "tiny": dict(vq_clip_share=0.25, vq_clip_batch=2, clip_pool=4000, gpt_clip_share=0.4, eval_clips=216),
     "quick": dict(vq_clip_share=0.25, vq_clip_batch=1, clip_pool=64, gpt_clip_share=0.5, eval_clips=12),
-    "small": dict(vq_clip_share=0.3, vq_clip_batch=4, clip_pool=20000, gpt_clip_share=0.4, eval_clips=288),
+    "small": dict(vq_clip_share=0.25, vq_clip_batch=4, clip_pool=20000, gpt_clip_share=0.4, eval_clips=288),
 }
 
 
@@ -84,13 +85,18 @@ def check_output_folder(out: Path, resume: bool) -> None:
 
 
 def vq_stage(args, device, run, autocast):
-    cfg = VQConfig.tiny() if args.preset != "small" else VQConfig.tiny(ch=32, norm_groups=8)
+    # images alone need no time axis (Emu3's causal temporal stack is for clips): 25% more steps in the same time
+    cfg = VQConfig.tiny(temporal_factor=4 if args.video else 1, **({"ch": 32, "norm_groups": 8}
+                                                                    if args.preset == "small" else {}))
     torch.manual_seed(args.seed)
     vq = VQModel(cfg).to(device)
+    init_vq_for_training(vq)   # a checkpoint (--resume) overwrites it
 
     def sample_images(step):
         rng = batch_rng(args.seed, run.rank, step)
-        if args.video and rng.random() < args.vq_clip_share:   # a batch of 8-frame clips: the temporal axis
+        # curriculum: images only for the first half (a VQ that met clips from step 0 never learned colour, issue
+        # 11), so those batches are the image run's; after it, clips at twice the run's share (0.25: alternate)
+        if args.video and step >= args.vq_steps // 2 and rng.random() < 2 * args.vq_clip_share:
             clips = data.sample_moving_shapes(args.vq_clip_batch, rng)[0]
             return data.to_tensor(clips).to(device)   # (B, 8, 3, 64, 64) -> codes (B, 2, 8, 8)
         return data.to_tensor(data.sample_shapes(args.vq_batch, rng)[0]).to(device)
@@ -134,7 +140,7 @@ def gpt_stage(args, vq, device, run, autocast):
     codes, captions = encode_pool(vq, args, device)
     clip_pool = encode_pool(vq, args, device, clips=True) if args.video else None
     options = dict(p_drop_caption=args.p_drop_caption, visual_weight=args.visual_weight,
-                   learn_understood_image=args.learn_understood_image)
+                   understood_image_weight=args.understood_image_weight, answer_weight=args.answer_weight)
     meta = {"kind": "gpt", "config": asdict(config), "layout": asdict(layout), "tokenizer": tokenizer_spec,
             "image_size": data.IMAGE_SIZE, "sequence_options": options,
             "sampling": {"cfg_scale": args.cfg, "temperature": args.temperature, "top_k": args.top_k}}
@@ -291,15 +297,18 @@ def parse_args(argv=None):
                              ("p-drop-caption", cli.at_least(0, float), "probability of an empty caption in a "
                               "generation string"),
                              ("visual-weight", cli.above(0), "loss weight of visual tokens relative to text "
-                              "(Emu3: 0.5)")]:
+                              "(Emu3: 0.5)"),
+                             ("answer-weight", cli.above(0), "loss weight of a caption written for an image"),
+                             ("understood-image-weight", cli.at_least(0, float), "loss weight of the image block "
+                              "of image->caption strings, relative to generation strings (0 = Emu3: none)")]:
         p.add_argument(f"--{name}", type=kind, default=None, help=f"{text} (default: from the preset)")
     p.add_argument("--tokenizer", choices=["words", "bytes"], default=None,
                    help="caption tokens: whole words (7 a caption) or UTF-8 bytes (28) (default: from the preset)")
-    p.add_argument("--learn-understood-image", action=argparse.BooleanOptionalAction, default=None,
-                   help="also learn the image block of image->caption strings (CFG's unconditional branch)")
     share = cli.checked(float, lambda p: 0 <= p < 1, "in [0, 1)")
     video = p.add_argument_group("with --video (defaults: from the preset)")
-    video.add_argument("--vq-clip-share", type=share, default=None, help="share of VQ steps on a batch of clips")
+    video.add_argument("--vq-clip-share", type=cli.checked(float, lambda p: 0 <= p <= 0.5, "in [0, 0.5] (the VQ's "
+                                                           "clip batches all come in its second half)"),
+                       default=None, help="share of VQ steps on a batch of clips, all after the first half")
     video.add_argument("--vq-clip-batch", type=count, default=None, help="clips in a VQ clip batch (8 frames each)")
     video.add_argument("--clip-pool", type=count, default=None, help="clips encoded for GPT training")
     video.add_argument("--gpt-clip-share", type=share, default=None, help="share of GPT steps on a batch of clips")

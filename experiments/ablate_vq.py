@@ -16,7 +16,7 @@ import torch
 
 from nano_emu import data
 from nano_emu import evaluate as ev
-from nano_emu.train import Distributed, batch_rng, train_vq
+from nano_emu.train import Distributed, batch_rng, init_vq_for_training, train_vq
 from nano_emu.vq import VQConfig, VQModel
 
 p = argparse.ArgumentParser()
@@ -33,6 +33,7 @@ overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
 cfg = VQConfig.tiny(**overrides)
 torch.manual_seed(args.seed)
 vq = VQModel(cfg)
+init_vq_for_training(vq)
 start = time.time()
 with tempfile.TemporaryDirectory() as tmp:
     path = Path(args.save) if args.save else Path(tmp) / "vq.safetensors"

@@ -5,6 +5,8 @@ token string (layout.py), one decoder-only transformer models that string (gpt.p
 sampler with classifier-free guidance and grid constraints draws from it (sampler.py).
 """
 
+from .chameleon import load_chameleon
 from .emu3 import load_emu3
+from .llamagen import load_llamagen
 
-__all__ = ["load_emu3"]
+__all__ = ["load_chameleon", "load_emu3", "load_llamagen"]

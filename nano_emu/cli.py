@@ -68,6 +68,18 @@ def existing_folder(text: str) -> str:
     return text
 
 
+def existing_file(text: str) -> str:
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"{text} is not a file" if Path(text).exists() else f"no file {text}")
+    return text
+
+
+def existing_path(text: str) -> str:
+    if not Path(text).exists():
+        raise argparse.ArgumentTypeError(f"no file or folder {text}")
+    return text
+
+
 def image_file(text: str) -> str:
     """A file PIL can open and decode (the same check pipeline.answer does later, done before the model loads)."""
     try:

@@ -10,7 +10,7 @@ The same weights come in three key layouts:
   is its own folder, BAAI/Emu3-VisionTokenizer (model_type "Emu3VisionVQ"), in the names nano_emu.vq uses.
 - -hf (transformers' convert_emu3_weights_to_hf.py; transformers 5's save_pretrained writes the same names): one
   folder, config.json with text_config + vq_config (model_type "emu3"), `text_model.model.*`,
-  `text_model.lm_head.weight` and `vqmodel.*` (renamed VQ, mapped back by weights.vq_from_hf), tokenizer.json.
+  `text_model.lm_head.weight` and `vqmodel.*` (renamed VQ, mapped back by vq_from_hf), tokenizer.json.
 - transformers >= 4.52's in-memory names (a state dict saved as is): `model.text_model.*`, `lm_head.weight`,
   `model.vqmodel.*`, with the -hf config.
 
@@ -21,11 +21,11 @@ incomplete download fails in seconds with one message, never with a half-loaded 
 """
 
 import json
+import re
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from .gpt import GPT, GPTConfig
@@ -33,7 +33,7 @@ from .layout import EMU3_CHAT_TEMPLATE, Layout
 from .pipeline import Pipeline
 from .tokenizer import ROLE_TOKENS, Emu3Tokenizer
 from .vq import VQConfig, VQModel
-from .weights import check_state_dict, load_state_dict_strict, rename, vq_from_hf
+from .weights import check_strict, load_strict, open_checkpoint, rename
 
 # Emu3-Gen's demo conventions (image_generation.py in baaivision/Emu3; transformers' docs use the same negative)
 EMU3_PROMPT_SUFFIX = " masterpiece, film grained, best quality."
@@ -65,6 +65,52 @@ DECODER_NAMES = {
     "layers.{}.mlp.down_proj": "layers.{}.mlp.down_proj",
     "norm": "norm",
 }
+
+# transformers / -hf VQ names (under `vqmodel.` in the -hf checkpoints) -> original Emu3-VisionTokenizer names
+VQ_HF_TO_ORIGINAL = {
+    "encoder.conv_in": "encoder.conv_in",
+    "encoder.down_block.down.{}.block.{}": "encoder.down.{}.block.{}",
+    "encoder.down_block.down.{}.attn_norms.{}": "encoder.down.{}.attn.{}.norm",
+    "encoder.down_block.down.{}.attn.{}.q_proj": "encoder.down.{}.attn.{}.q",
+    "encoder.down_block.down.{}.attn.{}.k_proj": "encoder.down.{}.attn.{}.k",
+    "encoder.down_block.down.{}.attn.{}.v_proj": "encoder.down.{}.attn.{}.v",
+    "encoder.down_block.down.{}.attn.{}.out_proj": "encoder.down.{}.attn.{}.proj_out",
+    "encoder.down_block.down.{}.downsample": "encoder.down.{}.downsample",
+    "encoder.middle_block.block_1": "encoder.mid.block_1",
+    "encoder.middle_block.attn_norm": "encoder.mid.attn_1.norm",
+    "encoder.middle_block.attn_1.q_proj": "encoder.mid.attn_1.q",
+    "encoder.middle_block.attn_1.k_proj": "encoder.mid.attn_1.k",
+    "encoder.middle_block.attn_1.v_proj": "encoder.mid.attn_1.v",
+    "encoder.middle_block.attn_1.out_proj": "encoder.mid.attn_1.proj_out",
+    "encoder.middle_block.block_2": "encoder.mid.block_2",
+    "encoder.norm_out": "encoder.norm_out",
+    "encoder.conv_out": "encoder.conv_out",
+    "encoder.time_conv.{}": "encoder.time_conv.{}",
+    "encoder.time_res_stack.{}": "encoder.time_res_stack.{}",
+    "decoder.time_res_stack.{}": "decoder.time_res_stack.{}",
+    "decoder.time_conv.{}": "decoder.time_conv.{}",
+    "decoder.conv_in": "decoder.conv_in",
+    "decoder.middle_block.block_1": "decoder.mid.block_1",
+    "decoder.middle_block.attn_norm": "decoder.mid.attn_1.norm",
+    "decoder.middle_block.attn_1.q_proj": "decoder.mid.attn_1.q",
+    "decoder.middle_block.attn_1.k_proj": "decoder.mid.attn_1.k",
+    "decoder.middle_block.attn_1.v_proj": "decoder.mid.attn_1.v",
+    "decoder.middle_block.attn_1.out_proj": "decoder.mid.attn_1.proj_out",
+    "decoder.middle_block.block_2": "decoder.mid.block_2",
+    "decoder.up_block.up.{}.block.{}": "decoder.up.{}.block.{}",
+    "decoder.up_block.up.{}.attn_norms.{}": "decoder.up.{}.attn.{}.norm",
+    "decoder.up_block.up.{}.attn.{}.q_proj": "decoder.up.{}.attn.{}.q",
+    "decoder.up_block.up.{}.attn.{}.k_proj": "decoder.up.{}.attn.{}.k",
+    "decoder.up_block.up.{}.attn.{}.v_proj": "decoder.up.{}.attn.{}.v",
+    "decoder.up_block.up.{}.attn.{}.out_proj": "decoder.up.{}.attn.{}.proj_out",
+    "decoder.up_block.up.{}.upsample": "decoder.up.{}.upsample",
+    "decoder.norm_out": "decoder.norm_out",
+    "decoder.conv_out": "decoder.conv_out",
+    "quantize.embedding": "quantize.embedding",
+    "quant_conv": "quant_conv",
+    "post_quant_conv": "post_quant_conv",
+}
+
 
 # config.json fields -> GPTConfig fields (the same names in the original config and in the -hf text_config)
 GPT_CONFIG_NAMES = {
@@ -127,57 +173,34 @@ def vq_config(fields: dict, source: str) -> VQConfig:
     return config
 
 
-def open_shard(file: Path):
-    try:
-        return safe_open(file, framework="pt")
-    except SafetensorError as e:
-        raise ValueError(f"cannot read {file}: {e}; the file is truncated or corrupt, download it again") from None
+def vq_from_hf(state_dict: dict[str, Tensor], prefix: str = "vqmodel.",
+               source: str = "checkpoint") -> dict[str, Tensor]:
+    """transformers/-hf VQ weights -> original Emu3-VisionTokenizer names (and nano_emu.vq's). Keys outside
+    `prefix` (the language model in a full -hf checkpoint) are skipped; every key inside it must map."""
+    out = {}
+    for key, tensor in state_dict.items():
+        if not key.startswith(prefix):
+            continue
+        hf_key = key[len(prefix):]
+        if re.search(r"\.(q|k|v|out)_proj\.weight$", hf_key) and tensor.ndim == 2:
+            tensor = tensor[:, :, None, None]  # Linear [C, C] -> the released 1x1 Conv2d [C, C, 1, 1]
+        out[rename(hf_key, VQ_HF_TO_ORIGINAL, source)] = tensor
+    return out
 
 
-def read_headers(folder: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
-    """key -> (shard file, shape) for the checkpoint in `folder`, through model.safetensors.index.json when it is
-    sharded, else the single model.safetensors. Opens every shard (a truncated one fails here, by name) but reads
-    no tensor data."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index} is not a safetensors index with a 'weight_map': {e!r}") from None
-        files = {}
-        for key, name in weight_map.items():
-            files.setdefault(folder / name, []).append(key)
-    elif (folder / "model.safetensors").is_file():
-        files = {folder / "model.safetensors": None}   # None: every key in the file
+def load_emu3_vq(path: str | Path, cfg: VQConfig | None = None, device: str | torch.device = "cpu") -> VQModel:
+    """The VQ alone, in eval mode (default VQConfig.emu3()): the original Emu3-VisionTokenizer model.safetensors (the
+    names nano_emu.vq uses) or an -hf checkpoint file/folder (keys under `vqmodel.`; the language model is skipped)."""
+    checkpoint = open_checkpoint(path)
+    vq_keys = [k for k in checkpoint.shapes if k.startswith("vqmodel.")]
+    with torch.device("meta"):
+        model = VQModel(cfg or VQConfig.emu3())
+    if vq_keys:
+        load_strict(model, checkpoint, lambda t: vq_from_hf(t, source=str(path)), str(path), keys=vq_keys,
+                    device=device)
     else:
-        raise FileNotFoundError(f"no weights in {folder}: expected model.safetensors.index.json with its shards, "
-                                f"or model.safetensors")
-    headers = {}
-    for file, keys in files.items():
-        if not file.is_file():
-            raise FileNotFoundError(f"{index} names the shard {file.name}, which is missing from {folder} "
-                                    f"(an incomplete download?)")
-        with open_shard(file) as shard:
-            absent = sorted(set(keys or ()) - set(shard.keys()))
-            if absent:
-                raise ValueError(f"{index} places {absent[:5]} in {file.name}, which does not hold them")
-            headers |= {key: (file, tuple(shard.get_slice(key).get_shape())) for key in keys or shard.keys()}
-    return headers
-
-
-def read_tensors(keys: dict[str, Path], device, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
-    """Read `keys` (key -> shard) shard by shard; each floating tensor is cast to `dtype` and moved to `device`
-    as soon as it is read, so at most one tensor in the checkpoint's dtype is alive beside the result."""
-    by_file = {}
-    for key, file in keys.items():
-        by_file.setdefault(file, []).append(key)
-    tensors = {}
-    for file, names in by_file.items():
-        with open_shard(file) as shard:
-            for key in names:
-                tensor = shard.get_tensor(key)
-                tensors[key] = tensor.to(device, dtype if dtype and tensor.is_floating_point() else tensor.dtype)
-    return tensors
+        load_strict(model, checkpoint, dict, str(path), device=device)
+    return model.eval()
 
 
 def gpt_names(keys, layout: dict) -> dict[str, str]:
@@ -250,27 +273,26 @@ def load_emu3(path: str | Path, vq_path: str | Path | None = None, device: str |
     check_tokenizer(tokenizer, text, gpt_cfg, vq_cfg, folder)
 
     # names and shapes of everything, from the headers, before any tensor is read
-    headers = read_headers(folder)
+    checkpoint = open_checkpoint(folder)
     layout_name = "original"
     if is_hf:
-        layout_name = "transformers" if any(k.startswith("model.text_model.") for k in headers) else "-hf"
+        layout_name = "transformers" if any(k.startswith("model.text_model.") for k in checkpoint.shapes) else "-hf"
     layout = KEY_LAYOUTS[layout_name]
     source = f"{folder} ({layout_name} layout)"
-    names = gpt_names(headers, layout)
+    names = gpt_names(checkpoint.shapes, layout)
+    to_gpt = lambda tensors: {names[k]: t for k, t in tensors.items()}  # noqa: E731
     with torch.device("meta"):
         gpt, vq = GPT(gpt_cfg), VQModel(vq_cfg)
-    check_state_dict(gpt, {ours: headers[theirs][1] for theirs, ours in names.items()}, source)
+    check_strict(gpt, checkpoint, names, to_gpt, source)
 
     # the VQ first (1 GB, fp32): its problems show before the 34 GB of the language model are read
     if is_hf:
-        vq_keys = {k: file for k, (file, _) in headers.items() if k.startswith(layout["vq"])}
-        vq_state = vq_from_hf(read_tensors(vq_keys, device), prefix=layout["vq"], source=source)
+        vq_keys = [k for k in checkpoint.shapes if k.startswith(layout["vq"])]
+        load_strict(vq, checkpoint, lambda t: vq_from_hf(t, prefix=layout["vq"], source=source),
+                    f"{vq_folder} (VQ)", keys=vq_keys, device=device)
     else:
-        vq_state = read_tensors({k: file for k, (file, _) in read_headers(vq_folder).items()}, device)
-    load_state_dict_strict(vq, vq_state, source=f"{vq_folder} (VQ)", assign=True)
-
-    state = read_tensors({theirs: headers[theirs][0] for theirs in names}, device, dtype)
-    load_state_dict_strict(gpt, {ours: state.pop(theirs) for theirs, ours in names.items()}, source, assign=True)
+        load_strict(vq, open_checkpoint(vq_folder), dict, f"{vq_folder} (VQ)", device=device)
+    load_strict(gpt, checkpoint, to_gpt, source, keys=names, device=device, dtype=dtype)
     return Pipeline(gpt.eval(), vq.eval(), tokenizer, Layout(**tokenizer.role_ids, codebook_size=tokenizer.n_visual),
                     image_area=int(config.get("image_area") or DEFAULT_IMAGE_AREA),
                     prompt_suffix=EMU3_PROMPT_SUFFIX, negative_prompt=EMU3_NEGATIVE_PROMPT,

@@ -6,15 +6,31 @@ Module and parameter names follow the Llama/Emu3 checkpoints (`self_attn.q_proj`
 released weights map onto this file with a literal name map (weights.py).
 
 One `forward` does two jobs:
-- training / full recompute (`input_pos=None`): logits for every position of a (B, T) batch;
-- decoding with a static KV cache (gpt-fast): `setup_cache(...)` allocates the cache once, each call writes its
-  keys/values at `input_pos` and returns logits for the last position only, so a 184622-wide vocabulary never
-  materialises for a whole 8k-token prompt.
-Left-padded batches pass an `attention_mask` (1 = token, 0 = padding): padded keys are masked out and positions
-count only real tokens (`cumsum(mask) - 1`), as Emu3 does, so each row gives what it would give alone.
+- training / full recompute (no cache): logits for every position of a (B, T) batch;
+- decoding with a static KV cache (gpt-fast): a `KVCache` is allocated once for (batch, length) by whoever
+  decodes (sampler.Decoder owns it); each call writes its keys/values at the cache slots `input_pos` and returns
+  logits for the last position only (or for every position of a speculative window), so a 184622-wide
+  vocabulary never materialises for a whole 8k-token prompt. The model itself holds no decoding state.
+Left-padded batches mark their padding (1 = token, 0 = padding): padded keys are masked out and positions count
+only real tokens (`cumsum(mask) - 1`), as Emu3 does, so each row gives what it would give alone. Without a cache
+that is `forward(..., attention_mask=)`; with one it is `cache.start(prompt_mask)`, which also computes the
+positions and rotary tables of every slot once, so a decode step does no position arithmetic at all.
+
+LlamaGen's class-conditional GPT is the same decoder with two switches (docs/families.md): `num_classes` adds a class
+embedding table whose rows are fed as input ids vocab_size + class (the start token; the extra last row is the null
+class CFG uses), and `rope_2d_grid` rotates image token k by its row on one half of each head and its column on the
+other, with the condition token's rotation zeroed exactly as released. Its names are mapped in llamagen.py.
+
+Chameleon / Anole (the CM3Leon line) is the same decoder with two more switches: `qk_norm` applies a LayerNorm with
+weight and bias to every head of q and k before RoPE (Chameleon's fix for logit drift in mixed-modal training), and
+`swin_norm` (the 30B) moves each RMSNorm from the branch input to the branch output. Its names are mapped in
+chameleon.py, which also permutes the original checkpoints' interleaved RoPE rows to this file's rotate_half layout.
 
 References: Emu3 (github.com/baaivision/Emu3, emu3/mllm/modeling_emu3.py), Llama (github.com/meta-llama/llama),
-gpt-fast (github.com/pytorch-labs/gpt-fast) for the static cache, nanoGPT for the manual attention next to SDPA.
+gpt-fast (github.com/pytorch-labs/gpt-fast) for the static cache, nanoGPT for the manual attention next to SDPA,
+LlamaGen (github.com/FoundationVision/LlamaGen, autoregressive/models/gpt.py) for the class token and 2-D RoPE,
+Chameleon (arXiv 2405.09818, github.com/facebookresearch/chameleon chameleon/inference/transformer.py) for qk-norm
+and swin-norm.
 """
 
 import math
@@ -37,6 +53,12 @@ class GPTConfig:
     rope_theta: float = 10000.0
     max_seq_len: int = 512       # the context the model is meant for; longer inputs raise a clear error
     sdpa: bool = True            # False: the readable manual attention below (same math, for stepping through)
+    num_classes: int = 0         # LlamaGen: > 0 adds `cls_embedding` (num_classes + 1 rows, the last the null class);
+    #                              input id vocab_size + c is class c. Outputs stay over the vocab_size tokens
+    rope_2d_grid: int = 0        # LlamaGen: > 0 = 2-D RoPE over a grid this wide, after n_cond_tokens condition
+    n_cond_tokens: int = 1       # tokens, which are zero-rotated; 0 = plain 1-D RoPE over positions
+    qk_norm: bool = False        # Chameleon: LayerNorm (weight + bias, one per head) on q and k before RoPE
+    swin_norm: bool = False      # Chameleon-30B: x + norm(attn(x)), then h + norm(mlp(h)) (norms on the branch output)
 
     def __post_init__(self):
         assert self.dim % self.n_head == 0, f"dim {self.dim} must be divisible by n_head {self.n_head}"
@@ -56,6 +78,39 @@ class GPTConfig:
         return cls(**{**dict(vocab_size=184622, n_layer=32, n_head=32, n_kv_head=8, dim=4096,
                              intermediate_size=14336, norm_eps=1e-5, rope_theta=1e6, max_seq_len=9216), **overrides})
 
+    @classmethod
+    def llamagen(cls, size: str = "GPT-B", grid: int = 16, **overrides) -> "GPTConfig":
+        """LlamaGen's class-to-image GPTs (c2i_{B,L,XL,XXL,3B}_{256,384}.pt) for a grid x grid image (16: 256 px with
+        VQ-16, 24: 384 px): 16384 image tokens, 1000 ImageNet classes, SwiGLU width 8/3 dim rounded up to 256."""
+        if size not in LLAMAGEN_SIZES:
+            raise ValueError(f"unknown LlamaGen size {size!r}; the released ones are {', '.join(LLAMAGEN_SIZES)}")
+        n_layer, n_head, dim = LLAMAGEN_SIZES[size]
+        ffn = -(-int(2 * 4 * dim / 3) // 256) * 256
+        return cls(**{**dict(vocab_size=16384, n_layer=n_layer, n_head=n_head, n_kv_head=n_head, dim=dim,
+                             intermediate_size=ffn, norm_eps=1e-5, rope_theta=10000.0, max_seq_len=1 + grid * grid,
+                             num_classes=1000, rope_2d_grid=grid, n_cond_tokens=1), **overrides})
+
+
+    @classmethod
+    def chameleon(cls, size: str = "7B", **overrides) -> "GPTConfig":
+        """facebook/chameleon-7b and -30b (Anole-7b is the 7B): 65536 tokens (text BPE + 8192 image codes), qk-norm,
+        context 4096, RoPE theta 1e4; the 30B adds grouped-query attention and swin-norm (CHAMELEON_SIZES)."""
+        if size not in CHAMELEON_SIZES:
+            raise ValueError(f"unknown Chameleon size {size!r}; the released ones are {', '.join(CHAMELEON_SIZES)}")
+        n_layer, n_head, n_kv_head, dim, ffn, swin = CHAMELEON_SIZES[size]
+        return cls(**{**dict(vocab_size=65536, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head, dim=dim,
+                             intermediate_size=ffn, norm_eps=1e-5, rope_theta=10000.0, max_seq_len=4096,
+                             qk_norm=True, swin_norm=swin), **overrides})
+
+
+# Chameleon's released LLMs: (n_layer, n_head, n_kv_head, dim, SwiGLU width, swin_norm). The 30B numbers are the
+# reference notes' (params.json of the 30B was not at hand): check them against its config.json when you have it
+CHAMELEON_SIZES = {"7B": (32, 32, 32, 4096, 11008, False), "30B": (48, 64, 8, 8192, 22016, True)}
+
+# LlamaGen's GPT_models that have released c2i weights: (n_layer, n_head, dim); the 3B has head_dim 100
+LLAMAGEN_SIZES = {"GPT-B": (12, 12, 768), "GPT-L": (24, 16, 1024), "GPT-XL": (36, 20, 1280),
+                  "GPT-XXL": (48, 24, 1536), "GPT-3B": (24, 32, 3200)}
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -65,18 +120,51 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # the statistics are computed in float32 even when the model runs in bf16 (as Emu3/Llama do), the
-        # result is cast back before the weight multiplies it, which is the released order of operations
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # result is cast back before the weight multiplies it, which is the released order of operations.
+        # F.rms_norm is x * rsqrt(mean(x^2) + eps) in one kernel: a decode step is ~100 small ops on a CPU,
+        # and this one was seven of them, five times per layer pair
+        normed = F.rms_norm(x.float(), (x.size(-1),), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+class HeadLayerNorm(nn.Module):
+    """Chameleon's qk-norm: LayerNorm over head_dim with a weight and bias for every head, (n_heads, head_dim).
+    The original code keeps one LayerNorm per tensor-parallel shard shared by that shard's heads; transformers (and
+    chameleon.py) repeat it per head, so the statistics are per head and the affine part is per head. eps 1e-5."""
+
+    def __init__(self, n_heads: int, head_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n_heads, head_dim))
+        self.bias = nn.Parameter(torch.zeros(n_heads, head_dim))
+
+    def forward(self, x):   # x (B, T, n_heads, head_dim)
+        return F.layer_norm(x, x.shape[-1:], eps=1e-5) * self.weight + self.bias
+
+
+def rope_angles(positions: torch.Tensor, dim: int, theta: float) -> torch.Tensor:
+    """(B, T) integer positions -> (B, T, dim/2) rotation angles, one frequency per pair of a dim-wide vector."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=positions.device).float() / dim))
+    return positions[..., None].float() * inv_freq
+
+
+def rope_cos_sin(positions: torch.Tensor, config: GPTConfig, dtype: torch.dtype):
     """cos/sin tables for integer `positions` (B, T), computed on the fly (cheap, and any position works)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
-    freqs = positions[..., None].float() * inv_freq     # (B, T, head_dim/2)
+    if config.rope_2d_grid == 0:
+        freqs = rope_angles(positions, config.head_dim, config.rope_theta)                 # (B, T, head_dim/2)
+    else:   # LlamaGen: image token k = position - n_cond_tokens sits at (k // grid, k % grid); the first half
+        #     of the pairs turns with its row, the second with its column, each with half_dim's frequencies
+        k = positions - config.n_cond_tokens
+        half = config.head_dim // 2
+        freqs = torch.cat([rope_angles(k.div(config.rope_2d_grid, rounding_mode="floor"), half, config.rope_theta),
+                           rope_angles(k % config.rope_2d_grid, half, config.rope_theta)], dim=-1)
     angles = torch.cat([freqs, freqs], dim=-1)          # (B, T, head_dim): the "rotate_half" layout
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    cos, sin = angles.cos(), angles.sin()
+    if config.rope_2d_grid:
+        # released quirk: the condition positions get cos = sin = 0, so their queries and keys are ZEROED (not left
+        # unrotated); their values still flow. Reproduced because the released weights were trained with it.
+        is_cond = (positions < config.n_cond_tokens)[..., None]
+        cos, sin = cos.masked_fill(is_cond, 0.0), sin.masked_fill(is_cond, 0.0)
+    return cos.to(dtype), sin.to(dtype)
 
 
 def apply_rope(x, cos, sin):
@@ -87,21 +175,45 @@ def apply_rope(x, cos, sin):
     return x * cos[:, None] + rotated * sin[:, None]    # cos/sin (B, 1, T, head_dim) broadcast over heads
 
 
-class KVCache(nn.Module):
-    """Static cache (gpt-fast): one buffer per layer, allocated once, written in place at `input_pos`,
-    so a decode step always has the same shapes (compile/CUDA-graph friendly)."""
+class KVCache:
+    """Static KV cache (gpt-fast) for one batch of sequences: the keys and values of every layer, which slots hold
+    real tokens, and the rotary cos/sin of every slot. Allocated once for (batch_size, max_len) and written in place
+    at `input_pos`, so a decode step always sees the same shapes and addresses (compile / CUDA-graph friendly).
 
-    def __init__(self, batch_size, n_kv_head, max_len, head_dim, dtype, device):
-        super().__init__()
-        shape = (batch_size, n_kv_head, max_len, head_dim)
-        # persistent=False keeps caches out of state_dict(): they are working memory, not weights
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+    Its owner is whoever decodes (sampler.Decoder keeps one across calls and drops it on release()); the GPT only
+    reads and writes the cache it is handed, so nothing is left hanging on the modules after generation."""
 
-    def update(self, input_pos, k, v):
-        self.k[:, :, input_pos] = k
-        self.v[:, :, input_pos] = v
-        return self.k, self.v
+    def __init__(self, config: "GPTConfig", batch_size: int, max_len: int, dtype=torch.float32, device=None):
+        if max_len > config.max_seq_len:
+            raise ValueError(f"a cache of {max_len} tokens exceeds the model's context of "
+                             f"{config.max_seq_len} (GPTConfig.max_seq_len); shorten the prompt or the output")
+        self.config, self.batch_size, self.max_len = config, batch_size, max_len
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)   # layer i writes k[i]: (B, Hkv, S, D)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.slots = torch.arange(max_len, device=device)                           # (S,)
+        self.is_token = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)   # False on padding
+        self.cos = torch.zeros(batch_size, max_len, config.head_dim, dtype=dtype, device=device)
+        self.sin = torch.zeros_like(self.cos)
+        self.start()
+
+    def start(self, prompt_mask: torch.Tensor | None = None) -> None:
+        """Begin new sequences. prompt_mask (B, L): 1 on the prompt's tokens, 0 on its left padding, for the
+        first L slots; every later slot will hold a generated token. Positions count real tokens only, so they
+        and their rotary tables are known for every slot now. Tensors are updated in place: a compiled or
+        CUDA-graphed step keeps pointing at them."""
+        self.is_token.fill_(True)
+        if prompt_mask is not None:
+            self.is_token[:, :prompt_mask.size(1)] = prompt_mask.bool()
+        positions = (self.is_token.long().cumsum(-1) - 1).clamp(min=0)              # (B, S)
+        cos, sin = rope_cos_sin(positions, self.config, self.cos.dtype)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+
+    def mark_static(self) -> None:
+        """Tell torch.compile these buffers never move, so CUDA graphs may write them in place."""
+        for buffer in (self.k, self.v, self.slots, self.is_token, self.cos, self.sin):
+            torch._dynamo.mark_static_address(buffer)
 
 
 def manual_attention(q, k, v, mask):
@@ -125,16 +237,22 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.dim, config.n_kv_head * config.head_dim, bias=False)
         self.v_proj = nn.Linear(config.dim, config.n_kv_head * config.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_head * config.head_dim, config.dim, bias=False)
-        self.kv_cache = None   # a KVCache once GPT.setup_cache() has run
+        if config.qk_norm:
+            self.q_norm = HeadLayerNorm(config.n_head, config.head_dim)
+            self.k_norm = HeadLayerNorm(config.n_kv_head, config.head_dim)
 
-    def forward(self, x, cos, sin, mask, input_pos):
+    def forward(self, x, cos, sin, mask, kv_cache=None, input_pos=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)      # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)   # (B, Hkv, T, D)
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)                      # (B, T, H, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)                   # (B, T, Hkv, D)
+        if self.config.qk_norm:   # Chameleon: per-head LayerNorm before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)                                    # (B, H, T, D), (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)   # (B, Hkv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)                               # (B, Hkv, S, D)
+        if kv_cache is not None:   # this layer's (B, Hkv, S, D) buffers: write the new slots, attend over all
+            k_cache, v_cache = kv_cache
+            k, v = k_cache.index_copy_(2, input_pos, k), v_cache.index_copy_(2, input_pos, v)
         if self.config.sdpa:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                enable_gqa=self.n_head != self.n_kv_head)
@@ -162,9 +280,13 @@ class Block(nn.Module):
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = MLP(config)
+        self.swin_norm = config.swin_norm
 
-    def forward(self, x, cos, sin, mask, input_pos):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+    def forward(self, x, cos, sin, mask, kv_cache=None, input_pos=None):
+        if self.swin_norm:   # Chameleon-30B: the same two norms, applied to each branch's output instead of its input
+            x = x + self.input_layernorm(self.self_attn(x, cos, sin, mask, kv_cache, input_pos))
+            return x + self.post_attention_layernorm(self.mlp(x))
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, input_pos)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -173,10 +295,11 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        if config.num_classes:   # LlamaGen's LabelEmbedder table; its last row is the null class (class dropout)
+            self.cls_embedding = nn.Embedding(config.num_classes + 1, config.dim)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)   # untied, as Emu3
-        self.key_valid = None   # (B, S) bool once setup_cache() has run: which cache slots hold real tokens
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
@@ -191,26 +314,32 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def setup_cache(self, batch_size: int, max_len: int, dtype=None, device=None):
-        """Allocate the static KV cache for `batch_size` rows of up to `max_len` tokens (prompt + generation)."""
-        if max_len > self.config.max_seq_len:
-            raise ValueError(f"a cache of {max_len} tokens exceeds the model's context of "
-                             f"{self.config.max_seq_len} (GPTConfig.max_seq_len); shorten the prompt or the output")
-        ref = self.lm_head.weight
-        dtype, device = dtype or ref.dtype, device or ref.device
-        for layer in self.layers:
-            layer.self_attn.kv_cache = KVCache(batch_size, self.config.n_kv_head, max_len,
-                                               self.config.head_dim, dtype, device)
-        self.key_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> (B, T, C); with num_classes, ids from vocab_size on are class embeddings."""
+        V = self.config.vocab_size
+        if not self.config.num_classes:
+            return self.embed_tokens(idx)
+        is_class = (idx >= V)[..., None]
+        return torch.where(is_class, self.cls_embedding((idx - V).clamp(min=0)), self.embed_tokens(idx.clamp(max=V - 1)))
 
-    def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """idx (B, T) token ids. attention_mask (B, T): 1 for tokens, 0 for left padding (optional).
-        input_pos None: full causal pass, returns logits (B, T, V).
-        input_pos (T,) cache slots to write: decode step, returns logits (B, 1, V) for the last position."""
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """A KV cache for `batch_size` rows of up to `max_len` tokens (prompt + generation), in the model's dtype
+        and on its device. The caller owns it."""
+        return KVCache(self.config, batch_size, max_len, self.lm_head.weight.dtype, self.lm_head.weight.device)
+
+    def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                input_pos: torch.Tensor | None = None, every_position: bool = False) -> torch.Tensor:
+        """idx (B, T) token ids.
+        Without a cache: a full causal pass; attention_mask (B, T) is 1 for tokens, 0 for left padding (optional).
+        Returns logits (B, T, V).
+        With a cache: a decode step writing slots input_pos (T,) of `cache` (padding was declared by
+        cache.start). Returns logits (B, 1, V) for the last position, or (B, T, V) with every_position."""
+        if (cache is None) != (input_pos is None):
+            raise ValueError("a decode step takes both cache= (model.new_cache(batch_size, max_len)) and "
+                             "input_pos= (the cache slots to write); a full pass takes neither")
         B, T = idx.shape
-        x = self.embed_tokens(idx)                                                 # (B, T, C)
-        if input_pos is None:
+        x = self.embed(idx)                                                        # (B, T, C)
+        if cache is None:
             if T > self.config.max_seq_len:
                 raise ValueError(f"sequence of {T} tokens exceeds the model's context of {self.config.max_seq_len}")
             if attention_mask is None:
@@ -221,26 +350,30 @@ class GPT(nn.Module):
                 positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
                 causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
                 mask = self._mask(causal, valid, torch.arange(T, device=idx.device))
-        else:
-            if self.key_valid is None:
-                raise RuntimeError("call setup_cache(batch_size, max_len) before decoding with input_pos")
-            self.key_valid[:, input_pos] = True if attention_mask is None else attention_mask.bool()
-            # a token's position = how many real tokens precede it, so left padding does not shift a row
-            positions = (self.key_valid.long().cumsum(-1)[:, input_pos] - 1).clamp(min=0)   # (B, T)
-            slots = torch.arange(self.key_valid.size(1), device=idx.device)
-            causal = input_pos[:, None] >= slots[None, :]                                   # (T, S)
-            mask = self._mask(causal, self.key_valid, input_pos)
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask, input_pos)
-        if input_pos is not None:
+            cos, sin = rope_cos_sin(positions, self.config, x.dtype)
+            for layer in self.layers:
+                x = layer(x, cos, sin, mask)
+            return self.lm_head(self.norm(x)).float()
+
+        if attention_mask is not None:
+            raise ValueError("a decode step takes no attention_mask: declare the prompt's left padding once with "
+                             "cache.start(prompt_mask)")
+        # positions and rotary tables were computed for every slot by cache.start(): only look them up
+        cos, sin = cache.cos[:, input_pos], cache.sin[:, input_pos]                 # (B, T, head_dim)
+        causal = cache.slots[None, :] <= input_pos[:, None]                         # (T, S)
+        mask = self._mask(causal, cache.is_token, input_pos, cache.slots)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, (cache.k[i], cache.v[i]), input_pos)
+        if not every_position:
             x = x[:, -1:]   # decoding only needs the next token's distribution
         return self.lm_head(self.norm(x)).float()
 
     @staticmethod
-    def _mask(causal, key_valid, query_slots):
+    def _mask(causal, key_valid, query_slots, slots=None):
         """(B, 1, T, S) bool: causal AND the key is a real token. Every query may also see itself, so a padding
-        query never has an all-masked row (softmax of all -inf is NaN); padding outputs are never used."""
-        S = key_valid.size(1)
-        self_slot = query_slots[:, None] == torch.arange(S, device=key_valid.device)[None, :]   # (T, S)
+        query never has an all-masked row (softmax of all -inf is NaN); padding outputs are never used.
+        Cache slots past the newest query (stale tokens of an earlier call, rejected draft tokens) are hidden
+        by `causal`, so a reused cache never needs clearing."""
+        slots = torch.arange(key_valid.size(1), device=key_valid.device) if slots is None else slots
+        self_slot = query_slots[:, None] == slots[None, :]                                       # (T, S)
         return ((causal[None] & key_valid[:, None, :]) | self_slot[None])[:, None]

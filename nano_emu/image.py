@@ -67,14 +67,34 @@ def load_clip(path: str | Path) -> list[Image.Image]:
     return [frame for frame, n in zip(frames, repeats) for _ in range(n)]
 
 
+def square_crop(image: Image.Image, side: int) -> Image.Image:
+    """Chameleon's preprocessing (chameleon/inference/image_tokenizer.py): transparency composited on white, the
+    shortest side resized to `side` (LANCZOS), then the centre side x side square."""
+    if image.mode in ("RGBA", "LA", "P"):
+        image = image.convert("RGBA")
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, image)
+    image = image.convert("RGB")
+    scale = side / min(image.size)
+    w, h = max(side, round(image.width * scale)), max(side, round(image.height * scale))
+    if (w, h) != image.size:
+        image = image.resize((w, h), Image.LANCZOS)
+    left, top = (w - side) // 2, (h - side) // 2
+    return image.crop((left, top, left + side, top + side))
+
+
 def image_to_tensor(image: Image.Image | str | Path, factor: int = 8, min_pixels: int = MIN_PIXELS,
-                    max_pixels: int = MAX_PIXELS, max_aspect_ratio: float = 5.0) -> Tensor:
-    """A PIL image (any mode: RGBA, L, P, ...) or a path -> float32 pixels (3, H, W) in [-1, 1], smart-resized."""
+                    max_pixels: int = MAX_PIXELS, max_aspect_ratio: float = 5.0, square: int | None = None) -> Tensor:
+    """A PIL image (any mode: RGBA, L, P, ...) or a path -> float32 pixels (3, H, W) in [-1, 1], smart-resized;
+    or, with `square` (Chameleon), square_crop'ed to square x square."""
     if not isinstance(image, Image.Image):
         image = load_image(image)
+    if square is not None:
+        image = square_crop(image, square)
     # the released processor uses PIL's plain convert (transformers 4.44): alpha is dropped, not composited on white
     image = image.convert("RGB")
-    h, w = smart_resize(image.height, image.width, factor, min_pixels, max_pixels, max_aspect_ratio)
+    h, w = (square, square) if square is not None else smart_resize(image.height, image.width, factor, min_pixels,
+                                                                     max_pixels, max_aspect_ratio)
     if (h, w) != (image.height, image.width):
         image = image.resize((w, h), Image.BICUBIC)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1)  # (3, H, W) in [0, 255]

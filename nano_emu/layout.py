@@ -16,6 +16,16 @@ This module writes such strings (`encode`, `image_block`, the two prompts) and r
 malformed string (row of the wrong length, a missing marker, a text token inside a row) raises LayoutError
 saying where and what; it is repaired only when the caller asks (`repair=True`), never silently.
 `grid_schedule` lists what may follow IMG at each offset; the sampler turns it into its constraint table.
+
+LlamaGen's class-to-image string is the bare case (`Layout.llamagen()`): the condition token, then the h*w codes in
+raster order with no markers at all (its roles other than `pad` are None), so the grid size is the model's own.
+
+Chameleon / Anole (`Layout.chameleon()`) sit between the two: an image is `BOI v v .. v EOI` with exactly h*w codes
+and no row, frame or size markers (no IMG, EOL, EOF), so the grid is fixed by the layout (`image_grid`, 32x32 for
+512 px) and a block is read back by counting: h*w visual tokens, then EOI, or a LayoutError saying where. Image code
+i is BPE id first_visual + i (4 + i in the release; chameleon.py checks the tokenizer's IMGIMG names agree).
+    generation prompt:    BOS caption BOI            -> the model writes h*w codes, then EOI
+    understanding prompt: BOS question BOI codes EOI [SEP]  -> the model answers in text
 """
 
 import re
@@ -35,15 +45,16 @@ class LayoutError(ValueError):
 @dataclass(frozen=True)
 class Layout:
     pad: int
-    bos: int
-    eos: int
-    img: int           # starts the vision tokens ("<|image token|>", the paper's SOT)
-    boi: int           # begins an image block ("<|image start|>", SOV)
-    eoi: int           # ends it ("<|image end|>", EOV)
-    eol: int           # end of a row
-    eof: int           # end of a (latent) frame
+    bos: int | None    # None (LlamaGen): the layout has no such token
+    eos: int | None
+    img: int | None    # starts the vision tokens ("<|image token|>", the paper's SOT)
+    boi: int | None    # begins an image block ("<|image start|>", SOV)
+    eoi: int | None    # ends it ("<|image end|>", EOV)
+    eol: int | None    # end of a row
+    eof: int | None    # end of a (latent) frame
     first_visual: int  # visual token id = first_visual + VQ code
     codebook_size: int
+    image_grid: tuple[int, int] | None = None   # Chameleon: every block is this (h, w) grid (no size text in it)
 
     @property
     def vocab_size(self) -> int:
@@ -63,6 +74,21 @@ class Layout:
         return cls(pad=n, bos=n + 1, eos=n + 2, img=n + 3, boi=n + 4, eoi=n + 5, eol=n + 6, eof=n + 7,
                    first_visual=n + 8, codebook_size=codebook_size)
 
+    @classmethod
+    def llamagen(cls, codebook_size: int = 16384) -> "Layout":
+        """LlamaGen c2i: codes are the token ids; the class token (GPT input id codebook_size + class) is the whole
+        prompt, so prompts never need padding (pad is the first class id, never fed)."""
+        return cls(pad=codebook_size, bos=None, eos=None, img=None, boi=None, eoi=None, eol=None, eof=None,
+                   first_visual=0, codebook_size=codebook_size)
+
+    @classmethod
+    def chameleon(cls, bos: int = 0, pad: int = 1, eos: int = 2, eoi: int = 8196, boi: int = 8197,
+                  first_visual: int = 4, codebook_size: int = 8192, image_grid: tuple[int, int] = (32, 32)) -> "Layout":
+        """Chameleon's released ids: <s> 0, <pad> 1, </s> 2, image codes 4..8195, <eoss> 8196 ends an image and
+        <racm3:break> 8197 begins one; 512 px images are 32x32 codes. chameleon.py reads them off the tokenizer."""
+        return cls(pad=pad, bos=bos, eos=eos, img=None, boi=boi, eoi=eoi, eol=None, eof=None,
+                   first_visual=first_visual, codebook_size=codebook_size, image_grid=tuple(image_grid))
+
     # --- naming and classifying tokens ---------------------------------------------------------------------
 
     def is_visual(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -76,7 +102,7 @@ class Layout:
         an image/padding marker. The one mask every caption and chat answer is generated under."""
         allowed = torch.ones(vocab_size, dtype=torch.bool, device=device)
         allowed[self.first_visual:self.first_visual + self.codebook_size] = False
-        allowed[[self.pad, self.bos, self.img, self.boi, self.eoi, self.eol, self.eof]] = False
+        allowed[[t for t in (self.pad, self.bos, self.img, self.boi, self.eoi, self.eol, self.eof) if t is not None]] = False
         return allowed
 
     def name(self, token: int) -> str:
@@ -97,6 +123,11 @@ class Layout:
                              f"{codes.dtype} {tuple(codes.shape)}")
         if codes.numel() and (codes.min() < 0 or codes.max() >= self.codebook_size):
             raise ValueError(f"codes must lie in [0, {self.codebook_size}), got [{codes.min()}, {codes.max()}]")
+        if self.image_grid is not None:   # Chameleon: BOI, the codes in raster order, EOI; no size text
+            if tuple(codes.shape) != tuple(self.image_grid):
+                raise ValueError(f"this layout's image blocks are {self.image_grid[0]}x{self.image_grid[1]} codes "
+                                 f"(no size marker tells a reader otherwise), got codes of shape {tuple(codes.shape)}")
+            return [self.boi, *(codes.flatten() + self.first_visual).tolist(), self.eoi]
         meta = "*".join(str(n) for n in codes.shape)           # "h*w" or "t*h*w"
         frames = codes if codes.dim() == 3 else codes[None]     # (t, h, w)
         t, h, w = frames.shape
@@ -115,6 +146,12 @@ class Layout:
 
     def generation_prompt(self, text: str, h: int, w: int, tokenizer, frames: int | None = None) -> list[int]:
         """Emu3's mode 'G': BOS text BOI "h*w" IMG (or "t*h*w" for a video); the model writes the rows."""
+        if self.image_grid is not None:   # Chameleon: the caption, then BOI; the grid is the layout's
+            if (h, w) != tuple(self.image_grid) or frames is not None:
+                raise ValueError(f"this layout draws {self.image_grid[0]}x{self.image_grid[1]} images only, not {h}x{w}")
+            return [self.bos, *tokenizer.encode(text), self.boi]
+        if self.img is None:   # LlamaGen: the condition alone; the grid size is fixed by the model
+            return tokenizer.encode(text)
         meta = f"{h}*{w}" if frames is None else f"{frames}*{h}*{w}"
         return [self.bos, *tokenizer.encode(text), self.boi, *tokenizer.encode(meta), self.img]
 
@@ -129,8 +166,16 @@ class Layout:
     def grid_schedule(self, h: int, w: int, frames: int = 1) -> list[int]:
         """What may follow IMG at each offset: VISUAL (any code) or the one structural token that must stand
         there. Rows of w codes + EOL, EOF after every frame, then EOI and EOS."""
+        if self.eol is None:   # LlamaGen: the codes alone; Chameleon: a contiguous block of codes, then EOI
+            return [VISUAL] * (frames * h * w) + ([self.eoi] if self.eoi is not None else [])
         frame = ([VISUAL] * w + [self.eol]) * h + [self.eof]
         return frame * frames + [self.eoi, self.eos]
+
+    def row_ends(self, h: int, w: int, frames: int = 1) -> list[int]:
+        """The offsets in grid_schedule(h, w, frames) at which a row is complete (its EOL, or its last code)."""
+        if self.eol is None:
+            return list(range(w - 1, frames * h * w, w))
+        return [step for step, kind in enumerate(self.grid_schedule(h, w, frames)) if kind == self.eol]
 
     # --- reading -------------------------------------------------------------------------------------------
 
@@ -171,6 +216,8 @@ class Layout:
 
     def _read_block(self, tokens: list[int], start: int, tokenizer, repair: bool):
         """Read the image block whose BOI is at `start`: the meta text, then the grid. Returns (codes, end)."""
+        if self.image_grid is not None:   # Chameleon: no meta text, the layout's grid
+            return self.read_grid(tokens, *self.image_grid, start=start + 1, repair=repair)
         try:
             img_at = tokens.index(self.img, start)
         except ValueError:
@@ -188,6 +235,24 @@ class Layout:
         codes (h, w) when `frames` is None (an image), else (frames, h, w)."""
         tokens = tokens.tolist() if torch.is_tensor(tokens) else tokens
         t = frames or 1
+        if self.eol is None:   # LlamaGen: exactly t*h*w codes; Chameleon: exactly h*w codes, then EOI
+            n, end = t * h * w, start
+            while end < len(tokens) and self.first_visual <= tokens[end] < self.vocab_size:
+                end += 1
+            closed = self.eoi is None or (end < len(tokens) and tokens[end] == self.eoi)
+            if not repair:
+                if end - start < n:
+                    what = "the end" if end == len(tokens) else self.name(tokens[end])
+                    raise LayoutError(f"token {end}: {what} after {end - start} visual tokens of an image block "
+                                      f"that needs {n} ({h}x{w})")
+                if self.eoi is not None and (end > start + n or not closed):
+                    raise LayoutError(f"token {start + n}: the image block's {n} codes are followed by "
+                                      f"{self.name(tokens[start + n]) if start + n < len(tokens) else 'the end'}, "
+                                      f"not EOI")
+            grid = self._fit(tokens[start:min(end, start + n)], n, fill=self.first_visual)
+            codes = torch.tensor(grid, dtype=torch.long).view(t, h, w) - self.first_visual
+            after = start + n if self.eoi is None else min(end + closed, len(tokens))
+            return (codes[0] if frames is None else codes), after
         # split the block into frames (by EOF) and rows (by EOL), remembering where every row starts
         grid, rows, row, row_start, i = [], [], [], start, start
         while i < len(tokens) and tokens[i] != self.eoi:

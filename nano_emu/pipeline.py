@@ -10,6 +10,8 @@ strings together layout.py (prompts), sampler.py (generation) and vq.py (pixels)
     text = pipe.answer(image, "")                # the tiny model captions; Emu3-Chat answers the question
     clip = pipe.draw(["a red circle moving left"], frames=8)[0]   # 8 PIL frames (a --video tiny checkpoint)
     text = pipe.answer_clip(clip)                # "a red circle moving left"
+    pipe.compile, pipe.sjd = True, 16            # speed options: a compiled decode step, speculative Jacobi decoding
+    pipe.release()                               # free the KV cache it keeps between calls
 
 A clip goes through the same calls as an image: its prompt's meta text says "t*h*w" (t code frames, each
 covering the VQ's temporal_factor pixel frames), the grid constraint closes every code frame with EOF, and the
@@ -17,7 +19,7 @@ VQ's causal temporal decoder turns the t code frames back into frames.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -29,7 +31,7 @@ from .checkpoint import load_checkpoint
 from .gpt import GPT, GPTConfig
 from .image import image_to_tensor, load_clip, tensor_to_image
 from .layout import Layout
-from .sampler import Rows, generate_image_stream, generate_text
+from .sampler import Decoder, Rows, generate_image_stream, generate_text
 from .tokenizer import ByteTokenizer, WordTokenizer
 from .vq import VQConfig, VQModel
 from .weights import load_state_dict_strict
@@ -48,6 +50,21 @@ class Pipeline:
     resize: dict | None = None          # keyword limits for image.image_to_tensor (None: the released processor's)
     sampling: dict | None = None        # the checkpoint's sampling defaults (Emu3-Gen: top_k 2048)
     cfg_scale: float = 3.0              # the checkpoint's guidance scale (Emu3-Gen: 3.0)
+    compile: bool = False               # torch.compile the decode step (speed only: the same tokens)
+    sjd: int = 0                        # speculative Jacobi decoding window for draw (0: off; sjd.py)
+    _decoder: Decoder | None = field(default=None, init=False, repr=False)   # owns the KV cache between calls
+
+    @property
+    def decoder(self) -> Decoder:
+        """The GPT's decoder: its KV cache is allocated by the first draw/answer and reused by the next ones."""
+        if self._decoder is None or self._decoder.model is not self.gpt or self._decoder.compile != self.compile:
+            self._decoder = Decoder(self.gpt, compile=self.compile)
+        return self._decoder
+
+    def release(self) -> None:
+        """Free the KV cache kept between calls (the next call allocates a new one)."""
+        if self._decoder is not None:
+            self._decoder.release()
 
     def grid(self, ratio: str = "1:1") -> tuple[int, int]:
         """Token grid (h, w) for an aspect ratio "W:H" at the checkpoint's image area (Emu3's rule: the
@@ -65,17 +82,22 @@ class Pipeline:
         if frames is None:
             return None
         factor = self.vq.cfg.temporal_factor
+        if factor == 1:   # train_tiny.py drops the time axis for image-only runs; only --video checkpoints have one
+            raise ValueError("this checkpoint's VQ has no time axis (temporal_factor=1): it draws and reads images, "
+                             "not clips (train with --video for clips)")
         if frames < 1 or frames % factor:
             raise ValueError(f"a clip needs a positive multiple of {factor} frames (the VQ's temporal factor: "
                              f"{factor} frames per code frame), got {frames}")
         return frames // factor
 
     def draw_stream(self, prompts: list[str], ratio: str = "1:1", cfg_scale: float | None = None, seed: int = 0,
-                    negative_prompt: str | None = None, frames: int | None = None, **sampling) -> Iterator[Rows]:
+                    negative_prompt: str | None = None, frames: int | None = None, sjd: int | None = None,
+                    **sampling) -> Iterator[Rows]:
         """Yields sampler.Rows after every finished row (last: the whole image). Each prompt gets the
         checkpoint's suffix; the negative prompt (default: the checkpoint's) is the unconditional branch.
-        cfg_scale and sampling options left at None take the checkpoint's defaults. frames: draw clips of that
-        many frames instead (a multiple of the VQ's temporal factor); Rows then stacks the code frames' rows."""
+        cfg_scale and sampling options left at None take the checkpoint's defaults; sjd None takes self.sjd.
+        frames: draw clips of that many frames instead (a multiple of the VQ's temporal factor); Rows then stacks
+        the code frames' rows."""
         h, w = self.grid(ratio)
         t = self.code_frames(frames)
         cfg_scale = self.cfg_scale if cfg_scale is None else cfg_scale
@@ -85,7 +107,8 @@ class Pipeline:
         generator = torch.Generator(self.gpt.lm_head.weight.device).manual_seed(seed)
         sampling = {**(self.sampling or {}), **{k: v for k, v in sampling.items() if v is not None}}
         yield from generate_image_stream(self.gpt, self.layout, cond, h, w, frames=t or 1, negative_prompts=uncond,
-                                         cfg_scale=cfg_scale, generator=generator, **sampling)
+                                         cfg_scale=cfg_scale, generator=generator, decoder=self.decoder,
+                                         sjd=self.sjd if sjd is None else sjd, **sampling)
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor, frames: int | None = None) -> list[Image.Image] | list[list[Image.Image]]:
@@ -113,6 +136,26 @@ class Pipeline:
         return images
 
     @torch.no_grad()
+    def complete(self, image: Image.Image | str | Path, keep_rows: int, prompts: list[str] | None = None,
+                 seed: int = 0, **kwargs) -> list[Image.Image]:
+        """Image completion: the image's first keep_rows rows of codes are kept and the model draws the rest, once
+        per prompt (default: one, the empty caption), with the same sampler as draw (its `keep` option). The image
+        is brought to the pipeline's square image size as answer() does."""
+        device, dtype = next(self.vq.parameters()).device, next(self.vq.parameters()).dtype
+        pixels = image_to_tensor(image, factor=self.vq.cfg.spatial_factor, **(self.resize or {}))
+        codes = self.vq.encode(pixels[None].to(device, dtype)).cpu()                   # (1, h, w)
+        h, w = self.grid()
+        if codes.shape[1:] != (h, w):
+            raise ValueError(f"the image gives {codes.shape[1]}x{codes.shape[2]} codes, this model draws {h}x{w}")
+        if not 0 <= keep_rows < h:
+            raise ValueError(f"keep_rows must be in [0, {h}) for a {h}-row image, got {keep_rows}")
+        prompts = prompts or [""]
+        for rows in self.draw_stream(prompts, seed=seed, keep=codes[:, :keep_rows].expand(len(prompts), -1, -1),
+                                     **kwargs):
+            pass
+        return self.decode(rows.codes)
+
+    @torch.no_grad()
     def answer(self, image: Image.Image | str | Path | np.ndarray | list, question: str = "",
                max_new_tokens: int = 256, **sampling) -> str | list[str]:
         """Image understanding: the image block goes into the chat template, the answer is generated (greedy by
@@ -132,13 +175,10 @@ class Pipeline:
         one = isinstance(clip, (str, Path)) or (isinstance(clip, np.ndarray) and clip.ndim == 4) or (
             isinstance(clip, list) and len(clip) > 0 and isinstance(clip[0], Image.Image))
         clips = [clip] if one else list(clip)
-        factor = self.vq.cfg.temporal_factor
         pixels = []
         for frames in clips:
             frames = load_clip(frames) if isinstance(frames, (str, Path)) else frames
-            if len(frames) % factor or not len(frames):
-                raise ValueError(f"a clip needs a positive multiple of {factor} frames (the VQ's temporal factor), "
-                                 f"got {len(frames)}")
+            self.code_frames(len(frames))   # refuses a VQ without a time axis and a length it cannot encode
             pixels.append(torch.stack([self._pixels(frame) for frame in frames]))   # (T, 3, H, W)
         texts = self._answer(pixels, question, 32, max_new_tokens, sampling)   # 32 clips of 8 ~ 256 images
         return texts[0] if one else texts
@@ -162,7 +202,7 @@ class Pipeline:
                                                                     self.chat_template))
         allowed = self.layout.answer_mask(self.gpt.config.vocab_size, self.gpt.lm_head.weight.device)
         answers = generate_text(self.gpt, self.layout, prompts, max_new_tokens=max_new_tokens, allowed=allowed,
-                                **sampling)
+                                decoder=self.decoder, **sampling)
         return [self.tokenizer.decode(a) for a in answers]
 
     @classmethod

@@ -10,6 +10,9 @@ either released folder layout, with the same ids as `tokenization_emu3.py` in ba
 - -hf (BAAI/Emu3-Gen-hf, made by transformers' convert_emu3_weights_to_hf.py): `tokenizer.json`, whose
   ByteLevel vocab is the same ranks spelled as GPT-2 unicode strings, with the specials as `added_tokens`.
 
+Chameleon / Anole ship a `tokenizers` JSON (tokenizer.json, or text_tokenizer.json in the original layout):
+`JSONTokenizer` reads it with the `tokenizers` package (also optional), whatever model it describes.
+
 layout.py places these ids; this module only maps text <-> ids. tiktoken is imported lazily: it is an
 optional dependency (`pip install nano_emu[weights]`) that the toy models never need.
 """
@@ -255,3 +258,27 @@ class Emu3Tokenizer:
         if bad:
             raise ValueError(f"token ids {bad[:8]} are outside the vocabulary [0, {self.n_vocab})")
         return self._enc.decode(ids, errors="replace")
+
+
+class JSONTokenizer:
+    """A Hugging Face `tokenizers` JSON file (Chameleon's BPE: text, specials and the 8192 IMGIMG image tokens in
+    one 65536-id vocabulary). encode never adds BOS/EOS (layout.py places them); special tokens written in the
+    text (e.g. "<reserved08706>") are matched as such, as in the released processor."""
+
+    def __init__(self, path):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise ImportError("Chameleon's tokenizer needs the `tokenizers` package: pip install nano_emu[weights]") from None
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as e:   # tokenizers raises a bare Exception for a malformed file
+            raise ValueError(f"cannot read {path} as a tokenizers JSON file: {e}") from None
+        self.vocab = self._tok.get_vocab(with_added_tokens=True)   # name -> id
+        self.n_vocab = max(self.vocab.values()) + 1
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=True)

@@ -28,9 +28,58 @@ from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .layout import Layout
+from .vq import AttnBlock, CausalConv3d, ResnetBlock, TemporalResnetBlock, VectorQuantizer
 from .weights import load_state_dict_strict
 
 VISUAL_WEIGHT = 0.5   # Emu3 weights the loss on vision tokens by 0.5 relative to text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what only VQ training needs (vq.py keeps the model a checkpoint fills)
+
+
+@torch.no_grad()
+def init_vq_for_training(vq) -> None:
+    """Only matters when training from scratch (a checkpoint overwrites every weight). With default init the
+    temporal stack scrambles the 4-channel latent and the 40-odd residual blocks add noise, and a toy VQ
+    learns slowly: on the shapes world, 500 steps reach ~19.6 dB PSNR. Starting every residual branch at zero
+    and every causal time conv as a copy of the current frame makes the untrained model a plain 2-D
+    autoencoder that learns to use time later: ~24.4 dB after the same 500 steps (experiments in
+    docs/benchmarks.md)."""
+    for module in vq.modules():
+        if isinstance(module, ResnetBlock):
+            torch.nn.init.zeros_(module.conv2.weight), torch.nn.init.zeros_(module.conv2.bias)
+        elif isinstance(module, AttnBlock):
+            torch.nn.init.zeros_(module.proj_out.weight), torch.nn.init.zeros_(module.proj_out.bias)
+        elif isinstance(module, TemporalResnetBlock):
+            torch.nn.init.zeros_(module.conv2.conv.weight), torch.nn.init.zeros_(module.conv2.conv.bias)
+    time_convs = [c.conv for c in (*vq.encoder.time_conv, *vq.decoder.time_conv)]
+    for conv in (*time_convs, vq.quant_conv, vq.post_quant_conv):
+        if not isinstance(conv, CausalConv3d):   # a 2-D VQ's 1x1 quant convs keep their default init
+            continue
+        weight = conv.conv.weight                    # (C_out, C_in, kt, kh, kw)
+        torch.nn.init.zeros_(weight), torch.nn.init.zeros_(conv.conv.bias)
+        kh, kw = weight.shape[3] // 2, weight.shape[4] // 2
+        # tap 2 is the current frame: every causal conv pads 2 frames in front
+        weight[:, :, 2, kh, kw] = torch.eye(weight.shape[0], device=weight.device)
+
+
+@torch.no_grad()
+def restart_dead_codes(quantizer: VectorQuantizer, latents: torch.Tensor, counts: torch.Tensor) -> int:
+    """Against codebook collapse: codes with counts == 0 (unused since the last call) jump to random encoder
+    outputs from the current batch, so they are used again. latents (B, C, t, h, w). Returns how many codes
+    were restarted."""
+    dead = (counts == 0).nonzero().flatten()
+    if len(dead):
+        z = latents.permute(0, 2, 3, 4, 1).reshape(-1, latents.shape[1])   # (N, C)
+        z = z[torch.randint(len(z), (len(dead),), device=z.device)]
+        quantizer.embedding.weight[dead] = F.normalize(z, dim=-1) if quantizer.l2_norm else z
+    return len(dead)
+
+
+def codebook_usage(codes: torch.Tensor, codebook_size: int) -> float:
+    """Fraction of the codebook that occurs in `codes` (any shape): concatenate an epoch's codes for epoch usage."""
+    return torch.bincount(codes.flatten(), minlength=codebook_size).gt(0).float().mean().item()
 
 
 @dataclass
@@ -142,7 +191,7 @@ def train_vq(vq, sample_images: Callable, steps: int, lr: float, ckpt_path: Path
         if run.world > 1:   # decide on all ranks' usage, restart on rank 0, share the new codebook
             dist.all_reduce(counts)
         if run.main:
-            vq.quantize.restart_dead_codes(vq.latent(last["x"]), counts)
+            restart_dead_codes(vq.quantize, vq.latent(last["x"]), counts)
         if run.world > 1:
             dist.broadcast(vq.quantize.embedding.weight.data, src=0)
         counts.zero_()
@@ -154,14 +203,15 @@ def train_vq(vq, sample_images: Callable, steps: int, lr: float, ckpt_path: Path
 
 def sequences(layout: Layout, tokenizer, codes: torch.Tensor, captions: list[str], rng: np.random.Generator,
               p_understand: float = 0.5, p_drop_caption: float = 0.1, visual_weight: float = VISUAL_WEIGHT,
-              learn_understood_image: bool = False):
+              understood_image_weight: float = 0.0, answer_weight: float = 1.0):
     """A mixed batch of generation and understanding sequences. codes (B, h, w) or (B, t, h, w).
     Returns inputs (B, T), targets (B, T) and loss weights (B, T) (0 on padding and on prompts).
 
-    learn_understood_image: also put the loss on the image block of an understanding sequence (CM3Leon and
-    Chameleon train on every token, Emu3 only on the answer). `BOS image caption` starts exactly like the
-    unconditional generation string `BOS "" image`, so this trains CFG's unconditional branch on every
-    understanding sequence for free, and the caption need no longer be dropped from generation strings."""
+    understood_image_weight: also put loss on the image block of an understanding sequence, this many times its
+    weight in a generation string (0: the answer only, as Emu3; 1: every token alike, as CM3Leon and Chameleon).
+    `BOS image caption` starts exactly like the unconditional generation string `BOS "" image`, so this trains
+    CFG's unconditional branch on every understanding sequence for free.
+    answer_weight: loss weight of the answer (caption and EOS) of an understanding sequence."""
     def weight(token):
         return visual_weight if layout.first_visual <= token else 1.0
 
@@ -171,8 +221,8 @@ def sequences(layout: Layout, tokenizer, codes: torch.Tensor, captions: list[str
             prompt = layout.understanding_prompt(item_codes, "", tokenizer)
             answer = tokenizer.encode(caption) + [layout.eos]
             tokens = prompt + answer
-            prompt_weights = [weight(t) for t in prompt[1:]] if learn_understood_image else [0.0] * (len(prompt) - 1)
-            weights = prompt_weights + [1.0] * len(answer)
+            prompt_weights = [understood_image_weight * weight(t) for t in prompt[1:]]
+            weights = prompt_weights + [answer_weight] * len(answer)
         else:
             text = "" if rng.random() < p_drop_caption else caption
             tokens = layout.encode([text, item_codes], tokenizer, eos=True)

@@ -1,69 +1,34 @@
-"""Name maps and a strict loader for released checkpoints.
+"""Reading released checkpoints, and strict loading: one home for every family.
 
-Each released layout gets an explicit, literal map from its module names to ours. A map is a dict of module paths
-with every numeric index written as `{}`; a checkpoint key matches the longest such path that is a prefix of it, the
-indices are carried over in order, and the rest of the key (`weight`, `bias`, `norm1.running_mean`, ...) is kept.
-A key that no entry matches is an error, never silently dropped. `load_state_dict_strict` then checks every name
-and shape before it touches the module, so a wrong checkpoint fails with one message that says what is wrong.
+A family's file (emu3.py, llamagen.py) holds only what is particular to it: a literal name map from the released
+names to ours, the config translation and the prompt conventions. Everything else is here and shared:
 
-VQ: nano_emu.vq uses the original `BAAI/Emu3-VisionTokenizer` names, so that checkpoint loads as is; the
-transformers port (`Emu3-*-hf`, keys under `vqmodel.`) renamed modules and turned the attention 1x1 convs into
-Linear layers, which `vq_from_hf` undoes.
+- `open_checkpoint(path)`: a safetensors file, a folder of shards (with or without model.safetensors.index.json) or
+  a `torch.save` file (read with `weights_only=True`, so no pickled code ever runs, and memory-mapped). It returns
+  the names and shapes of every tensor before any tensor data is read, and reads tensors only when asked,
+  cast to the target dtype one at a time.
+- `rename(key, name_map)`: maps a key through a `{}`-template name map. A map is a dict of module paths with every
+  numeric index written as `{}`; a checkpoint key matches the longest such path that is a prefix of it, the
+  indices are carried over in order, and the rest of the key (`weight`, `bias`, ...) is kept.
+- `load_strict(module, checkpoint, convert, ...)`: `convert` turns checkpoint tensors into the module's names
+  (renames, fused-weight splits, permutations). It runs first on `meta` tensors of the checkpoint's shapes, so
+  every missing, unexpected or misshapen key is reported in one error before a byte of weights is read; then it
+  runs on the real tensors, which are assigned to a module built on the `meta` device.
 """
 
-import re
+import json
+import pickle
+import zipfile
 from pathlib import Path
+from typing import Callable
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
-from nano_emu.vq import VQConfig, VQModel
-
-# transformers / -hf VQ names (under `vqmodel.` in the -hf checkpoints) -> original Emu3-VisionTokenizer names
-VQ_HF_TO_ORIGINAL = {
-    "encoder.conv_in": "encoder.conv_in",
-    "encoder.down_block.down.{}.block.{}": "encoder.down.{}.block.{}",
-    "encoder.down_block.down.{}.attn_norms.{}": "encoder.down.{}.attn.{}.norm",
-    "encoder.down_block.down.{}.attn.{}.q_proj": "encoder.down.{}.attn.{}.q",
-    "encoder.down_block.down.{}.attn.{}.k_proj": "encoder.down.{}.attn.{}.k",
-    "encoder.down_block.down.{}.attn.{}.v_proj": "encoder.down.{}.attn.{}.v",
-    "encoder.down_block.down.{}.attn.{}.out_proj": "encoder.down.{}.attn.{}.proj_out",
-    "encoder.down_block.down.{}.downsample": "encoder.down.{}.downsample",
-    "encoder.middle_block.block_1": "encoder.mid.block_1",
-    "encoder.middle_block.attn_norm": "encoder.mid.attn_1.norm",
-    "encoder.middle_block.attn_1.q_proj": "encoder.mid.attn_1.q",
-    "encoder.middle_block.attn_1.k_proj": "encoder.mid.attn_1.k",
-    "encoder.middle_block.attn_1.v_proj": "encoder.mid.attn_1.v",
-    "encoder.middle_block.attn_1.out_proj": "encoder.mid.attn_1.proj_out",
-    "encoder.middle_block.block_2": "encoder.mid.block_2",
-    "encoder.norm_out": "encoder.norm_out",
-    "encoder.conv_out": "encoder.conv_out",
-    "encoder.time_conv.{}": "encoder.time_conv.{}",
-    "encoder.time_res_stack.{}": "encoder.time_res_stack.{}",
-    "decoder.time_res_stack.{}": "decoder.time_res_stack.{}",
-    "decoder.time_conv.{}": "decoder.time_conv.{}",
-    "decoder.conv_in": "decoder.conv_in",
-    "decoder.middle_block.block_1": "decoder.mid.block_1",
-    "decoder.middle_block.attn_norm": "decoder.mid.attn_1.norm",
-    "decoder.middle_block.attn_1.q_proj": "decoder.mid.attn_1.q",
-    "decoder.middle_block.attn_1.k_proj": "decoder.mid.attn_1.k",
-    "decoder.middle_block.attn_1.v_proj": "decoder.mid.attn_1.v",
-    "decoder.middle_block.attn_1.out_proj": "decoder.mid.attn_1.proj_out",
-    "decoder.middle_block.block_2": "decoder.mid.block_2",
-    "decoder.up_block.up.{}.block.{}": "decoder.up.{}.block.{}",
-    "decoder.up_block.up.{}.attn_norms.{}": "decoder.up.{}.attn.{}.norm",
-    "decoder.up_block.up.{}.attn.{}.q_proj": "decoder.up.{}.attn.{}.q",
-    "decoder.up_block.up.{}.attn.{}.k_proj": "decoder.up.{}.attn.{}.k",
-    "decoder.up_block.up.{}.attn.{}.v_proj": "decoder.up.{}.attn.{}.v",
-    "decoder.up_block.up.{}.attn.{}.out_proj": "decoder.up.{}.attn.{}.proj_out",
-    "decoder.up_block.up.{}.upsample": "decoder.up.{}.upsample",
-    "decoder.norm_out": "decoder.norm_out",
-    "decoder.conv_out": "decoder.conv_out",
-    "quantize.embedding": "quantize.embedding",
-    "quant_conv": "quant_conv",
-    "post_quant_conv": "post_quant_conv",
-}
+# top-level keys under which training scripts nest the weights (LlamaGen's DDP checkpoints use "model"; its sample
+# scripts also accept "module" (DeepSpeed) and "state_dict"); FSDP checkpoints are the state dict itself
+NESTED_STATE_DICT_KEYS = ("model", "module", "state_dict")
 
 
 def rename(key: str, name_map: dict[str, str], source: str = "checkpoint") -> str:
@@ -77,24 +42,118 @@ def rename(key: str, name_map: dict[str, str], source: str = "checkpoint") -> st
     raise ValueError(f"{source}: no entry in the name map for key {key!r}")
 
 
-def vq_from_hf(state_dict: dict[str, Tensor], prefix: str = "vqmodel.",
-               source: str = "checkpoint") -> dict[str, Tensor]:
-    """transformers/-hf VQ weights -> original Emu3-VisionTokenizer names (and nano_emu.vq's). Keys outside
-    `prefix` (the language model in a full -hf checkpoint) are skipped; every key inside it must map."""
-    out = {}
-    for key, tensor in state_dict.items():
-        if not key.startswith(prefix):
-            continue
-        hf_key = key[len(prefix):]
-        if re.search(r"\.(q|k|v|out)_proj\.weight$", hf_key) and tensor.ndim == 2:
-            tensor = tensor[:, :, None, None]  # Linear [C, C] -> the released 1x1 Conv2d [C, C, 1, 1]
-        out[rename(hf_key, VQ_HF_TO_ORIGINAL, source)] = tensor
-    return out
+# ---------------------------------------------------------------------------------------------------------------
+# reading
+
+
+def open_safetensors(file: Path):
+    try:
+        return safe_open(file, framework="pt")
+    except SafetensorError as e:
+        raise ValueError(f"cannot read {file}: {e}; the file is truncated or corrupt, download it again") from None
+
+
+def safetensors_files(path: Path) -> dict[Path, list[str] | None]:
+    """file -> the keys it should hold (None: whatever it holds) for a .safetensors file or a folder of them."""
+    if not path.is_dir():
+        return {path: None}
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index} is not a safetensors index with a 'weight_map': {e!r}") from None
+        files = {}
+        for key, name in weight_map.items():
+            files.setdefault(path / name, []).append(key)
+        for file in files:
+            if not file.is_file():
+                raise FileNotFoundError(f"{index} names the shard {file.name}, which is missing from {path} "
+                                        f"(an incomplete download?)")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no weights in {path}: expected model.safetensors.index.json with its shards, "
+                                f"or .safetensors files")
+    return dict.fromkeys(files)
+
+
+def read_torch_file(path: Path) -> dict[str, Tensor]:
+    """A `torch.save` checkpoint -> its state dict of (memory-mapped, not yet read) tensors. weights_only=True:
+    only tensors and plain containers are unpickled, never code. A DDP-style {"model": state_dict} is unwrapped."""
+    if not zipfile.is_zipfile(path):   # torch.save writes a zip archive whose directory sits at the very end
+        raise ValueError(f"cannot read {path}: not a torch.save zip archive nor a .safetensors file; the file is "
+                         f"truncated or corrupt (download it again), or it is not a checkpoint")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path} as a weights-only PyTorch checkpoint (it is truncated or corrupt, "
+                         f"or it holds more than tensors): {str(e).splitlines()[0]}") from None
+    if isinstance(obj, dict):
+        for nested in NESTED_STATE_DICT_KEYS:
+            if isinstance(obj.get(nested), dict):
+                obj = obj[nested]
+                break
+    if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
+        what = f"a dict with keys {sorted(obj)[:8]}" if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(f"{path} holds {what}, not a state dict (name -> tensor), nor one under "
+                         f"{' / '.join(map(repr, NESTED_STATE_DICT_KEYS))}")
+    return obj
+
+
+class Checkpoint:
+    """The tensors of a checkpoint: `shapes` (name -> shape) is known as soon as it is opened, `read` loads tensors.
+    safetensors: headers only until `read`; torch.save files: memory-mapped, so data is paged in only when read."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"checkpoint {self.path} does not exist")
+        self.shapes, self._where = {}, {}   # name -> shape; name -> safetensors file or mmap'd tensor
+        if self.path.is_dir() or self.path.suffix == ".safetensors":
+            for file, keys in safetensors_files(self.path).items():
+                with open_safetensors(file) as shard:
+                    absent = sorted(set(keys or ()) - set(shard.keys()))
+                    if absent:
+                        raise ValueError(f"model.safetensors.index.json places {absent[:5]} in {file.name}, which "
+                                         f"does not hold them")
+                    for key in keys or shard.keys():
+                        self.shapes[key], self._where[key] = tuple(shard.get_slice(key).get_shape()), file
+        else:
+            for key, tensor in read_torch_file(self.path).items():
+                self.shapes[key], self._where[key] = tuple(tensor.shape), tensor
+
+    def read(self, keys, device="cpu", dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+        """The tensors `keys`, each floating one cast to `dtype` and moved to `device` as soon as it is read, so at
+        most one tensor in the checkpoint's dtype is alive beside the result."""
+        def place(tensor):
+            return tensor.to(device, dtype if dtype and tensor.is_floating_point() else tensor.dtype)
+
+        tensors, by_file = {}, {}
+        for key in keys:
+            where = self._where[key]
+            if torch.is_tensor(where):
+                tensors[key] = place(where)
+            else:
+                by_file.setdefault(where, []).append(key)
+        for file, names in by_file.items():
+            with open_safetensors(file) as shard:
+                for key in names:
+                    tensors[key] = place(shard.get_tensor(key))
+        return tensors
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    return Checkpoint(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# strict loading
 
 
 def check_state_dict(module: nn.Module, shapes: dict[str, tuple[int, ...]], source: str) -> None:
-    """Raise one ValueError listing missing keys, unexpected keys and shape mismatches between `shapes` (checkpoint
-    key -> shape, e.g. read from safetensors headers before any tensor is) and the module's state dict."""
+    """Raise one ValueError listing missing keys, unexpected keys and shape mismatches between `shapes` (key -> shape,
+    e.g. read from checkpoint headers before any tensor is) and the module's state dict."""
     expected = module.state_dict()
     missing = sorted(expected.keys() - shapes.keys())
     unexpected = sorted(shapes.keys() - expected.keys())
@@ -117,30 +176,21 @@ def load_state_dict_strict(module: nn.Module, state_dict: dict[str, Tensor], sou
     module.load_state_dict(state_dict, strict=True, assign=assign)
 
 
-def read_safetensors(path: str | Path, prefix: str = "") -> dict[str, Tensor]:
-    """Tensors whose names start with `prefix` from a .safetensors file, or from every shard in a directory
-    (so the VQ can be read out of a sharded -hf checkpoint without loading the language model)."""
-    path = Path(path)
-    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
-    if not files or not all(f.is_file() for f in files):
-        raise FileNotFoundError(f"no .safetensors file at {path}")
-    tensors = {}
-    for f in files:
-        with safe_open(f, framework="pt") as sf:
-            tensors.update({k: sf.get_tensor(k) for k in sf.keys() if k.startswith(prefix)})
-    return tensors
+Convert = Callable[[dict[str, Tensor]], dict[str, Tensor]]
 
 
-def load_vq(path: str | Path, cfg: VQConfig | None = None, device: str | torch.device = "cpu") -> VQModel:
-    """Build a VQModel (default VQConfig.emu3()) on the meta device and load released weights into it, in eval mode:
-    an -hf checkpoint file/directory (keys under `vqmodel.`) or the original Emu3-VisionTokenizer model.safetensors."""
-    cfg = cfg or VQConfig.emu3()
-    state_dict = read_safetensors(path, prefix="vqmodel.")  # only the VQ out of a full -hf checkpoint
-    if state_dict:
-        state_dict = vq_from_hf(state_dict, source=str(path))
-    else:
-        state_dict = read_safetensors(path)  # the original tokenizer checkpoint holds nothing else
-    with torch.device("meta"):
-        model = VQModel(cfg)
-    load_state_dict_strict(model, state_dict, source=str(path), assign=True)
-    return model.to(device).eval()
+def check_strict(module: nn.Module, checkpoint: Checkpoint, keys, convert: Convert, source: str) -> None:
+    """Run `convert` on meta tensors of the checkpoint's shapes and check the result against the module: every
+    name and shape is verified and nothing is read."""
+    meta = {k: torch.empty(checkpoint.shapes[k], device="meta") for k in keys}
+    check_state_dict(module, {k: tuple(v.shape) for k, v in convert(meta).items()}, source)
+
+
+def load_strict(module: nn.Module, checkpoint: Checkpoint, convert: Convert, source: str, keys=None,
+                device="cpu", dtype: torch.dtype | None = None) -> None:
+    """The one strict-loading routine of every family: check (on meta tensors), then read `keys` (default: all),
+    convert and assign. `convert` receives and returns name -> tensor; unknown names should pass through unchanged
+    so that they are reported as unexpected keys, all at once."""
+    keys = list(checkpoint.shapes if keys is None else keys)
+    check_strict(module, checkpoint, keys, convert, source)
+    load_state_dict_strict(module, convert(checkpoint.read(keys, device, dtype)), source, assign=True)

@@ -42,6 +42,9 @@ def ckpt(tmp_path):
     (["--progress", "fill.png"], "--progress"),
     (["--ckpt", "no/such/folder"], "--ckpt"),
     (["--vq", "."], "--vq"),
+    (["--cdk-k", "0"], "--cdk-k"),
+    (["--keep-rows", "-1"], "--keep-rows"),
+    (["--chameleon", "no/such/folder"], "--chameleon"),
     (["--frames", "6"], "--frames"),              # the VQ packs 4 frames into one code frame
     (["--frames", "0"], "--frames"),
 ])
@@ -65,8 +68,11 @@ def test_sample_refuses_bad_paths_in_one_line(ckpt, tmp_path, capsys):
                         (["--prompt", "x", "--out", str(a_file / "sub" / "x.png")], "is a file, not a folder"),
                         (["--prompt", "x", "--out", str(tmp_path)], "needs the suffix"),
                         ([], "nothing to do"),
-                        (["--weights", ckpt, "--prompt", "x"], "either --ckpt"),
-                        (["--prompt", "x", "--frames", "8", "--progress", str(tmp_path / "p.gif")], "--progress"),
+                        (["--weights", ckpt, "--prompt", "x"], "give one of --ckpt"),
+                        (["--chameleon", ckpt, "--prompt", "x"], "give one of --ckpt"),
+                        (["--prompt", "x", "--keep-rows", "2"], "--complete and --keep-rows go together"),
+                        (["--prompt", "x", "--tokenizer-dir", ckpt], "--tokenizer-dir goes with --chameleon"),
+                                                (["--prompt", "x", "--frames", "8", "--progress", str(tmp_path / "p.gif")], "--progress"),
                         (["--caption", str(empty)], "no frames in folder"),
                         ]:
         with pytest.raises(SystemExit) as exit:
@@ -127,6 +133,7 @@ def test_sample_script_still_shows_a_bugs_traceback(ckpt):
                                           (["--gpt-dim", "-64"], "--gpt-dim"), (["--ckpt-every", "0"], "--ckpt-every"),
                                           (["--cfg", "0"], "--cfg"), (["--seed", "-1"], "--seed"),
                                           (["--gpt-clip-share", "1"], "--gpt-clip-share"),
+                                          (["--vq-clip-share", "0.6"], "--vq-clip-share"),
                                           (["--vq-clip-batch", "0"], "--vq-clip-batch")])
 def test_train_tiny_refuses_a_bad_number(flags, named, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:

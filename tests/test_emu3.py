@@ -24,7 +24,7 @@ from nano_emu.emu3 import EMU3_NEGATIVE_PROMPT, EMU3_PROMPT_SUFFIX
 from nano_emu.image import image_to_tensor, tensor_to_image
 from nano_emu.layout import EMU3_CHAT_TEMPLATE
 from nano_emu.tokenizer import QWEN_SPECIALS
-from nano_emu.weights import vq_from_hf
+from nano_emu.emu3 import vq_from_hf
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tiktoken")

@@ -55,10 +55,11 @@ def decode_all(model, prompts_ids, mask, continuation):
     """Prefill the prompts, then feed `continuation` (B, N) one token at a time; returns the N+1 next-token
     logits rows (B, N+1, V) produced with the cache."""
     B, L = prompts_ids.shape
-    model.setup_cache(B, L + continuation.size(1))
-    out = [model(prompts_ids, input_pos=torch.arange(L), attention_mask=mask)[:, -1]]
+    cache = model.new_cache(B, L + continuation.size(1))
+    cache.start(mask)
+    out = [model(prompts_ids, cache=cache, input_pos=torch.arange(L))[:, -1]]
     for i in range(continuation.size(1)):
-        out.append(model(continuation[:, i:i + 1], input_pos=torch.tensor([L + i]))[:, -1])
+        out.append(model(continuation[:, i:i + 1], cache=cache, input_pos=torch.tensor([L + i]))[:, -1])
     return torch.stack(out, dim=1)
 
 
@@ -125,7 +126,10 @@ def test_clear_errors():
     model = tiny_gpt()
     with pytest.raises(ValueError, match="exceeds the model's context of 128"):
         model(torch.zeros(1, 129, dtype=torch.long))
-    with pytest.raises(RuntimeError, match="setup_cache"):
-        GPT(GPTConfig(**TINY))(torch.zeros(1, 1, dtype=torch.long), input_pos=torch.tensor([0]))
+    with pytest.raises(ValueError, match="new_cache"):
+        model(torch.zeros(1, 1, dtype=torch.long), input_pos=torch.tensor([0]))
+    with pytest.raises(ValueError, match="cache.start"):
+        model(torch.zeros(1, 1, dtype=torch.long), cache=model.new_cache(1, 8), input_pos=torch.tensor([0]),
+              attention_mask=torch.ones(1, 1))
     with pytest.raises(ValueError, match="context"):
-        model.setup_cache(1, 1000)
+        model.new_cache(1, 1000)

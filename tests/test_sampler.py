@@ -26,11 +26,12 @@ class AdversarialLogits(nn.Module):
         self.lm_head = nn.Linear(1, 1)   # only its device is read
         self.rng = torch.Generator().manual_seed(seed)
 
-    def setup_cache(self, batch_size, max_len):
-        pass
+    def new_cache(self, batch_size, max_len):
+        return SimpleNamespace(batch_size=batch_size, max_len=max_len, start=lambda prompt_mask=None: None)
 
-    def forward(self, idx, input_pos=None, attention_mask=None):
-        logits = 4 * torch.randn(idx.size(0), 1, L.vocab_size, generator=self.rng)
+    def forward(self, idx, cache=None, input_pos=None, every_position=False):
+        logits = 4 * torch.randn(idx.size(0), idx.size(1) if every_position else 1, L.vocab_size,
+                                 generator=self.rng)
         logits[..., :L.first_visual] += 6.0    # text and markers look very attractive
         return logits
 
@@ -56,8 +57,8 @@ class Insists(AdversarialLogits):
         super().__init__()
         self.favourites = favourites
 
-    def forward(self, idx, input_pos=None, attention_mask=None):
-        logits = torch.randn(idx.size(0), 1, L.vocab_size, generator=self.rng)
+    def forward(self, idx, cache=None, input_pos=None, every_position=False):
+        logits = torch.randn(idx.size(0), idx.size(1) if every_position else 1, L.vocab_size, generator=self.rng)
         logits[..., self.favourites] += 50.0
         return logits
 
@@ -191,10 +192,11 @@ def test_generate_text_stops_at_eos():
     class Scripted(AdversarialLogits):
         script = [ord("h"), ord("i"), L.eos, ord("x")]
 
-        def setup_cache(self, batch_size, max_len):
+        def new_cache(self, batch_size, max_len):
             self.step = 0
+            return super().new_cache(batch_size, max_len)
 
-        def forward(self, idx, input_pos=None, attention_mask=None):
+        def forward(self, idx, cache=None, input_pos=None, every_position=False):
             logits = torch.zeros(idx.size(0), 1, L.vocab_size)
             logits[..., self.script[min(self.step, 3)]] = 1.0
             self.step += 1

@@ -66,6 +66,16 @@ def test_sample_draws_a_grid_a_progress_gif_and_a_caption(quick_run, tmp_path, c
     assert "tokens/s" in printed.out and f"{shape}:" in printed.out
 
 
+def test_an_image_only_checkpoint_refuses_clips(quick_run):
+    """Without --video the tiny VQ has no time axis (temporal_factor=1), so a clip is refused before any drawing."""
+    out, _ = quick_run
+    pipe = load_tiny(out)
+    with pytest.raises(ValueError, match="no time axis"):
+        pipe.draw(["a red circle moving left"], frames=8)
+    with pytest.raises(ValueError, match="no time axis"):
+        pipe.answer_clip(data.sample_moving_shapes(1, 0)[0][0])
+
+
 def test_sample_explains_a_missing_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="vq.safetensors is missing"):
         sample.main(sample.parse_args(["--ckpt", str(tmp_path), "--prompt", "a red circle in the top left"]))
@@ -90,6 +100,8 @@ def test_quick_video_run_trains_on_clips_draws_and_captions_them(quick_video_run
     assert Image.open(out / "clips.png").size[0] > 300
     _, meta, _ = load_checkpoint(out / "gpt.safetensors")
     assert meta["steps"] == 80   # the quick preset's 40 steps, doubled: half of them train on clips
+    _, meta, _ = load_checkpoint(out / "vq.safetensors")
+    assert meta["steps"] == 53   # 40 / 0.75: clips alternate with images in the second half (the curriculum)
 
     # the VQ's temporal axis is used: 8 frames -> 2 code frames -> 8 frames
     pipe = load_tiny(out)
@@ -175,7 +187,7 @@ def test_torchrun_two_cpu_processes(tmp_path):
 
 def test_understanding_strings_train_the_unconditional_branch():
     """`BOS image caption EOS` starts exactly like CFG's unconditional string `BOS "" image`, so with
-    learn_understood_image its image block carries the loss that the dropped captions used to provide."""
+    understood_image_weight its image block carries the loss that the dropped captions used to provide."""
     from nano_emu.layout import Layout
     from nano_emu.tokenizer import WordTokenizer
     from nano_emu.train import sequences
@@ -185,7 +197,7 @@ def test_understanding_strings_train_the_unconditional_branch():
     caption = ["a red circle in the top left"]
     # p_understand=1: always image -> caption
     inputs, targets, weights = sequences(layout, tok, codes, caption, np.random.default_rng(0), p_understand=1.0,
-                                         visual_weight=0.5, learn_understood_image=True)
+                                         visual_weight=0.5, understood_image_weight=1.0)
     uncond = layout.encode(["", codes[0]], tok)   # BOS BOI "3*3" IMG rows EOF EOI
     full = torch.cat([inputs[0, :1], targets[0]])
     assert full[:len(uncond)].tolist() == uncond
@@ -193,6 +205,6 @@ def test_understanding_strings_train_the_unconditional_branch():
     assert visual.sum() == 9 and (weights[0][visual] == 0.5).all()
     answer = len(tok.encode(caption[0])) + 1   # the caption and EOS
     assert (weights[0][-answer:] == 1).all()
-    # without the switch only the answer is learned (Emu3's rule)
+    # weight 0: only the answer is learned (Emu3's rule)
     _, _, weights = sequences(layout, tok, codes, caption, np.random.default_rng(0), p_understand=1.0)
     assert weights[0].sum() == answer and (weights[0][-answer:] == 1).all()

@@ -12,8 +12,10 @@ from PIL import Image
 from torch import nn
 
 from nano_emu.image import image_to_tensor, load_clip, load_image, smart_resize, tensor_to_image
-from nano_emu.vq import VQConfig, VQModel, VectorQuantizer, codebook_usage
-from nano_emu.weights import load_state_dict_strict, load_vq, rename, vq_from_hf, VQ_HF_TO_ORIGINAL
+from nano_emu.train import codebook_usage, init_vq_for_training, restart_dead_codes
+from nano_emu.vq import VQConfig, VQModel, VectorQuantizer
+from nano_emu.emu3 import VQ_HF_TO_ORIGINAL, load_emu3_vq, vq_from_hf
+from nano_emu.weights import load_state_dict_strict, rename
 
 transformers = pytest.importorskip("transformers")
 from transformers import Emu3VQVAE, Emu3VQVAEConfig  # noqa: E402
@@ -177,7 +179,7 @@ def test_strict_loader_lists_every_problem_before_loading():
     msg = str(err.value)
     assert "bad.safetensors" in msg and "1 missing keys: encoder.conv_in.weight" in msg
     assert "1 unexpected keys: encoder.extra.weight" in msg
-    assert "quantize.embedding.weight: checkpoint (7, 8) vs model (512, 4)" in msg
+    assert "quantize.embedding.weight: checkpoint (7, 8) vs model (256, 4)" in msg
     assert torch.equal(model.decoder.conv_out.weight, before)  # nothing was loaded
 
 
@@ -194,29 +196,31 @@ def test_load_vq_from_safetensors(small_pair, tmp_path):
     save_file(vq_from_hf(ref.state_dict(), prefix=""), tmp_path / "original.safetensors")
     codes = torch.randint(0, SMALL.codebook_size, (1, 4, 4))
     for path in (tmp_path / "hf", tmp_path / "original.safetensors"):
-        loaded = load_vq(path, cfg=SMALL)
+        loaded = load_emu3_vq(path, cfg=SMALL)
         assert not loaded.training
         assert torch.equal(loaded.decode(codes), ours.decode(codes))
     with pytest.raises(ValueError, match="original.safetensors"):
-        load_vq(tmp_path / "original.safetensors", cfg=VQConfig.tiny())
+        load_emu3_vq(tmp_path / "original.safetensors", cfg=VQConfig.tiny())
 
 
 # ------------------------------------------------------------------------------------------------ shortcut, training
 
 
 def test_image_shortcut_equals_full_path():
+    """The released path runs an image as a clip of 4 identical frames, i.e. the video path; the shortcut agrees."""
     torch.manual_seed(0)
     vq = VQModel(VQConfig.tiny())
     randomize_norms(vq)
     x = pixels(2, 3, 64, 64)
+    clip = x.unsqueeze(1).expand(-1, 4, -1, -1, -1)  # (B, 4, 3, H, W)
     vq.eval()
     codes = vq.encode(x)
     assert codes.shape == (2, 8, 8)
-    assert torch.equal(codes, vq.encode(x, full=True))
-    torch.testing.assert_close(vq.latent(x), vq.latent(x, full=True), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(vq.decode(codes), vq.decode(codes, full=True), rtol=1e-5, atol=1e-6)
+    assert torch.equal(codes, vq.encode(clip)[:, 0])
+    torch.testing.assert_close(vq.latent(x), vq.latent(clip), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(vq.decode(codes), vq.decode(codes[:, None])[:, 0], rtol=1e-5, atol=1e-6)
     vq.train()  # batch statistics too: the temporal stack always runs on all frames
-    torch.testing.assert_close(vq.latent(x), vq.latent(x, full=True), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(vq.latent(x), vq.latent(clip), rtol=1e-5, atol=1e-6)
 
 
 def toy_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -233,6 +237,7 @@ def test_toy_training_reconstructs():
     torch.manual_seed(0)
     cfg = VQConfig.tiny()
     vq = VQModel(cfg)
+    init_vq_for_training(vq)
     x = toy_images(2, 32)
     opt = torch.optim.Adam(vq.parameters(), lr=3e-3)
     losses = []
@@ -251,6 +256,7 @@ def test_toy_training_reconstructs():
 
 def test_straight_through_gradients_reach_encoder():
     vq = VQModel(VQConfig.tiny())
+    init_vq_for_training(vq)
     x = toy_images(2, 32)
     out = vq(x)
     F.mse_loss(out.recon, x).backward()  # reconstruction only: no commitment-loss path to the encoder
@@ -286,7 +292,7 @@ def test_restart_moves_only_dead_codes_onto_encoder_outputs(l2_norm):
     assert codebook_usage(codes, K) <= 8 / K   # 18 outputs on a handful of codes: the setting of a restart
     before = quantizer.embedding.weight.clone()
 
-    assert quantizer.restart_dead_codes(latents, counts) == dead.sum() > 0
+    assert restart_dead_codes(quantizer, latents, counts) == dead.sum() > 0
     after = quantizer.embedding.weight
     assert torch.equal(after[~dead], before[~dead])
     outputs = latents.permute(0, 2, 3, 4, 1).reshape(-1, C)   # (18, C)
@@ -317,8 +323,8 @@ def test_encode_rejects_bad_pixels(x, match):
     (torch.zeros(4, 4, dtype=torch.long), r"expected codes \(B, h, w\) for images or \(B, t, h, w\) for video, "
                                           r"got shape \(4, 4\)"),
     (torch.zeros(1, 4, 4), r"expected integer codes, got dtype torch.float32"),
-    (torch.full((1, 4, 4), 512), r"codes must lie in \[0, 512\), got min 512 and max 512"),
-    (torch.full((1, 1, 4, 4), -1), r"codes must lie in \[0, 512\), got min -1 and max -1"),
+    (torch.full((1, 4, 4), 256), r"codes must lie in \[0, 256\), got min 256 and max 256"),
+    (torch.full((1, 1, 4, 4), -1), r"codes must lie in \[0, 256\), got min -1 and max -1"),
 ])
 def test_decode_rejects_bad_codes(codes, match):
     with pytest.raises(ValueError, match=match):
