@@ -36,9 +36,9 @@ from nano_emu.vq import VQConfig, VQModel
 
 # what each preset trains; any flag given on the command line overrides its preset's value
 PRESETS = {
-    "tiny": dict(vq_steps=700, vq_batch=8, vq_lr=1e-3, pool=8000, gpt_steps=1300, gpt_batch=24, gpt_lr=3e-3,
-                 gpt_dim=128, gpt_layers=4, eval_per_triple=7, eval_images=256, tokenizer="bytes",
-                 p_drop_caption=0.1, visual_weight=0.5, understood_image_weight=0.0, answer_weight=1.0),
+    "tiny": dict(vq_steps=1750, vq_batch=8, vq_lr=1e-3, pool=8000, gpt_steps=2600, gpt_batch=24, gpt_lr=3e-3,
+                 gpt_dim=128, gpt_layers=4, eval_per_triple=7, eval_images=256, tokenizer="words",
+                 p_drop_caption=0.1, visual_weight=0.5, understood_image_weight=0.0, answer_weight=2.0),
     "quick": dict(vq_steps=40, vq_batch=4, vq_lr=1e-3, pool=256, gpt_steps=40, gpt_batch=8, gpt_lr=2e-3,
                   gpt_dim=64, gpt_layers=2, eval_per_triple=1, eval_images=16, tokenizer="words",
                   p_drop_caption=0.0, visual_weight=1.0, understood_image_weight=1.0, answer_weight=1.0),
