@@ -4,6 +4,8 @@
     python sample.py --ckpt out/tiny --prompt "a red circle in the top left" --prompt "a blue square in the center" \\
                      --n 4 --out grid.png --progress fill.gif       # a grid, and a GIF of it filling in row by row
     python sample.py --ckpt out/tiny --caption some_shape.png       # image -> text
+    python sample.py --ckpt out/video --prompt "a red circle moving left" --frames 8 --out clip.gif   # text -> clip
+    python sample.py --ckpt out/video --caption clip.gif            # clip -> text (a GIF or a folder of frames)
     python sample.py --weights BAAI/Emu3-Gen --vq BAAI/Emu3-VisionTokenizer --prompt "a cat" --ratio 16:9 \\
                      --device cuda --dtype bfloat16 --out cat.png   # the released model (folders you downloaded)
     python sample.py --weights BAAI/Emu3-Chat --vq BAAI/Emu3-VisionTokenizer --image cat.png --question "What is it?"
@@ -23,7 +25,11 @@ import torch
 from PIL import Image
 
 from nano_emu import cli
+from nano_emu.image import load_clip
 from nano_emu.pipeline import Pipeline, load_tiny, resolve_device
+from nano_emu.vq import VQConfig
+
+TEMPORAL_FACTOR = VQConfig.emu3().temporal_factor   # frames per code frame: 4 in the released VQ and the tiny one
 
 
 def load(args) -> Pipeline:
@@ -66,7 +72,10 @@ def draw(pipe: Pipeline, args) -> None:
                     top_k=args.top_k, top_p=args.top_p, cdk_k=args.cdk_k)
     if args.negative is not None:
         sampling["negative_prompt"] = args.negative
-    print(f"drawing {len(prompts)} image(s) of {h}x{w} codes ({h * pipe.vq.cfg.spatial_factor}x"
+    if args.frames:
+        sampling["frames"] = args.frames
+    what = f"clip(s) of {args.frames} frames, {pipe.code_frames(args.frames)}x" if args.frames else "image(s) of "
+    print(f"drawing {len(prompts)} {what}{h}x{w} codes ({h * pipe.vq.cfg.spatial_factor}x"
           f"{w * pipe.vq.cfg.spatial_factor} px), cfg {cfg}, seed {args.seed}")
     frames, start = [], time.time()
     for rows in pipe.draw_stream(prompts, **sampling):
@@ -85,15 +94,31 @@ def draw(pipe: Pipeline, args) -> None:
     elapsed = time.time() - start
     print(f"\n  {n_tokens} tokens per image in {elapsed:.1f}s: {n_tokens * len(prompts) / elapsed:.1f} tokens/s "
           f"({'CFG: 2 rows per image, ' if cfg != 1 else ''}batch {len(prompts)})")
-    images = pipe.decode(rows.codes)
+    images = pipe.decode(rows.codes, args.frames)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.frames:
+        write_clips(images, args, out)
+        return
     (images[0] if len(images) == 1 else grid_image(images, args.n)).save(out)
     print(f"wrote {out}" + ("" if len(images) == 1 else f" ({len(args.prompt)} prompts x {args.n}, one row each)"))
     if args.progress:
         frames += [frames[-1]] * 4   # hold the finished image for a moment
         frames[0].save(args.progress, save_all=True, append_images=frames[1:], duration=120, loop=0)
         print(f"wrote {args.progress} ({len(frames)} frames)")
+
+
+def write_clips(clips: list[list[Image.Image]], args, out: Path) -> None:
+    """A .gif plays the clips side by side (one row per prompt); any other format is a still: a row of frames
+    per clip."""
+    if out.suffix.lower() == ".gif":
+        frames = [grid_image([clip[k] for clip in clips], args.n) for k in range(len(clips[0]))]
+        frames[0].save(out, save_all=True, append_images=frames[1:], duration=150, loop=0)
+        print(f"wrote {out} ({len(frames)} frames" + ("" if len(clips) == 1 else
+              f"; {len(args.prompt)} prompts x {args.n}, one row each") + ")")
+    else:
+        grid_image([frame for clip in clips for frame in clip], len(clips[0])).save(out)
+        print(f"wrote {out} ({len(clips)} clip(s), one row of {len(clips[0])} frames each)")
 
 
 def complete(pipe: Pipeline, args) -> None:
@@ -113,7 +138,10 @@ def complete(pipe: Pipeline, args) -> None:
 def answer(pipe: Pipeline, args) -> None:
     image = args.caption or args.image
     start = time.time()
-    text = pipe.answer(image, args.question, max_new_tokens=args.max_new_tokens)
+    if args.caption and len(load_clip(args.caption)) > 1:   # an animated GIF or a folder of frames: a clip
+        text = pipe.answer_clip(args.caption, args.question, max_new_tokens=args.max_new_tokens)
+    else:
+        text = pipe.answer(image, args.question, max_new_tokens=args.max_new_tokens)
     print(f"{image}: {text}\n({time.time() - start:.1f}s)")
 
 
@@ -187,6 +215,11 @@ def build_parser() -> cli.ArgumentParser:
     gen.add_argument("--cfg", type=cli.above(0, note="1 = no guidance, more follows the prompt harder; "
                                                      "0 would ignore the prompt"), default=None,
                      help="classifier-free guidance scale, 1 = off (default: the checkpoint's; Emu3-Gen: 3.0)")
+    gen.add_argument("--frames", type=cli.checked(int, lambda n: n > 0 and n % TEMPORAL_FACTOR == 0,
+                                                  f"a positive multiple of {TEMPORAL_FACTOR} (the VQ's temporal "
+                                                  f"factor: {TEMPORAL_FACTOR} frames per code frame)"),
+                     default=None, help="draw a clip of this many frames (a checkpoint trained with --video); "
+                                        "--out .gif plays it, other formats show its frames in a row")
     gen.add_argument("--ratio", type=cli.ratio, default="1:1",
                      help="aspect ratio width:height (area fixed by the checkpoint)")
     gen.add_argument("--temperature", type=cli.at_least(0, float, note="0 = greedy"), default=None,
@@ -225,7 +258,8 @@ def build_parser() -> cli.ArgumentParser:
                        help="image to complete: its first --keep-rows rows of codes are kept, the rest drawn")
     extra.add_argument("--keep-rows", type=cli.at_least(0), default=None, help="rows of codes --complete keeps")
     und = p.add_argument_group("image -> text")
-    und.add_argument("--caption", type=cli.image_file, help="image to caption (tiny models)")
+    und.add_argument("--caption", type=cli.image_or_clip,
+                     help="image, animated GIF or folder of frames to caption (tiny models)")
     und.add_argument("--image", type=cli.image_file, help="image to ask about (Emu3-Chat)")
     und.add_argument("--question", default="", help="question about --image")
     und.add_argument("--max-new-tokens", type=cli.at_least(1), default=256)
@@ -255,6 +289,10 @@ def parse_args(argv=None):
                 "--chameleon (a Chameleon / Anole folder)")
     if args.vq and not args.weights:
         p.error("--vq goes with --weights or --llamagen (the released VQ of an original-layout Emu3 folder)")
+    if args.frames and args.progress:
+        p.error("--progress shows an image filling in row by row; it is not available with --frames")
+    if args.frames and args.complete:
+        p.error("--complete keeps rows of an image; it is not available with --frames")
     if args.tokenizer_dir and not args.chameleon:
         p.error("--tokenizer-dir goes with --chameleon (its original layout)")
     if (args.complete is None) != (args.keep_rows is None):

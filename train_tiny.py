@@ -3,12 +3,15 @@
     python train_tiny.py                          # the default: ~8 minutes on 2 CPU cores, writes out/tiny/
     python train_tiny.py --quick --out out/quick  # a smoke run in about a minute
     python train_tiny.py --resume                 # continue after a crash or Ctrl-C
+    python train_tiny.py --video --out out/video  # also 8-frame clips: caption->clip and clip->caption (~2x longer)
     torchrun --nproc_per_node=2 train_tiny.py     # data parallel (gloo on CPU, nccl on CUDA)
     python train_tiny.py --device cuda --preset small   # more compute, bigger models
 
 Stages: (1) the VQ learns 64x64 shapes -> 8x8 codes; (2) a pool of toy images is encoded with it; (3) the GPT learns
 caption->image and image->caption token strings (nano_emu/train.py); (4) evaluation with the deterministic shapes
 checker (nano_emu/evaluate.py): metrics.json, loss curves and sample grids in the output folder.
+With --video, clips of moving shapes join the VQ stage (8 frames -> 2 code frames through the causal temporal axis),
+the pool and the GPT stage, and the evaluation draws and captions clips as well (clips.png).
 """
 
 import argparse
@@ -33,16 +36,39 @@ from nano_emu.vq import VQConfig, VQModel
 
 # what each preset trains; any flag given on the command line overrides its preset's value
 PRESETS = {
-    "tiny": dict(vq_steps=700, vq_batch=8, vq_lr=1e-3, pool=8000, gpt_steps=1300, gpt_batch=24, gpt_lr=3e-3,
-                 gpt_dim=128, gpt_layers=4, eval_per_triple=7, eval_images=256, tokenizer="bytes",
-                 p_drop_caption=0.1, visual_weight=0.5, learn_understood_image=False, answer_weight=1.0),
+    "tiny": dict(vq_steps=1750, vq_batch=8, vq_lr=1e-3, pool=8000, gpt_steps=2600, gpt_batch=24, gpt_lr=3e-3,
+                 gpt_dim=128, gpt_layers=4, eval_per_triple=7, eval_images=256, tokenizer="words",
+                 p_drop_caption=0.1, visual_weight=0.5, understood_image_weight=0.0, answer_weight=2.0),
     "quick": dict(vq_steps=40, vq_batch=4, vq_lr=1e-3, pool=256, gpt_steps=40, gpt_batch=8, gpt_lr=2e-3,
                   gpt_dim=64, gpt_layers=2, eval_per_triple=1, eval_images=16, tokenizer="words",
-                  p_drop_caption=0.0, visual_weight=1.0, learn_understood_image=True, answer_weight=1.0),
+                  p_drop_caption=0.0, visual_weight=1.0, understood_image_weight=1.0, answer_weight=1.0),
     "small": dict(vq_steps=6000, vq_batch=16, vq_lr=1e-3, pool=40000, gpt_steps=6000, gpt_batch=64, gpt_lr=1e-3,
                   gpt_dim=384, gpt_layers=8, eval_per_triple=8, eval_images=1024, tokenizer="words",
-                  p_drop_caption=0.0, visual_weight=1.0, learn_understood_image=True, answer_weight=1.0),
+                  p_drop_caption=0.0, visual_weight=1.0, understood_image_weight=1.0, answer_weight=1.0),
 }
+
+# With --video, clips join both stages: a vq/gpt_clip_share of the steps trains on a batch of 8-frame moving-shapes
+# clips (the VQ's all in its second half: vq_stage's curriculum). The preset's step counts are then divided by
+# (1 - share), so the image steps stay the image run's (in expectation) and its image metrics stay comparable;
+# --vq-steps / --gpt-steps given by hand are totals. A VQ share of 0.25 alternates images and clips after the half.
+VIDEO = {
+    "tiny": dict(vq_clip_share=0.25, vq_clip_batch=2, clip_pool=4000, gpt_clip_share=0.4, eval_clips=216),
+    "quick": dict(vq_clip_share=0.25, vq_clip_batch=1, clip_pool=64, gpt_clip_share=0.5, eval_clips=12),
+    "small": dict(vq_clip_share=0.25, vq_clip_batch=4, clip_pool=20000, gpt_clip_share=0.4, eval_clips=288),
+}
+
+
+def preset(args) -> dict:
+    """The values the run's preset gives to every flag left unset (with --video, the clip knobs too)."""
+    name = "quick" if args.quick else args.preset
+    values = dict(PRESETS[name])
+    if args.video:
+        values.update(VIDEO[name])
+        for stage in ("vq", "gpt"):
+            share = getattr(args, f"{stage}_clip_share")
+            share = values[f"{stage}_clip_share"] if share is None else share
+            values[f"{stage}_steps"] = round(values[f"{stage}_steps"] / (1 - share))
+    return values
 
 
 # prompts for the sample grids: every colour, shape and position, all seen in training
@@ -68,9 +94,11 @@ def vq_stage(args, device, run, autocast):
 
     def sample_images(step):
         rng = batch_rng(args.seed, run.rank, step)
-        if args.video and step % 2:   # every other step a batch of 8-frame clips for the temporal axis
-            clips = data.sample_moving_shapes(max(1, args.vq_batch // 2), rng)[0]
-            return data.to_tensor(clips).to(device)
+        # curriculum: images only for the first half (a VQ that met clips from step 0 never learned colour, issue
+        # 11), so those batches are the image run's; after it, clips at twice the run's share (0.25: alternate)
+        if args.video and step >= args.vq_steps // 2 and rng.random() < 2 * args.vq_clip_share:
+            clips = data.sample_moving_shapes(args.vq_clip_batch, rng)[0]
+            return data.to_tensor(clips).to(device)   # (B, 8, 3, 64, 64) -> codes (B, 2, 8, 8)
         return data.to_tensor(data.sample_shapes(args.vq_batch, rng)[0]).to(device)
 
     with autocast:
@@ -80,18 +108,18 @@ def vq_stage(args, device, run, autocast):
     return vq.eval(), history
 
 
-def encode_pool(vq, args, device):
-    """The GPT's training data: `pool` fresh training-split images (and clips with --video), VQ-encoded once."""
-    images, captions, _ = data.sample_shapes(args.pool, np.random.default_rng([args.seed, 1]))
+def encode_pool(vq, args, device, clips: bool = False):
+    """The GPT's training data: `pool` fresh training-split images, or with clips=True `clip_pool` fresh 8-frame
+    clips, VQ-encoded once: codes (N, 8, 8) or (N, 2, 8, 8), and their captions."""
+    if clips:
+        samples, captions, _ = data.sample_moving_shapes(args.clip_pool, np.random.default_rng([args.seed, 2]))
+    else:
+        samples, captions, _ = data.sample_shapes(args.pool, np.random.default_rng([args.seed, 1]))
+    chunk = 32 if clips else 256   # 32 clips are 256 frames, as many pixels as 256 images
     with torch.no_grad():
-        codes = [vq.encode(data.to_tensor(images[i:i + 256]).to(device)).cpu() for i in range(0, len(images), 256)]
-    codes = list(torch.cat(codes))
-    if args.video:
-        clips, clip_captions, _ = data.sample_moving_shapes(args.pool // 4, np.random.default_rng([args.seed, 2]))
-        with torch.no_grad():
-            codes += [vq.encode(data.to_tensor(c[None]).to(device))[0].cpu() for c in clips]
-        captions = captions + clip_captions
-    return codes, captions
+        codes = [vq.encode(data.to_tensor(samples[i:i + chunk]).to(device)).cpu()
+                 for i in range(0, len(samples), chunk)]
+    return torch.cat(codes), captions
 
 
 def make_tokenizer(kind: str):
@@ -110,17 +138,17 @@ def gpt_stage(args, vq, device, run, autocast):
     torch.manual_seed(args.seed)
     gpt = GPT(config).to(device)
     codes, captions = encode_pool(vq, args, device)
-    if not args.video:
-        codes = torch.stack(codes)
+    clip_pool = encode_pool(vq, args, device, clips=True) if args.video else None
     options = dict(p_drop_caption=args.p_drop_caption, visual_weight=args.visual_weight,
-                   learn_understood_image=args.learn_understood_image, answer_weight=args.answer_weight)
+                   understood_image_weight=args.understood_image_weight, answer_weight=args.answer_weight)
     meta = {"kind": "gpt", "config": asdict(config), "layout": asdict(layout), "tokenizer": tokenizer_spec,
             "image_size": data.IMAGE_SIZE, "sequence_options": options,
             "sampling": {"cfg_scale": args.cfg, "temperature": args.temperature, "top_k": args.top_k}}
     with autocast:
         history = train_gpt(gpt, layout, tokenizer, codes, captions, args.gpt_steps, args.gpt_batch, args.gpt_lr,
                             args.out / "gpt.safetensors", meta, run, seed=args.seed, resume=args.resume,
-                            ckpt_every=args.ckpt_every, sequence_options=options)
+                            ckpt_every=args.ckpt_every, sequence_options=options, clip_pool=clip_pool,
+                            p_clip=args.gpt_clip_share if args.video else 0.0)
     return gpt.eval(), layout, tokenizer, history
 
 
@@ -164,12 +192,49 @@ def evaluate(args, vq, gpt, layout, tokenizer):
     images, captions, attrs = caption_examples
     ev.captioned_grid(images, captions, [data.parse_caption(c) == tuple(a) for c, a in zip(captions, attrs)],
                       args.out / "captions.png", title="image -> text (greedy): the GPT's captions of fresh images")
+    if args.video:
+        metrics.update(evaluate_clips(args, pipe, vq))
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
+
+
+# a clip per row in clips.png: every colour, shape and direction
+CLIP_SHOWCASE = [("red", "circle", "left"), ("green", "square", "down"), ("blue", "triangle", "right"),
+                 ("yellow", "square", "up"), ("cyan", "circle", "right"), ("magenta", "triangle", "left")]
+
+
+def evaluate_clips(args, pipe, vq) -> dict:
+    """The --video metrics, through the same Pipeline calls (draw with frames, answer_clip): the VQ on clips,
+    drawn clips read back by the checker (colour, shape, direction of motion), clip captions; and clips.png."""
+    rng = np.random.default_rng([args.seed, 4])   # its own stream: the image metrics stay the image run's
+    metrics = {}
+    clips, _, attrs = data.sample_moving_shapes(max(16, args.eval_images // 2), rng)
+    report = ev.vq_report(vq, clips, batch_size=32)
+    metrics["vq_psnr_clips_db"] = round(report["psnr"], 2)
+    metrics["vq_recon_checker_clips"] = ev.adherence(report["recon"], attrs)
+
+    triples = [(c, s, d) for c in data.COLORS for s in data.SHAPES for d in data.DIRECTIONS]
+    attrs = [triples[i % len(triples)] for i in range(args.eval_clips)]   # every triple equally often
+    prompts = [data.video_caption(*t) for t in attrs]
+    metrics["drawn_clips"] = len(prompts)
+    for cfg_scale in (pipe.cfg_scale, 1.0):
+        scores = data.score(ev.draw_clips(pipe, prompts, cfg_scale=cfg_scale, seed=args.seed), attrs)
+        metrics[f"clip_adherence_cfg{cfg_scale:g}"] = scores["all"]
+        for key in ("color", "shape", "direction", "unreadable"):
+            metrics[f"clip_{key}_cfg{cfg_scale:g}"] = scores[key]
+
+    clips, _, attrs = data.sample_moving_shapes(args.eval_images, rng)
+    metrics["clip_caption_accuracy"] = ev.caption_accuracy(ev.caption_clips(pipe, clips), attrs, video=True)
+
+    prompts = [data.video_caption(*t) for t in CLIP_SHOWCASE]
+    clips = ev.draw_clips(pipe, prompts, seed=args.seed + 1)   # (6, 8, H, W, 3)
+    ev.image_grid(clips.reshape(-1, *clips.shape[2:]), prompts, args.out / "clips.png", clips.shape[1],
+                  title=f"text -> clip, cfg {pipe.cfg_scale:g}: the {clips.shape[1]} frames of one clip per row")
+    return metrics
 
 
 def main(args):
     args.out = Path(args.out)
-    for key, value in PRESETS["quick" if args.quick else args.preset].items():
+    for key, value in preset(args).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     device = resolve_device(args.device)
@@ -198,7 +263,7 @@ def main(args):
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"\n{'metric':34s} value\n" + "\n".join(f"{k:34s} {v}" for k, v in metrics.items()))
     print(f"\nwrote {args.out}/: vq.safetensors gpt.safetensors metrics.json loss.png samples.png "
-          f"samples_cfg1.png captions.png")
+          f"samples_cfg1.png captions.png" + (" clips.png" if args.video else ""))
     return metrics
 
 
@@ -233,12 +298,22 @@ def parse_args(argv=None):
                               "generation string"),
                              ("visual-weight", cli.above(0), "loss weight of visual tokens relative to text "
                               "(Emu3: 0.5)"),
-                             ("answer-weight", cli.above(0), "loss weight of a caption written for an image")]:
+                             ("answer-weight", cli.above(0), "loss weight of a caption written for an image"),
+                             ("understood-image-weight", cli.at_least(0, float), "loss weight of the image block "
+                              "of image->caption strings, relative to generation strings (0 = Emu3: none)")]:
         p.add_argument(f"--{name}", type=kind, default=None, help=f"{text} (default: from the preset)")
     p.add_argument("--tokenizer", choices=["words", "bytes"], default=None,
                    help="caption tokens: whole words (7 a caption) or UTF-8 bytes (28) (default: from the preset)")
-    p.add_argument("--learn-understood-image", action=argparse.BooleanOptionalAction, default=None,
-                   help="also learn the image block of image->caption strings (CFG's unconditional branch)")
+    share = cli.checked(float, lambda p: 0 <= p < 1, "in [0, 1)")
+    video = p.add_argument_group("with --video (defaults: from the preset)")
+    video.add_argument("--vq-clip-share", type=cli.checked(float, lambda p: 0 <= p <= 0.5, "in [0, 0.5] (the VQ's "
+                                                           "clip batches all come in its second half)"),
+                       default=None, help="share of VQ steps on a batch of clips, all after the first half")
+    video.add_argument("--vq-clip-batch", type=count, default=None, help="clips in a VQ clip batch (8 frames each)")
+    video.add_argument("--clip-pool", type=count, default=None, help="clips encoded for GPT training")
+    video.add_argument("--gpt-clip-share", type=share, default=None, help="share of GPT steps on a batch of clips")
+    video.add_argument("--eval-clips", type=count, default=None,
+                       help="clips drawn for the metrics, cycling through the 72 (color, shape, direction)")
     return p.parse_args(argv)
 
 

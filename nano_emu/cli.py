@@ -17,7 +17,7 @@ from typing import Callable
 
 from PIL import Image
 
-from .image import load_image
+from .image import load_clip, load_image
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -85,6 +85,15 @@ def image_file(text: str) -> str:
     try:
         load_image(text)
     except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def image_or_clip(text: str) -> str:
+    """An image file, an animated GIF or a folder of frames (read as image.load_clip reads them)."""
+    try:
+        load_clip(text)
+    except (ValueError, OSError) as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text
 

@@ -4,6 +4,7 @@
 - text -> image: prompt adherence (colour, shape and position all right) of generated images, for seen and
   held-out (colour, shape, position) triples, with CFG and without (cfg 1);
 - image -> text: caption accuracy on fresh images (the greedy caption must name all three attributes right);
+- clips (train_tiny.py --video): the same for moving shapes, where the third attribute is the direction of motion;
 - pictures: loss curves and labelled sample grids (matplotlib), because people would rather look than read.
 """
 
@@ -26,7 +27,8 @@ def psnr(original: np.ndarray, reconstruction: np.ndarray) -> float:
 
 @torch.no_grad()
 def vq_report(vq, images: np.ndarray, batch_size: int = 256) -> dict:
-    """Encode and decode uint8 images (N, H, W, 3): PSNR, codebook usage, checker accuracy of reconstructions."""
+    """Encode and decode uint8 images (N, H, W, 3) or clips (N, T, H, W, 3): PSNR, codebook usage and the
+    reconstructions (for the checker)."""
     device = next(vq.parameters()).device
     codes = torch.cat([vq.encode(data.to_tensor(images[i:i + batch_size]).to(device))
                        for i in range(0, len(images), batch_size)])
@@ -41,6 +43,19 @@ def draw(pipe: Pipeline, captions: list[str], batch_size: int = 512, **sampling)
     return np.stack([np.asarray(image) for image in pipe.draw(captions, batch_size=batch_size, **sampling)])
 
 
+def draw_clips(pipe: Pipeline, captions: list[str], frames: int = data.VIDEO_FRAMES, batch_size: int = 64,
+               **sampling) -> np.ndarray:
+    """One clip per caption, drawn as a user draws them (Pipeline.draw with frames) -> uint8 (N, T, H, W, 3).
+    64 clips of 8 frames decode as many pixels at once as 512 images."""
+    clips = pipe.draw(captions, batch_size=batch_size, frames=frames, **sampling)
+    return np.stack([np.stack([np.asarray(frame) for frame in clip]) for clip in clips])
+
+
+def caption_clips(pipe: Pipeline, clips: np.ndarray, max_new_tokens: int = 48) -> list[str]:
+    """Greedy captions of uint8 clips (N, T, H, W, 3), as a user asks for them (Pipeline.answer_clip)."""
+    return pipe.answer_clip(list(clips), max_new_tokens=max_new_tokens)
+
+
 def caption_images(pipe: Pipeline, images: np.ndarray, max_new_tokens: int = 48) -> list[str]:
     """Greedy captions of uint8 images (N, H, W, 3), exactly as a user asks for them (Pipeline.answer)."""
     return pipe.answer(list(images), max_new_tokens=max_new_tokens)
@@ -50,8 +65,9 @@ def adherence(images: np.ndarray, attrs: list) -> float:
     return data.score(images, attrs)["all"]
 
 
-def caption_accuracy(captions: list[str], attrs: list) -> float:
-    return float(np.mean([data.parse_caption(c) == tuple(a) for c, a in zip(captions, attrs)]))
+def caption_accuracy(captions: list[str], attrs: list, video: bool = False) -> float:
+    parse = data.parse_video_caption if video else data.parse_caption
+    return float(np.mean([parse(c) == tuple(a) for c, a in zip(captions, attrs)]))
 
 
 def plot_losses(histories: dict[str, list[dict]], path: Path, keys: dict[str, str]) -> None:

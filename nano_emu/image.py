@@ -46,6 +46,27 @@ def load_image(path: str | Path) -> Image.Image:
     return image
 
 
+def load_clip(path: str | Path) -> list[Image.Image]:
+    """The frames of a clip: an animated GIF, or a folder of image files in name order (frame_00.png, ...).
+    A GIF writer stores a run of identical frames once, with the run's total duration (PIL does), so a GIF frame
+    held for k times the shortest frame's duration counts as k frames: the clip keeps its length."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        if not files:
+            raise ValueError(f"no frames in folder {str(path)!r}")
+        return [load_image(p) for p in files]
+    image = load_image(path)
+    frames, durations = [], []
+    for k in range(getattr(image, "n_frames", 1)):
+        image.seek(k)
+        frames.append(image.convert("RGB"))   # a GIF frame is a palette image that may reuse the previous one
+        durations.append(image.info.get("duration") or 0)
+    shortest = min((d for d in durations if d > 0), default=0)
+    repeats = [max(1, round(d / shortest)) if shortest else 1 for d in durations]
+    return [frame for frame, n in zip(frames, repeats) for _ in range(n)]
+
+
 def square_crop(image: Image.Image, side: int) -> Image.Image:
     """Chameleon's preprocessing (chameleon/inference/image_tokenizer.py): transparency composited on white, the
     shortest side resized to `side` (LANCZOS), then the centre side x side square."""

@@ -1,4 +1,4 @@
-"""A loaded model and the two things people do with it: draw an image from text, and answer about an image.
+"""A loaded model and the two things people do with it: draw an image (or a clip) from text, and answer about one.
 
 `Pipeline` bundles the GPT, the VQ, the text tokenizer and the token layout, plus the prompt conventions of the
 checkpoint (Emu3-Gen's positive suffix and negative prompt, Emu3-Chat's template, the image area). It only
@@ -8,8 +8,14 @@ strings together layout.py (prompts), sampler.py (generation) and vq.py (pixels)
     image = pipe.draw(["a red circle in the top left"], cfg_scale=3.0, seed=0)[0]
     for rows in pipe.draw_stream([...]): ...     # watch it fill in row by row
     text = pipe.answer(image, "")                # the tiny model captions; Emu3-Chat answers the question
+    clip = pipe.draw(["a red circle moving left"], frames=8)[0]   # 8 PIL frames (a --video tiny checkpoint)
+    text = pipe.answer_clip(clip)                # "a red circle moving left"
     pipe.compile, pipe.sjd = True, 16            # speed options: a compiled decode step, speculative Jacobi decoding
     pipe.release()                               # free the KV cache it keeps between calls
+
+A clip goes through the same calls as an image: its prompt's meta text says "t*h*w" (t code frames, each
+covering the VQ's temporal_factor pixel frames), the grid constraint closes every code frame with EOF, and the
+VQ's causal temporal decoder turns the t code frames back into frames.
 """
 
 import math
@@ -23,7 +29,7 @@ from PIL import Image
 
 from .checkpoint import load_checkpoint
 from .gpt import GPT, GPTConfig
-from .image import image_to_tensor, tensor_to_image
+from .image import image_to_tensor, load_clip, tensor_to_image
 from .layout import Layout
 from .sampler import Decoder, Rows, generate_image_stream, generate_text
 from .tokenizer import ByteTokenizer, WordTokenizer
@@ -71,36 +77,62 @@ class Pipeline:
         factor = self.vq.cfg.spatial_factor
         return max(1, round(height * scale / factor)), max(1, round(width * scale / factor))
 
+    def code_frames(self, frames: int | None) -> int | None:
+        """Pixel frames of a clip -> code frames (the VQ packs temporal_factor frames into one); None for an image."""
+        if frames is None:
+            return None
+        factor = self.vq.cfg.temporal_factor
+        if factor == 1:   # train_tiny.py drops the time axis for image-only runs; only --video checkpoints have one
+            raise ValueError("this checkpoint's VQ has no time axis (temporal_factor=1): it draws and reads images, "
+                             "not clips (train with --video for clips)")
+        if frames < 1 or frames % factor:
+            raise ValueError(f"a clip needs a positive multiple of {factor} frames (the VQ's temporal factor: "
+                             f"{factor} frames per code frame), got {frames}")
+        return frames // factor
+
     def draw_stream(self, prompts: list[str], ratio: str = "1:1", cfg_scale: float | None = None, seed: int = 0,
-                    negative_prompt: str | None = None, sjd: int | None = None, **sampling) -> Iterator[Rows]:
+                    negative_prompt: str | None = None, frames: int | None = None, sjd: int | None = None,
+                    **sampling) -> Iterator[Rows]:
         """Yields sampler.Rows after every finished row (last: the whole image). Each prompt gets the
         checkpoint's suffix; the negative prompt (default: the checkpoint's) is the unconditional branch.
-        cfg_scale and sampling options left at None take the checkpoint's defaults; sjd None takes self.sjd."""
+        cfg_scale and sampling options left at None take the checkpoint's defaults; sjd None takes self.sjd.
+        frames: draw clips of that many frames instead (a multiple of the VQ's temporal factor); Rows then stacks
+        the code frames' rows."""
         h, w = self.grid(ratio)
+        t = self.code_frames(frames)
         cfg_scale = self.cfg_scale if cfg_scale is None else cfg_scale
         negative = self.negative_prompt if negative_prompt is None else negative_prompt
-        cond = [self.layout.generation_prompt(p + self.prompt_suffix, h, w, self.tokenizer) for p in prompts]
-        uncond = [self.layout.generation_prompt(negative, h, w, self.tokenizer)] * len(prompts)
+        cond = [self.layout.generation_prompt(p + self.prompt_suffix, h, w, self.tokenizer, frames=t) for p in prompts]
+        uncond = [self.layout.generation_prompt(negative, h, w, self.tokenizer, frames=t)] * len(prompts)
         generator = torch.Generator(self.gpt.lm_head.weight.device).manual_seed(seed)
         sampling = {**(self.sampling or {}), **{k: v for k, v in sampling.items() if v is not None}}
-        yield from generate_image_stream(self.gpt, self.layout, cond, h, w, negative_prompts=uncond,
+        yield from generate_image_stream(self.gpt, self.layout, cond, h, w, frames=t or 1, negative_prompts=uncond,
                                          cfg_scale=cfg_scale, generator=generator, decoder=self.decoder,
                                          sjd=self.sjd if sjd is None else sjd, **sampling)
 
     @torch.no_grad()
-    def decode(self, codes: torch.Tensor) -> list[Image.Image]:
-        """Codes (B, h, w) -> PIL images (the VQ may run in another dtype than the GPT, as Emu3's demos do)."""
-        pixels = self.vq.decode(codes.to(next(self.vq.parameters()).device))
-        return [tensor_to_image(p) for p in pixels.float()]
+    def decode(self, codes: torch.Tensor, frames: int | None = None) -> list[Image.Image] | list[list[Image.Image]]:
+        """Codes (B, h, w) -> PIL images (the VQ may run in another dtype than the GPT, as Emu3's demos do);
+        clip codes (B, t, h, w) -> clips, each a list of t * temporal_factor PIL frames. With `frames` (a clip's
+        pixel frames), codes may also be Rows.codes of a finished clip, (B, t * h, w): the code frames' rows
+        one after another."""
+        if frames is not None and codes.dim() == 3:
+            codes = codes.view(codes.size(0), self.code_frames(frames), -1, codes.size(-1))   # (B, t, h, w)
+        pixels = self.vq.decode(codes.to(next(self.vq.parameters()).device)).float()   # (B, [T,] 3, H, W)
+        if codes.dim() == 4:
+            return [[tensor_to_image(frame) for frame in clip] for clip in pixels]
+        return [tensor_to_image(p) for p in pixels]
 
-    def draw(self, prompts: list[str], batch_size: int | None = None, seed: int = 0, **kwargs) -> list[Image.Image]:
-        """One image per prompt. batch_size splits long lists into batches (batch k is drawn with seed + k)."""
+    def draw(self, prompts: list[str], batch_size: int | None = None, seed: int = 0, frames: int | None = None,
+             **kwargs) -> list[Image.Image] | list[list[Image.Image]]:
+        """One image per prompt, or with `frames` one clip (a list of PIL frames) per prompt. batch_size splits
+        long lists into batches (batch k is drawn with seed + k)."""
         batch_size = batch_size or len(prompts)
         images = []
         for k, start in enumerate(range(0, len(prompts), batch_size)):
-            for rows in self.draw_stream(prompts[start:start + batch_size], seed=seed + k, **kwargs):
+            for rows in self.draw_stream(prompts[start:start + batch_size], seed=seed + k, frames=frames, **kwargs):
                 pass
-            images += self.decode(rows.codes)
+            images += self.decode(rows.codes, frames)
         return images
 
     @torch.no_grad()
@@ -130,22 +162,48 @@ class Pipeline:
         default, as Emu3-Chat's demo) until EOS, under Layout.answer_mask (text only). `image` is a PIL image, a
         path or a uint8 (H, W, 3) array; a list of them is answered as one batch and gives a list of answers."""
         images = image if isinstance(image, list) else [image]
-        device = next(self.vq.parameters()).device
-        pixels = [image_to_tensor(Image.fromarray(x) if isinstance(x, np.ndarray) else x,
-                                  factor=self.vq.cfg.spatial_factor, **(self.resize or {})) for x in images]
+        texts = self._answer([self._pixels(x) for x in images], question, 256, max_new_tokens, sampling)
+        return texts if isinstance(image, list) else texts[0]
+
+    @torch.no_grad()
+    def answer_clip(self, clip: str | Path | np.ndarray | list, question: str = "", max_new_tokens: int = 256,
+                    **sampling) -> str | list[str]:
+        """Video understanding, as `answer`: the clip's block ("t*h*w", EOF after every code frame) goes into the
+        template. A clip is a GIF or a folder of frames (a path), a uint8 array (T, H, W, 3) or a list of PIL
+        frames, T a multiple of the VQ's temporal factor; a list of clips (or a (N, T, H, W, 3) array) is answered
+        as one batch and gives a list of answers."""
+        one = isinstance(clip, (str, Path)) or (isinstance(clip, np.ndarray) and clip.ndim == 4) or (
+            isinstance(clip, list) and len(clip) > 0 and isinstance(clip[0], Image.Image))
+        clips = [clip] if one else list(clip)
+        pixels = []
+        for frames in clips:
+            frames = load_clip(frames) if isinstance(frames, (str, Path)) else frames
+            self.code_frames(len(frames))   # refuses a VQ without a time axis and a length it cannot encode
+            pixels.append(torch.stack([self._pixels(frame) for frame in frames]))   # (T, 3, H, W)
+        texts = self._answer(pixels, question, 32, max_new_tokens, sampling)   # 32 clips of 8 ~ 256 images
+        return texts[0] if one else texts
+
+    def _pixels(self, image: Image.Image | str | Path | np.ndarray) -> torch.Tensor:
+        """One image (PIL, path or uint8 (H, W, 3)) -> pixels (3, H, W) in [-1, 1], as the checkpoint resizes."""
+        return image_to_tensor(Image.fromarray(image) if isinstance(image, np.ndarray) else image,
+                               factor=self.vq.cfg.spatial_factor, **(self.resize or {}))
+
+    def _answer(self, pixels: list[torch.Tensor], question: str, chunk: int, max_new_tokens: int,
+                sampling: dict) -> list[str]:
+        """Images (3, H, W) or clips (T, 3, H, W) -> VQ codes -> understanding prompts -> one batch of answers."""
+        device, dtype = next(self.vq.parameters()).device, next(self.vq.parameters()).dtype
         prompts = []
-        for i in range(0, len(pixels), 256):   # same-size images (the toys) encode as one batch
-            chunk = pixels[i:i + 256]
-            batch = [torch.stack(chunk)] if len({p.shape for p in chunk}) == 1 else [p[None] for p in chunk]
+        for i in range(0, len(pixels), chunk):   # same-size inputs (the toys) encode `chunk` at a time
+            part = pixels[i:i + chunk]
+            batch = [torch.stack(part)] if len({p.shape for p in part}) == 1 else [p[None] for p in part]
             for x in batch:
-                for codes in self.vq.encode(x.to(device, next(self.vq.parameters()).dtype)).cpu():
+                for codes in self.vq.encode(x.to(device, dtype)).cpu():   # (h, w) or (t, h, w)
                     prompts.append(self.layout.understanding_prompt(codes, question, self.tokenizer,
                                                                     self.chat_template))
         allowed = self.layout.answer_mask(self.gpt.config.vocab_size, self.gpt.lm_head.weight.device)
         answers = generate_text(self.gpt, self.layout, prompts, max_new_tokens=max_new_tokens, allowed=allowed,
                                 decoder=self.decoder, **sampling)
-        texts = [self.tokenizer.decode(a) for a in answers]
-        return texts if isinstance(image, list) else texts[0]
+        return [self.tokenizer.decode(a) for a in answers]
 
     @classmethod
     def tiny(cls, gpt: GPT, vq: VQModel, tokenizer, layout: Layout, image_size: int,
@@ -167,10 +225,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-# How the tiny models sample by default, measured on the shapes world (docs/benchmarks.md, GPT stage tables):
-# guidance at 3 (Emu3's) overshoots a model this small into broken shapes, temperature 1 samples too many stray codes
+# How the tiny models sample by default, chosen on a validation draw (experiments/sweep_sampling.py, seeds that the
+# reported evaluation never uses; docs/benchmarks.md): CFG 2 at temperature 1 drew the asked shape most often,
+# seen and held out; CFG 3 overshoots a model this small into broken shapes
 TINY_CFG_SCALE = 2.0
-TINY_SAMPLING = {"temperature": 0.5}
+TINY_SAMPLING = {"temperature": 1.0}
 
 
 def tiny_tokenizer(spec) -> ByteTokenizer | WordTokenizer:

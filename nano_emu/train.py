@@ -10,6 +10,7 @@ The GPT learns two kinds of sequence with one next-token loss (Emu3, baaivision/
 - generation:    BOS caption BOI "h*w" IMG rows.. EOF EOI EOS  -- the caption is dropped 10% of the time, which
                  teaches the unconditional branch CFG needs; visual tokens are weighted 0.5 as in Emu3;
 - understanding: BOS [image block] caption EOS                  -- loss on the caption and EOS only.
+A clip is written the same way: its block says "t*h*w" and closes every code frame with EOF (layout.py).
 """
 
 import math
@@ -202,14 +203,14 @@ def train_vq(vq, sample_images: Callable, steps: int, lr: float, ckpt_path: Path
 
 def sequences(layout: Layout, tokenizer, codes: torch.Tensor, captions: list[str], rng: np.random.Generator,
               p_understand: float = 0.5, p_drop_caption: float = 0.1, visual_weight: float = VISUAL_WEIGHT,
-              learn_understood_image: bool = False, answer_weight: float = 1.0):
+              understood_image_weight: float = 0.0, answer_weight: float = 1.0):
     """A mixed batch of generation and understanding sequences. codes (B, h, w) or (B, t, h, w).
     Returns inputs (B, T), targets (B, T) and loss weights (B, T) (0 on padding and on prompts).
 
-    learn_understood_image: also put the loss on the image block of an understanding sequence (CM3Leon and
-    Chameleon train on every token, Emu3 only on the answer). `BOS image caption` starts exactly like the
-    unconditional generation string `BOS "" image`, so this trains CFG's unconditional branch on every
-    understanding sequence for free, and the caption need no longer be dropped from generation strings.
+    understood_image_weight: also put loss on the image block of an understanding sequence, this many times its
+    weight in a generation string (0: the answer only, as Emu3; 1: every token alike, as CM3Leon and Chameleon).
+    `BOS image caption` starts exactly like the unconditional generation string `BOS "" image`, so this trains
+    CFG's unconditional branch on every understanding sequence for free.
     answer_weight: loss weight of the answer (caption and EOS) of an understanding sequence."""
     def weight(token):
         return visual_weight if layout.first_visual <= token else 1.0
@@ -220,7 +221,7 @@ def sequences(layout: Layout, tokenizer, codes: torch.Tensor, captions: list[str
             prompt = layout.understanding_prompt(item_codes, "", tokenizer)
             answer = tokenizer.encode(caption) + [layout.eos]
             tokens = prompt + answer
-            prompt_weights = [weight(t) for t in prompt[1:]] if learn_understood_image else [0.0] * (len(prompt) - 1)
+            prompt_weights = [understood_image_weight * weight(t) for t in prompt[1:]]
             weights = prompt_weights + [answer_weight] * len(answer)
         else:
             text = "" if rng.random() < p_drop_caption else caption
@@ -243,15 +244,23 @@ def weighted_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Te
 
 def train_gpt(gpt, layout: Layout, tokenizer, pool_codes: torch.Tensor, pool_captions: list[str], steps: int,
               batch_size: int, lr: float, ckpt_path: Path, meta: dict, run: Distributed, seed: int = 0,
-              sequence_options: dict | None = None, **fit_kwargs) -> list:
+              sequence_options: dict | None = None, clip_pool: tuple[torch.Tensor, list[str]] | None = None,
+              p_clip: float = 0.0, **fit_kwargs) -> list:
     """The GPT stage on a pool of VQ-encoded toy samples: each step draws batch_size of them and writes each
-    as a generation or an understanding sequence."""
+    as a generation or an understanding sequence. pool_codes (N, h, w) for images or (N, t, h, w) for clips.
+
+    clip_pool: an optional second pool (codes (M, t, h, w), captions); a step draws its whole batch from it with
+    probability p_clip. A batch is all images or all clips because the strings are right-padded to the longest
+    one: a clip of t frames is ~t times an image's length, and one clip in a batch would pad every image to it."""
     device = next(gpt.parameters()).device
 
     def loss_fn(net, step):
         rng = batch_rng(seed, run.rank, step)
-        pick = rng.integers(len(pool_codes), size=batch_size)
-        inputs, targets, weights = sequences(layout, tokenizer, pool_codes[pick], [pool_captions[i] for i in pick],
+        codes, captions = pool_codes, pool_captions
+        if clip_pool is not None and rng.random() < p_clip:   # no draw without clips: image runs keep their batches
+            codes, captions = clip_pool
+        pick = rng.integers(len(codes), size=batch_size)
+        inputs, targets, weights = sequences(layout, tokenizer, codes[pick], [captions[i] for i in pick],
                                              rng, **(sequence_options or {}))
         loss = weighted_loss(net(inputs.to(device)), targets.to(device), weights.to(device))
         return loss, {"loss": loss.detach()}

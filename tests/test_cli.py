@@ -45,6 +45,8 @@ def ckpt(tmp_path):
     (["--cdk-k", "0"], "--cdk-k"),
     (["--keep-rows", "-1"], "--keep-rows"),
     (["--chameleon", "no/such/folder"], "--chameleon"),
+    (["--frames", "6"], "--frames"),              # the VQ packs 4 frames into one code frame
+    (["--frames", "0"], "--frames"),
 ])
 def test_sample_refuses_a_bad_flag_in_one_line(flags, named, ckpt, capsys):
     with pytest.raises(SystemExit) as exit:
@@ -59,6 +61,8 @@ def test_sample_refuses_bad_paths_in_one_line(ckpt, tmp_path, capsys):
     not_an_image.write_text("not an image")
     a_file = tmp_path / "file"
     a_file.write_text("")
+    empty = tmp_path / "empty"
+    empty.mkdir()
     for flags, says in [(["--caption", str(not_an_image)], "cannot read image file"),
                         (["--caption", str(tmp_path / "missing.png")], "cannot read image file"),
                         (["--prompt", "x", "--out", str(a_file / "sub" / "x.png")], "is a file, not a folder"),
@@ -68,6 +72,8 @@ def test_sample_refuses_bad_paths_in_one_line(ckpt, tmp_path, capsys):
                         (["--chameleon", ckpt, "--prompt", "x"], "give one of --ckpt"),
                         (["--prompt", "x", "--keep-rows", "2"], "--complete and --keep-rows go together"),
                         (["--prompt", "x", "--tokenizer-dir", ckpt], "--tokenizer-dir goes with --chameleon"),
+                                                (["--prompt", "x", "--frames", "8", "--progress", str(tmp_path / "p.gif")], "--progress"),
+                        (["--caption", str(empty)], "no frames in folder"),
                         ]:
         with pytest.raises(SystemExit) as exit:
             sample.parse_args(["--ckpt", ckpt] + flags)
@@ -125,7 +131,10 @@ def test_sample_script_still_shows_a_bugs_traceback(ckpt):
 @pytest.mark.parametrize("flags, named", [(["--vq-steps", "0"], "--vq-steps"), (["--gpt-lr", "-1e-3"], "--gpt-lr"),
                                           (["--gpt-batch", "0"], "--gpt-batch"), (["--pool", "many"], "--pool"),
                                           (["--gpt-dim", "-64"], "--gpt-dim"), (["--ckpt-every", "0"], "--ckpt-every"),
-                                          (["--cfg", "0"], "--cfg"), (["--seed", "-1"], "--seed")])
+                                          (["--cfg", "0"], "--cfg"), (["--seed", "-1"], "--seed"),
+                                          (["--gpt-clip-share", "1"], "--gpt-clip-share"),
+                                          (["--vq-clip-share", "0.6"], "--vq-clip-share"),
+                                          (["--vq-clip-batch", "0"], "--vq-clip-batch")])
 def test_train_tiny_refuses_a_bad_number(flags, named, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:
         train_tiny.parse_args(["--out", str(tmp_path / "run")] + flags)

@@ -16,6 +16,8 @@ import sample
 import train_tiny
 from nano_emu import data
 from nano_emu.checkpoint import load_checkpoint
+from nano_emu.image import load_clip
+from nano_emu.pipeline import load_tiny
 from nano_emu.train import Distributed, batch_rng, fit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,9 +66,78 @@ def test_sample_draws_a_grid_a_progress_gif_and_a_caption(quick_run, tmp_path, c
     assert "tokens/s" in printed.out and f"{shape}:" in printed.out
 
 
+def test_an_image_only_checkpoint_refuses_clips(quick_run):
+    """Without --video the tiny VQ has no time axis (temporal_factor=1), so a clip is refused before any drawing."""
+    out, _ = quick_run
+    pipe = load_tiny(out)
+    with pytest.raises(ValueError, match="no time axis"):
+        pipe.draw(["a red circle moving left"], frames=8)
+    with pytest.raises(ValueError, match="no time axis"):
+        pipe.answer_clip(data.sample_moving_shapes(1, 0)[0][0])
+
+
 def test_sample_explains_a_missing_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="vq.safetensors is missing"):
         sample.main(sample.parse_args(["--ckpt", str(tmp_path), "--prompt", "a red circle in the top left"]))
+
+
+@pytest.fixture(scope="module")
+def quick_video_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quick_video")
+    torch.set_num_threads(2)
+    metrics = train_tiny.main(train_tiny.parse_args(["--quick", "--video", "--out", str(out), "--device", "cpu"]))
+    return out, metrics
+
+
+def test_quick_video_run_trains_on_clips_draws_and_captions_them(quick_video_run, tmp_path, capsys):
+    """The whole --video path a user takes: train, draw a clip (sample.py --frames), read its tokens back with
+    Layout, caption the GIF it wrote and a folder of its frames."""
+    out, metrics = quick_video_run
+    assert metrics["final_gpt_loss"] < 0.8 * metrics["first_gpt_loss"]
+    for key in ("vq_psnr_clips_db", "clip_adherence_cfg2", "clip_direction_cfg2", "clip_caption_accuracy",
+                "adherence_seen_cfg2", "caption_accuracy_seen"):   # clip metrics beside the image ones
+        assert key in metrics, key
+    assert Image.open(out / "clips.png").size[0] > 300
+    _, meta, _ = load_checkpoint(out / "gpt.safetensors")
+    assert meta["steps"] == 80   # the quick preset's 40 steps, doubled: half of them train on clips
+    _, meta, _ = load_checkpoint(out / "vq.safetensors")
+    assert meta["steps"] == 53   # 40 / 0.75: clips alternate with images in the second half (the curriculum)
+
+    # the VQ's temporal axis is used: 8 frames -> 2 code frames -> 8 frames
+    pipe = load_tiny(out)
+    clip, _, _ = data.sample_moving_shapes(1, 0)
+    codes = pipe.vq.encode(data.to_tensor(clip))
+    assert codes.shape == (1, 2, 8, 8) and pipe.vq.decode(codes).shape == (1, 8, 3, 64, 64)
+
+    # a drawn clip, parsed back: the prompt says "2*8*8", the grid has EOF after each code frame
+    prompt = "a red circle moving left"
+    *_, rows = pipe.draw_stream([prompt], frames=8, seed=0)
+    tokens = pipe.layout.generation_prompt(prompt, 8, 8, pipe.tokenizer, frames=2) + rows.tokens[0].tolist()
+    text, clip_codes = pipe.layout.decode(tokens, pipe.tokenizer)
+    assert text == prompt and clip_codes.shape == (2, 8, 8)
+    assert torch.equal(clip_codes.flatten(), rows.codes[0].flatten())
+    assert rows.tokens[0].tolist().count(pipe.layout.eof) == 2
+    frames = pipe.decode(rows.codes, frames=8)[0]
+    assert len(frames) == 8 and frames[0].size == (64, 64)
+
+    # sample.py: the same clip as a GIF, then captioned from the GIF and from a folder of its frames
+    gif = tmp_path / "clip.gif"
+    sample.main(sample.parse_args(["--ckpt", str(out), "--prompt", prompt, "--frames", "8", "--out", str(gif),
+                                   "--device", "cpu"]))
+    assert len(load_clip(gif)) == 8
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for k, frame in enumerate(frames):
+        frame.save(folder / f"frame_{k:02d}.png")
+    capsys.readouterr()
+    sample.main(sample.parse_args(["--ckpt", str(out), "--caption", str(gif), "--device", "cpu"]))
+    sample.main(sample.parse_args(["--ckpt", str(out), "--caption", str(folder), "--device", "cpu"]))
+    printed = capsys.readouterr().out
+    assert f"{gif}:" in printed and f"{folder}:" in printed
+    # one clip, three ways in: the folder's PNGs are lossless, so they give the answer the frames give
+    assert pipe.answer_clip(str(folder)) == pipe.answer_clip(frames) == pipe.answer_clip(np.stack(frames))
+    with pytest.raises(ValueError, match="multiple of 4 frames"):
+        pipe.answer_clip(frames[:6])
 
 
 def _regression_task(model, step, crash_at=None, interrupt_at=None):
@@ -116,7 +187,7 @@ def test_torchrun_two_cpu_processes(tmp_path):
 
 def test_understanding_strings_train_the_unconditional_branch():
     """`BOS image caption EOS` starts exactly like CFG's unconditional string `BOS "" image`, so with
-    learn_understood_image its image block carries the loss that the dropped captions used to provide."""
+    understood_image_weight its image block carries the loss that the dropped captions used to provide."""
     from nano_emu.layout import Layout
     from nano_emu.tokenizer import WordTokenizer
     from nano_emu.train import sequences
@@ -126,7 +197,7 @@ def test_understanding_strings_train_the_unconditional_branch():
     caption = ["a red circle in the top left"]
     # p_understand=1: always image -> caption
     inputs, targets, weights = sequences(layout, tok, codes, caption, np.random.default_rng(0), p_understand=1.0,
-                                         visual_weight=0.5, learn_understood_image=True)
+                                         visual_weight=0.5, understood_image_weight=1.0)
     uncond = layout.encode(["", codes[0]], tok)   # BOS BOI "3*3" IMG rows EOF EOI
     full = torch.cat([inputs[0, :1], targets[0]])
     assert full[:len(uncond)].tolist() == uncond
@@ -134,6 +205,6 @@ def test_understanding_strings_train_the_unconditional_branch():
     assert visual.sum() == 9 and (weights[0][visual] == 0.5).all()
     answer = len(tok.encode(caption[0])) + 1   # the caption and EOS
     assert (weights[0][-answer:] == 1).all()
-    # without the switch only the answer is learned (Emu3's rule)
+    # weight 0: only the answer is learned (Emu3's rule)
     _, _, weights = sequences(layout, tok, codes, caption, np.random.default_rng(0), p_understand=1.0)
     assert weights[0].sum() == answer and (weights[0][-answer:] == 1).all()

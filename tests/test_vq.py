@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from nano_emu.image import image_to_tensor, load_image, smart_resize, tensor_to_image
+from nano_emu.image import image_to_tensor, load_clip, load_image, smart_resize, tensor_to_image
 from nano_emu.train import codebook_usage, init_vq_for_training, restart_dead_codes
 from nano_emu.vq import VQConfig, VQModel, VectorQuantizer
 from nano_emu.emu3 import VQ_HF_TO_ORIGINAL, load_emu3_vq, vq_from_hf
@@ -393,3 +393,19 @@ def test_unreadable_image_file(tmp_path):
         load_image(bad)
     with pytest.raises(ValueError, match="cannot read image file .*missing.jpg"):
         image_to_tensor(tmp_path / "missing.jpg")
+
+
+def test_load_clip_keeps_a_gifs_held_frames_and_reads_folders_in_name_order(tmp_path):
+    """PIL writes a run of identical frames once with the run's duration; read back, the clip keeps its 8 frames,
+    which is what the VQ's 4-frame packing needs."""
+    values = [0, 0, 90, 180, 180, 180, 60, 60]
+    frames = [Image.fromarray(np.full((16, 16, 3), v, np.uint8)) for v in values]
+    frames[0].save(tmp_path / "clip.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    assert Image.open(tmp_path / "clip.gif").n_frames == 4   # folded on write
+    assert [np.asarray(f)[0, 0, 0] for f in load_clip(tmp_path / "clip.gif")] == values
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for k, frame in reversed(list(enumerate(frames))):   # written out of order on purpose
+        frame.save(folder / f"frame_{k:02d}.png")
+    assert [np.asarray(f)[0, 0, 0] for f in load_clip(folder)] == values
+    assert len(load_clip(tmp_path / "frames" / "frame_00.png")) == 1   # a still image is a one-frame clip
