@@ -85,7 +85,7 @@ def check_output_folder(out: Path, resume: bool) -> None:
 
 
 def vq_stage(args, device, run, autocast):
-    # images alone need no time axis (Emu3's causal temporal stack is for clips): 25% more steps in the same time
+    # images alone need no time axis (Emu3's causal temporal stack is for clips)
     cfg = VQConfig.tiny(temporal_factor=4 if args.video else 1, **({"ch": 32, "norm_groups": 8}
                                                                     if args.preset == "small" else {}))
     torch.manual_seed(args.seed)
