@@ -28,7 +28,6 @@ Two folder layouts, both checked name by name and shape by shape (weights.py) be
   (consolidated.00-03.pth) are not merged here: convert them with transformers' script and load that folder.
 """
 
-import json
 import re
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from .llamagen import interleaved_to_halves
 from .pipeline import Pipeline
 from .tokenizer import JSONTokenizer
 from .vq import VQConfig, VQModel
-from .weights import check_strict, load_strict, open_checkpoint, rename
+from .weights import check_strict, load_strict, open_checkpoint, read_json, rename
 
 # Chameleon's reference ImageDecoder / Anole's demo: 3-way CFG (text 3.0, image 1.2) on logits, T 0.7, top-p 0.9.
 # Pipeline.draw prompts hold text only, so the image-only branch IS the unconditional one [BOS, BOI] and the 3-way
@@ -125,15 +124,6 @@ def gpt_from_original(tensors: dict[str, Tensor], cfg: GPTConfig) -> dict[str, T
 
 # ---------------------------------------------------------------------------------------------------------------
 # configs
-
-
-def read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: {path.parent} is not a {what}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
 def gpt_config_hf(text: dict, source: str) -> GPTConfig:

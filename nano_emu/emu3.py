@@ -20,7 +20,6 @@ Every shard header is opened and every name and shape checked before the first t
 incomplete download fails in seconds with one message, never with a half-loaded model.
 """
 
-import json
 import re
 from dataclasses import asdict
 from pathlib import Path
@@ -33,7 +32,7 @@ from .layout import EMU3_CHAT_TEMPLATE, Layout
 from .pipeline import Pipeline
 from .tokenizer import ROLE_TOKENS, Emu3Tokenizer
 from .vq import VQConfig, VQModel
-from .weights import check_strict, load_strict, open_checkpoint, rename
+from .weights import check_strict, load_strict, open_checkpoint, read_json, rename
 
 # Emu3-Gen's demo conventions (image_generation.py in baaivision/Emu3; transformers' docs use the same negative)
 EMU3_PROMPT_SUFFIX = " masterpiece, film grained, best quality."
@@ -132,13 +131,7 @@ ROLE_CONFIG_NAMES = {"pad": "pad_token_id", "bos": "bos_token_id", "eos": "eos_t
 def read_config(folder: Path, what: str) -> dict:
     if not folder.is_dir():
         raise FileNotFoundError(f"{what} folder {folder} does not exist (or is not a folder)")
-    path = folder / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: {folder} is not a downloaded {what} folder")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    return read_json(folder / "config.json", f"downloaded {what} folder")
 
 
 def gpt_config(text: dict, source: str) -> GPTConfig:

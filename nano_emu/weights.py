@@ -194,3 +194,13 @@ def load_strict(module: nn.Module, checkpoint: Checkpoint, convert: Convert, sou
     keys = list(checkpoint.shapes if keys is None else keys)
     check_strict(module, checkpoint, keys, convert, source)
     load_state_dict_strict(module, convert(checkpoint.read(keys, device, dtype)), source, assign=True)
+
+
+def read_json(path: Path, what: str) -> dict:
+    """A checkpoint folder's JSON file (config.json, params.json), or an error that names the file and the folder."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: {path.parent} is not a {what}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
