@@ -34,7 +34,7 @@ mine = p.parse_args(ours)
 
 out = Path(mine.keep or tempfile.mkdtemp())
 args = train_tiny.parse_args(rest + ["--out", str(out), "--device", "cpu"])
-for key, value in train_tiny.PRESETS["quick" if args.quick else args.preset].items():
+for key, value in train_tiny.preset(args).items():
     if getattr(args, key) is None:
         setattr(args, key, value)
 out.mkdir(parents=True, exist_ok=True)
