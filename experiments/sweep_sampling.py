@@ -4,7 +4,8 @@
 
 Draws `--per-triple` images per seen (colour, shape, position) triple and per held-out triple with seeds
 1000+ (train_tiny.py's reported evaluation uses seed 0 and the same prompts: these draws never enter it), for
-every CFG scale x temperature, and prints the checker's adherence as a markdown table.
+every CFG scale x temperature, and prints the checker's adherence as a markdown table. With --clips (a --video
+checkpoint) it draws `--per-triple` 8-frame clips per (colour, shape, direction) instead, read back the same way.
 """
 import argparse
 import itertools
@@ -22,22 +23,26 @@ p.add_argument("--per-triple", type=int, default=2)
 p.add_argument("--cfg", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0, 4.0])
 p.add_argument("--temperature", type=float, nargs="+", default=[0.5, 0.7, 1.0])
 p.add_argument("--top-k", type=int, nargs="+", default=[0], help="0 = off")
+p.add_argument("--clips", action="store_true", help="draw clips (caption -> 8 frames) instead of images")
 args = p.parse_args()
 
 pipe = load_tiny(args.ckpt)
 rows = []
-for split, triples, reps in (("seen", data.TRAIN_TRIPLES, args.per_triple),
-                             ("held-out", data.HELDOUT, 8 * args.per_triple)):
+clip_triples = tuple(itertools.product(data.COLORS, data.SHAPES, data.DIRECTIONS))
+splits = ((("clips", clip_triples, args.per_triple),) if args.clips else
+          (("seen", data.TRAIN_TRIPLES, args.per_triple), ("held-out", data.HELDOUT, 8 * args.per_triple)))
+for split, triples, reps in splits:
     attrs = [t for t in triples for _ in range(reps)]
-    captions = [data.caption(*t) for t in attrs]
+    captions = [(data.video_caption if args.clips else data.caption)(*t) for t in attrs]
+    draw = ev.draw_clips if args.clips else ev.draw
     for cfg, temperature, top_k in itertools.product(args.cfg, args.temperature, args.top_k):
-        images = ev.draw(pipe, captions, cfg_scale=cfg, temperature=temperature, top_k=top_k or None, seed=1000)
+        images = draw(pipe, captions, cfg_scale=cfg, temperature=temperature, top_k=top_k or None, seed=1000)
         rows.append(dict(split=split, cfg=cfg, temperature=temperature, top_k=top_k,
                          adherence=round(ev.adherence(images, attrs), 3), n=len(attrs)))
         print(json.dumps(rows[-1]), flush=True)
 
 temps = args.temperature
-for split in ("seen", "held-out"):
+for split, _, _ in splits:
     for top_k in args.top_k:
         print(f"\n{split}, top-k {top_k or 'off'}: adherence by CFG scale (rows) and temperature (columns)\n")
         print("| cfg | " + " | ".join(f"T {t:g}" for t in temps) + " |\n|---|" + "---:|" * len(temps))
