@@ -1,6 +1,6 @@
 """Train a tiny Emu3 on a CPU: a VQ tokenizer, then ONE GPT that both draws shapes from captions and captions them.
 
-    python train_tiny.py                          # the default: ~8 minutes on 2 CPU cores, writes out/tiny/
+    python train_tiny.py                          # the default: ~7 minutes on 2 CPU cores, writes out/tiny/
     python train_tiny.py --quick --out out/quick  # a smoke run in about a minute
     python train_tiny.py --resume                 # continue after a crash or Ctrl-C
     python train_tiny.py --video --out out/video  # also 8-frame clips: caption->clip and clip->caption (~2x longer)
@@ -38,23 +38,28 @@ from nano_emu.vq import VQConfig, VQModel
 PRESETS = {
     "tiny": dict(vq_steps=1750, vq_batch=8, vq_lr=1e-3, pool=8000, gpt_steps=2600, gpt_batch=24, gpt_lr=3e-3,
                  gpt_dim=128, gpt_layers=4, eval_per_triple=7, eval_images=256, tokenizer="words",
-                 p_drop_caption=0.1, visual_weight=0.5, understood_image_weight=0.0, answer_weight=2.0),
+                 vq_width=4, p_drop_caption=0.1, visual_weight=0.5, understood_image_weight=0.0, answer_weight=2.0),
     "quick": dict(vq_steps=40, vq_batch=4, vq_lr=1e-3, pool=256, gpt_steps=40, gpt_batch=8, gpt_lr=2e-3,
                   gpt_dim=64, gpt_layers=2, eval_per_triple=1, eval_images=16, tokenizer="words",
-                  p_drop_caption=0.0, visual_weight=1.0, understood_image_weight=1.0, answer_weight=1.0),
+                  vq_width=4, p_drop_caption=0.0, visual_weight=1.0, understood_image_weight=1.0, answer_weight=1.0),
     "small": dict(vq_steps=6000, vq_batch=16, vq_lr=1e-3, pool=40000, gpt_steps=6000, gpt_batch=64, gpt_lr=1e-3,
                   gpt_dim=384, gpt_layers=8, eval_per_triple=8, eval_images=1024, tokenizer="words",
-                  p_drop_caption=0.0, visual_weight=1.0, understood_image_weight=1.0, answer_weight=1.0),
+                  vq_width=4, p_drop_caption=0.0, visual_weight=1.0, understood_image_weight=1.0, answer_weight=1.0),
 }
 
-# With --video, clips join both stages: a vq/gpt_clip_share of the steps trains on a batch of 8-frame moving-shapes
-# clips (the VQ's all in its second half: vq_stage's curriculum). The preset's step counts are then divided by
-# (1 - share), so the image steps stay the image run's (in expectation) and its image metrics stay comparable;
-# --vq-steps / --gpt-steps given by hand are totals. A VQ share of 0.25 alternates images and clips after the half.
+# With --video, clips join both stages. The VQ gets twice the image run's steps and codes twice as wide (a code
+# frame holds 4 frames of motion; at width 4 and the image run's steps, 70% of clip reconstructions read right, at
+# width 8 and 2x steps 95%: docs/benchmarks.md, video); vq_clip_share of its steps train on a batch of 8-frame
+# clips, all in its second half (vq_stage's curriculum; 0.25: images and clips alternate there). The GPT's steps
+# are divided by (1 - gpt_clip_share), so its image steps stay the image run's (in expectation); clips get 60% of
+# them and a pool of 12,000 (drawn clips 58% -> 76% right against 40% of 4,000). --vq-steps / --gpt-steps given by
+# hand are totals.
 VIDEO = {
-    "tiny": dict(vq_clip_share=0.25, vq_clip_batch=2, clip_pool=4000, gpt_clip_share=0.4, eval_clips=216),
-    "quick": dict(vq_clip_share=0.25, vq_clip_batch=1, clip_pool=64, gpt_clip_share=0.5, eval_clips=12),
-    "small": dict(vq_clip_share=0.25, vq_clip_batch=4, clip_pool=20000, gpt_clip_share=0.4, eval_clips=288),
+    "tiny": dict(vq_width=8, vq_clip_share=0.25, vq_clip_batch=2, clip_pool=12000, gpt_clip_share=0.6,
+                 eval_clips=216),
+    "quick": dict(vq_width=8, vq_clip_share=0.25, vq_clip_batch=1, clip_pool=64, gpt_clip_share=0.5, eval_clips=12),
+    "small": dict(vq_width=8, vq_clip_share=0.25, vq_clip_batch=4, clip_pool=40000, gpt_clip_share=0.6,
+                  eval_clips=288),
 }
 
 
@@ -64,10 +69,9 @@ def preset(args) -> dict:
     values = dict(PRESETS[name])
     if args.video:
         values.update(VIDEO[name])
-        for stage in ("vq", "gpt"):
-            share = getattr(args, f"{stage}_clip_share")
-            share = values[f"{stage}_clip_share"] if share is None else share
-            values[f"{stage}_steps"] = round(values[f"{stage}_steps"] / (1 - share))
+        values["vq_steps"] *= 2
+        share = values["gpt_clip_share"] if args.gpt_clip_share is None else args.gpt_clip_share
+        values["gpt_steps"] = round(values["gpt_steps"] / (1 - share))
     return values
 
 
@@ -86,8 +90,8 @@ def check_output_folder(out: Path, resume: bool) -> None:
 
 def vq_stage(args, device, run, autocast):
     # images alone need no time axis (Emu3's causal temporal stack is for clips)
-    cfg = VQConfig.tiny(temporal_factor=4 if args.video else 1, **({"ch": 32, "norm_groups": 8}
-                                                                    if args.preset == "small" else {}))
+    cfg = VQConfig.tiny(temporal_factor=4 if args.video else 1, embed_dim=args.vq_width,
+                        **({"ch": 32, "norm_groups": 8} if args.preset == "small" else {}))
     torch.manual_seed(args.seed)
     vq = VQModel(cfg).to(device)
     init_vq_for_training(vq)   # a checkpoint (--resume) overwrites it
@@ -272,7 +276,7 @@ def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="out/tiny", help="output folder (checkpoints, metrics, pictures)")
     p.add_argument("--preset", default="tiny", choices=[k for k in PRESETS if k != "quick"],
-                   help="model sizes and step counts: tiny = ~8 min on 2 CPU cores; small = for a GPU")
+                   help="model sizes and step counts: tiny = ~7 min on 2 CPU cores; small = for a GPU")
     p.add_argument("--quick", action="store_true", help="a smoke run in about a minute (CI): tiny models, few steps")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     p.add_argument("--video", action="store_true", help="also train on 8-frame moving-shapes clips")
@@ -288,7 +292,9 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=count, default=None, help="top-k for evaluation and sample grids (default: off)")
     p.add_argument("--ckpt-every", type=count, default=250, help="checkpoint interval, in steps")
     for name, kind, text in [("vq-steps", count, "VQ training steps"), ("vq-batch", count, "VQ batch size"),
-                             ("vq-lr", rate, "VQ learning rate"), ("pool", count, "images encoded for GPT training"),
+                             ("vq-lr", rate, "VQ learning rate"),
+                             ("vq-width", count, "VQ code width (embed_dim)"),
+                             ("pool", count, "images encoded for GPT training"),
                              ("gpt-steps", count, "GPT training steps"), ("gpt-batch", count, "GPT batch size"),
                              ("gpt-lr", rate, "GPT learning rate"), ("gpt-dim", count, "GPT width"),
                              ("gpt-layers", count, "GPT layers"),
