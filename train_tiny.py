@@ -3,7 +3,7 @@
     python train_tiny.py                          # the default: ~7 minutes on 2 CPU cores, writes out/tiny/
     python train_tiny.py --quick --out out/quick  # a smoke run in about a minute
     python train_tiny.py --resume                 # continue after a crash or Ctrl-C
-    python train_tiny.py --video --out out/video  # also 8-frame clips: caption->clip and clip->caption (~2x longer)
+    python train_tiny.py --video --out out/video  # also 8-frame clips: caption->clip, clip->caption (~25 min)
     torchrun --nproc_per_node=2 train_tiny.py     # data parallel (gloo on CPU, nccl on CUDA)
     python train_tiny.py --device cuda --preset small   # more compute, bigger models
 
