@@ -75,6 +75,14 @@ def preset(args) -> dict:
     return values
 
 
+def fill_from_preset(args):
+    """Give every flag left unset its preset's value (main, and the experiments/ scripts that reuse the stages)."""
+    for key, value in preset(args).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
 # prompts for the sample grids: every colour, shape and position, all seen in training
 SHOWCASE = [("red", "circle", "top left"), ("green", "square", "bottom right"), ("blue", "triangle", "center"),
             ("yellow", "square", "top right"), ("cyan", "triangle", "bottom left"), ("magenta", "square", "center")]
@@ -238,9 +246,7 @@ def evaluate_clips(args, pipe, vq) -> dict:
 
 def main(args):
     args.out = Path(args.out)
-    for key, value in preset(args).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_from_preset(args)
     device = resolve_device(args.device)
     run, device = setup_distributed(device)
     if run.world > 1 and device.type == "cpu":   # processes share the cores: oversubscribed threads crawl

@@ -34,9 +34,7 @@ mine = p.parse_args(ours)
 
 out = Path(mine.keep or tempfile.mkdtemp())
 args = train_tiny.parse_args(rest + ["--out", str(out), "--device", "cpu"])
-for key, value in train_tiny.preset(args).items():
-    if getattr(args, key) is None:
-        setattr(args, key, value)
+train_tiny.fill_from_preset(args)
 out.mkdir(parents=True, exist_ok=True)
 args.out = out
 state, meta, _ = load_checkpoint(mine.vq)

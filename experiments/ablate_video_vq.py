@@ -36,9 +36,7 @@ overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in mine.set)}
 
 out = Path(mine.keep or tempfile.mkdtemp())
 args = train_tiny.parse_args(rest + ["--out", str(out), "--device", "cpu"])
-for key, value in train_tiny.preset(args).items():
-    if getattr(args, key) is None:
-        setattr(args, key, value)
+train_tiny.fill_from_preset(args)
 out.mkdir(parents=True, exist_ok=True)
 args.out = out
 
