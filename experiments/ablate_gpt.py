@@ -1,4 +1,4 @@
-"""Ablations of the tiny GPT stage (issue 9) on one fixed, already trained VQ.
+"""Ablations of the tiny GPT stage on one fixed, already trained VQ.
 
     python experiments/ablate_gpt.py --vq out/vq/vq.safetensors --tag words -- --tokenizer words --gpt-steps 800
 

@@ -1,4 +1,4 @@
-"""Ablations of the --video VQ stage (issue 11): train_tiny.py's own VQ stage, measured on images AND clips.
+"""Ablations of the --video VQ stage: train_tiny.py's own VQ stage, measured on images AND clips.
 
     python experiments/ablate_video_vq.py --tag width8 --set embed_dim=8 --set z_channels=8 -- --video
 

@@ -1,4 +1,4 @@
-"""Ablations of the tiny VQ stage (issue 9): train one configuration, report what train_tiny.py would report.
+"""Ablations of the tiny VQ stage: train one configuration, report what train_tiny.py would report.
 
     python experiments/ablate_vq.py --steps 1400 --batch 8 --lr 2e-3 --set codebook_size=256 --tag lr2e-3
 

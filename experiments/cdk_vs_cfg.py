@@ -1,4 +1,4 @@
-"""CM3Leon's contrastive decoding (CD-K) against plain CFG on a trained tiny model (issue 14).
+"""CM3Leon's contrastive decoding (CD-K) against plain CFG on a trained tiny model.
 
     python experiments/cdk_vs_cfg.py --ckpt out/tiny --out docs/img/cdk_vs_cfg.png
 
@@ -12,7 +12,7 @@ import numpy as np
 
 from nano_emu import data
 from nano_emu import evaluate as ev
-from nano_emu.pipeline import load_tiny
+from nano_emu.tiny import load_tiny
 
 p = argparse.ArgumentParser()
 p.add_argument("--ckpt", default="out/tiny")
@@ -22,7 +22,7 @@ p.add_argument("--out", default="docs/img/cdk_vs_cfg.png")
 args = p.parse_args()
 
 pipe = load_tiny(args.ckpt)
-rules = {f"CFG {pipe.cfg_scale:g}": {}, "cfg 1 (none)": {"cfg_scale": 1.0}, f"CD-K (K={args.k})": {"cdk_k": args.k}}
+rules = {f"CFG {pipe.guidance.cfg_scale:g}": {}, "cfg 1 (none)": {"cfg_scale": 1.0}, f"CD-K (K={args.k})": {"cdk_k": args.k}}
 print(f"| rule | seen | held-out |\n|---|---:|---:|")
 for name, options in rules.items():
     cells = []

@@ -1,4 +1,4 @@
-"""Choose the tiny model's sampling defaults on a VALIDATION draw (issue 9), never on the test numbers.
+"""Choose the tiny model's sampling defaults on a VALIDATION draw, never on the test numbers.
 
     python experiments/sweep_sampling.py --ckpt out/tiny
 
@@ -15,7 +15,7 @@ import numpy as np
 
 from nano_emu import data
 from nano_emu import evaluate as ev
-from nano_emu.pipeline import load_tiny
+from nano_emu.tiny import load_tiny
 
 p = argparse.ArgumentParser()
 p.add_argument("--ckpt", default="out/tiny")

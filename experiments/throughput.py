@@ -1,5 +1,5 @@
 """Steps per second of the design choices in the tiny-model table, timed in ONE process, interleaved, so that
-the two cores' drift hits every variant alike (issue 9's "equal wall time" comparisons).
+the two cores' drift hits every variant alike ("equal wall time" comparisons).
 
     python experiments/throughput.py
 """
