@@ -72,7 +72,7 @@ def test_sample_refuses_bad_paths_in_one_line(ckpt, tmp_path, capsys):
                         (["--chameleon", ckpt, "--prompt", "x"], "give one of --ckpt"),
                         (["--prompt", "x", "--keep-rows", "2"], "--complete and --keep-rows go together"),
                         (["--prompt", "x", "--tokenizer-dir", ckpt], "--tokenizer-dir goes with --chameleon"),
-                                                (["--prompt", "x", "--frames", "8", "--progress", str(tmp_path / "p.gif")], "--progress"),
+                        (["--prompt", "x", "--frames", "8", "--progress", str(tmp_path / "p.gif")], "--progress"),
                         (["--caption", str(empty)], "no frames in folder"),
                         ]:
         with pytest.raises(SystemExit) as exit:
@@ -123,7 +123,7 @@ def test_sample_script_reports_the_librarys_input_errors_in_one_line(ckpt):
 
 
 def test_sample_script_still_shows_a_bugs_traceback(ckpt):
-    bug = "import nano_emu.pipeline as p; p.load_tiny = lambda *a, **k: [][0]"   # an IndexError, not the user's
+    bug = "import nano_emu.tiny as p; p.load_tiny = lambda *a, **k: [][0]"   # an IndexError, not the user's
     result = run("sample.py", "--ckpt", ckpt, "--prompt", "x", code=bug)
     assert result.returncode == 1 and "Traceback" in result.stderr and "IndexError" in result.stderr
 

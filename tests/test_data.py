@@ -39,15 +39,19 @@ def degrade(images: np.ndarray, rng: np.random.Generator, noise: float, stray: i
 # world definition
 
 
-def test_constants():
-    assert IMAGE_SIZE == 64 and VIDEO_FRAMES == 8
-    assert list(COLORS) == ["red", "green", "blue", "yellow", "cyan", "magenta"]
-    assert all(set(rgb) <= {0, 255} and 0 < sum(rgb) < 3 * 255 for rgb in COLORS.values())  # pure, not white
+def test_the_world_fits_its_canvas_and_its_palette_reads_back():
+    """Every shape at its largest size and furthest jitter stays on the canvas, every clip stays on it in every
+    frame, and the palette's colours are pure, distinct and not white (the checker's hue rule relies on it)."""
+    assert all(set(rgb) <= {0, 255} and 0 < sum(rgb) < 3 * 255 for rgb in COLORS.values())
     assert len(set(COLORS.values())) == len(COLORS)
-    assert SHAPES == ("circle", "square", "triangle")
-    assert set(POSITIONS) == {"top left", "top right", "bottom left", "bottom right", "center"}
-    assert set(DIRECTIONS) == {"left", "right", "up", "down"}
-    assert len(ALL_TRIPLES) == len(COLORS) * len(SHAPES) * len(POSITIONS)
+    for x, y in POSITIONS.values():
+        assert max(SIZES) + JITTER <= min(x, y) and max(x, y) + JITTER + max(SIZES) <= IMAGE_SIZE
+    clips, _, _ = data.sample_moving_shapes(200, 0)
+    assert clips.shape[1] == VIDEO_FRAMES
+    area = (clips.max(-1) > 0).sum((-1, -2))            # (clips, frames): pixels of the shape in each frame
+    assert (area == area[:, :1]).all()                  # it moves, it is never cut off by the border
+    assert len(ALL_TRIPLES) == len(set(ALL_TRIPLES)) == len(COLORS) * len(SHAPES) * len(POSITIONS)
+    assert set(DIRECTIONS) == {data.classify_motion(c) for c in clips}
 
 
 def test_heldout_is_compositional():
