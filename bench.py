@@ -22,13 +22,16 @@ must be identical. Variants of nano_emu: plain, --compile, SJD, SJD + compile. T
 import argparse
 import statistics
 import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from nano_emu.gpt import GPT, GPTConfig
 from nano_emu.layout import Layout
-from nano_emu.sampler import Decoder, GridConstraint, cfg_mix, generate_image, sample
+from nano_emu.engine import Engine
+from nano_emu.sampler import GREEDY, GridConstraint, Guidance, Sampling, cfg_mix, generate_image, plain_decode, sample
+from nano_emu.sjd import jacobi_decode
 from nano_emu.tokenizer import ByteTokenizer
 
 PROMPT = "a red circle in the top left"
@@ -88,7 +91,7 @@ def bench_cache(args):
     model = GPT(config).to(device, dtype).eval()
     print(f"model: {model.num_params() / 1e6:.2f}M params, {args.layers} layers, dim {args.dim}, {args.dtype}, "
           f"{device}, {torch.get_num_threads()} threads; CFG doubled batch (2 rows) + grid constraint")
-    decoder = Decoder(model)
+    engine = Engine(model)
     rows = []
     for w in (args.w, 2 * args.w):   # the same rows twice as long: 2x the tokens per image
         negative = layout.generation_prompt("", args.h, w, tok)
@@ -96,7 +99,7 @@ def bench_cache(args):
         n_tokens = len(layout.grid_schedule(args.h, w))
         gen = torch.Generator(device).manual_seed(0)
         cached = lambda: generate_image(model, layout, [prompt], args.h, w, negative_prompts=[negative],
-                                        cfg_scale=3.0, generator=gen, decoder=decoder)
+                                        guidance=Guidance(cfg_scale=3.0), generator=gen, engine=engine)
         cached()   # warm-up
         t_cache = timed(cached, device, args.repeats)
         t_full = float("nan")
@@ -174,10 +177,11 @@ def bench_transformers(args):
     print(f"same weights: transformers Emu3ForConditionalGeneration and nano_emu GPT, {gpt.num_params() / 1e6:.2f}M "
           f"params (dim 64, 2 layers), float32, CPU, {torch.get_num_threads()} thread(s), torch {torch.__version__}; "
           f"greedy, CFG 3 (nano_emu: one [cond; uncond] batch of 2 rows), grid constraint; best of {args.repeats}")
-    plain, compiled = Decoder(gpt), Decoder(gpt, compile=True)
-    variants = {"nano_emu": dict(decoder=plain), "nano_emu --compile": dict(decoder=compiled),
-                f"nano_emu --sjd {args.window}": dict(decoder=plain, sjd=args.window),
-                f"nano_emu --sjd {args.window} --compile": dict(decoder=compiled, sjd=args.window)}
+    plain, compiled = Engine(gpt), Engine(gpt, compile=True)
+    jacobi = partial(jacobi_decode, window=args.window)
+    variants = {"nano_emu": dict(engine=plain), "nano_emu --compile": dict(engine=compiled),
+                f"nano_emu --sjd {args.window}": dict(engine=plain, loop=jacobi),
+                f"nano_emu --sjd {args.window} --compile": dict(engine=compiled, loop=jacobi)}
     table = []
     for h, w in ((args.h, args.w), (args.h, 2 * args.w), (2 * args.h, 2 * args.w)):
         cond = layout.generation_prompt(PROMPT, h, w, tok)
@@ -191,7 +195,7 @@ def bench_transformers(args):
         runs = {"transformers generate": hf}
         for name, kw in variants.items():
             runs[name] = lambda kw=kw: generate_image(gpt, layout, [cond], h, w, negative_prompts=[negative],
-                                                      cfg_scale=3.0, temperature=0, **kw)[0][0]
+                                                      guidance=Guidance(cfg_scale=3.0), sampling=GREEDY, **kw)[0][0]
         warm = {}
         for name, fn in runs.items():   # warm-up; for --compile this is the compilation (once per shape)
             start = time.perf_counter()
@@ -199,9 +203,9 @@ def bench_transformers(args):
             warm[name] = time.perf_counter() - start
         forwards = {}
         for name, kw in variants.items():
-            before = kw["decoder"].forwards
+            before = kw["engine"].forwards
             runs[name]()
-            forwards[name] = kw["decoder"].forwards - before
+            forwards[name] = kw["engine"].forwards - before
         forwards["transformers generate"] = 2 * n_new   # the unbatched CFG processor: two model calls per token
         results = best_in_turn(runs, args.repeats, device)
         expected = results["transformers generate"][1].tolist()
@@ -230,7 +234,7 @@ def bench_sjd(args):
     import numpy as np
 
     from nano_emu import data
-    from nano_emu.pipeline import load_tiny
+    from nano_emu.tiny import load_tiny
 
     pipe = load_tiny(args.ckpt)
     pipe.compile = args.compile
@@ -238,12 +242,12 @@ def bench_sjd(args):
     captions = [data.caption(*t) for t in triples]
     print(f"{args.ckpt}: {pipe.gpt.num_params() / 1e6:.2f}M-param GPT, float32, CPU, {torch.get_num_threads()} "
           f"thread(s); {len(captions)} images ({args.per_triple} per seen triple), batch {args.batch}, CFG "
-          f"{pipe.cfg_scale}, sampling {pipe.sampling}; grid {pipe.grid()}{'; compiled' if args.compile else ''}")
+          f"{pipe.guidance.cfg_scale}, sampling {pipe.sampling}; grid {pipe.grid()}{'; compiled' if args.compile else ''}")
     rows = []
     for name, sjd in (("plain", 0), (f"sjd {args.window}", args.window)):
         pipe.sjd = sjd
         pipe.draw(captions[:args.batch], seed=0)   # warm-up (allocates the cache)
-        before, images, t_tokens, t_vq = pipe.decoder.forwards, [], 0.0, 0.0
+        before, images, t_tokens, t_vq = pipe.engine.forwards, [], 0.0, 0.0
         for i in range(0, len(captions), args.batch):
             start = time.perf_counter()
             *_, last = pipe.draw_stream(captions[i:i + args.batch], seed=args.seed + i)   # text -> codes
@@ -251,7 +255,7 @@ def bench_sjd(args):
             start = time.perf_counter()
             images += pipe.decode(last.codes)                                             # codes -> pixels
             t_vq += time.perf_counter() - start
-        n_forwards = (pipe.decoder.forwards - before) / len(captions) * args.batch
+        n_forwards = (pipe.engine.forwards - before) / len(captions) * args.batch
         score = data.score(np.stack([np.asarray(im) for im in images]), triples)
         rows.append((name, n_forwards, t_tokens, t_vq, score))
     n_tokens = len(pipe.layout.grid_schedule(*pipe.grid()))
@@ -317,8 +321,9 @@ def bench_emu3(args):
                                 ("sjd-compiled", True, args.window)):
         if name not in wanted:
             continue
-        decoder = Decoder(gpt, compile=compile_)
-        kw = dict(negative_prompts=[negative], cfg_scale=3.0, top_k=args.top_k, decoder=decoder, sjd=sjd,
+        decoder = Engine(gpt, compile=compile_)
+        kw = dict(negative_prompts=[negative], guidance=Guidance(cfg_scale=3.0), sampling=Sampling(top_k=args.top_k),
+                  engine=decoder, loop=partial(jacobi_decode, window=sjd) if sjd else plain_decode,
                   generator=torch.Generator(device).manual_seed(0))
         if compile_:   # compile (and record CUDA graphs) outside the timed run
             generate_image(gpt, layout, [prompt], h, w, **kw)
@@ -369,7 +374,7 @@ def bench_llamagen(args):
     h, w = pipe.grid()
     print(f"LlamaGen {args.llamagen} ({gpt.num_params() / 1e6:.0f}M, {args.dtype}) + VQ-16 "
           f"({sum(p.numel() for p in pipe.vq.parameters()) / 1e6:.0f}M, float32) on {device}, "
-          f"{torch.get_num_threads()} threads: {args.images} image(s) of {h}x{w} tokens, CFG {pipe.cfg_scale} "
+          f"{torch.get_num_threads()} threads: {args.images} image(s) of {h}x{w} tokens, CFG {pipe.guidance.cfg_scale} "
           f"(batch {2 * args.images})")
     sync(device)
     start = time.perf_counter()
@@ -389,7 +394,7 @@ def bench_llamagen(args):
 def bench_chameleon(args):
     """Seconds per 512x512 image for an Anole-shaped model cut to --chameleon-layers layers (random weights): the
     7B's width, heads and 65536-token head, the CFG batch of 2 (3-way CFG on a text prompt is 2-way, chameleon.py),
-    --steps decode steps timed through the sampler's Decoder and extrapolated to the 1025 of an image (the
+    --steps decode steps timed through the sampler's Engine and extrapolated to the 1025 of an image (the
     cache makes every step cost the same, bench.py's default mode shows it), plus the full VQGAN decoding 32x32."""
     from nano_emu.vq import VQConfig, VQModel
 
@@ -401,7 +406,7 @@ def bench_chameleon(args):
           f"VQGAN ({sum(p.numel() for p in vq.parameters()) / 1e6:.0f}M, float32) on {device}, "
           f"{torch.get_num_threads()} threads, CFG batch 2")
     prompt = [0] + list(range(100, 120)) + [8197]
-    decoder = Decoder(gpt, compile=args.compile)
+    decoder = Engine(gpt, compile=args.compile)
     logits, length = decoder.prefill([prompt, [0, 8197]], 1, 1025)
     token = logits.argmax(-1)[:, None]                                          # (2, 1)
     input_pos = torch.tensor([length], device=device)

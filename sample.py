@@ -26,14 +26,15 @@ from PIL import Image
 
 from nano_emu import cli
 from nano_emu.image import load_clip
-from nano_emu.pipeline import Pipeline, load_tiny, resolve_device
+from nano_emu.pipeline import Pipeline
+from nano_emu.tiny import load_tiny
 from nano_emu.vq import VQConfig
 
 TEMPORAL_FACTOR = VQConfig.emu3().temporal_factor   # frames per code frame: 4 in the released VQ and the tiny one
 
 
 def load(args) -> Pipeline:
-    device = resolve_device(args.device)
+    device = cli.resolve_device(args.device)
     if args.ckpt:
         return load_tiny(args.ckpt, device=device, dtype=torch.float32 if args.dtype == "auto" else
                          getattr(torch, args.dtype))
@@ -67,7 +68,7 @@ def grid_image(images: list[Image.Image], columns: int) -> Image.Image:
 def draw(pipe: Pipeline, args) -> None:
     prompts = [p for p in args.prompt for _ in range(args.n)]
     h, w = pipe.grid(args.ratio)
-    cfg = pipe.cfg_scale if args.cfg is None else args.cfg
+    cfg = pipe.guidance.cfg_scale if args.cfg is None else args.cfg
     sampling = dict(ratio=args.ratio, cfg_scale=cfg, seed=args.seed, temperature=args.temperature,
                     top_k=args.top_k, top_p=args.top_p, cdk_k=args.cdk_k)
     if args.negative is not None:
@@ -150,7 +151,7 @@ def draw_classes(args) -> None:
     from PIL import ImageDraw
 
     from nano_emu.llamagen import load_llamagen
-    device = resolve_device(args.device)
+    device = cli.resolve_device(args.device)
     dtype = torch.float32 if args.dtype == "auto" else getattr(torch, args.dtype)
     start = time.time()
     pipe = load_llamagen(args.llamagen, args.vq, gpt_model=args.gpt_model, image_size=args.image_size,
@@ -160,7 +161,7 @@ def draw_classes(args) -> None:
           f"in {time.time() - start:.1f}s")
     classes = [c for c in args.classes for _ in range(args.n)]
     h, w = pipe.grid()
-    cfg = pipe.cfg_scale if args.cfg is None else args.cfg
+    cfg = pipe.guidance.cfg_scale if args.cfg is None else args.cfg
     start = time.time()
     for rows in pipe.draw_stream(classes, cfg_scale=cfg, seed=args.seed, temperature=args.temperature,
                                  top_k=args.top_k, top_p=args.top_p, cfg_interval=args.cfg_interval):

@@ -29,8 +29,7 @@ from nano_emu import evaluate as ev
 from nano_emu.checkpoint import load_checkpoint
 from nano_emu.gpt import GPT, GPTConfig
 from nano_emu.layout import Layout
-from nano_emu.pipeline import TINY_CFG_SCALE, TINY_SAMPLING, Pipeline, resolve_device
-from nano_emu.tokenizer import ByteTokenizer, WordTokenizer
+from nano_emu.tiny import TINY_CFG_SCALE, TINY_TEMPERATURE, make_tokenizer, tiny_pipeline
 from nano_emu.train import batch_rng, init_vq_for_training, setup_distributed, train_gpt, train_vq
 from nano_emu.vq import VQConfig, VQModel
 
@@ -49,7 +48,7 @@ PRESETS = {
 
 # With --video, clips join both stages. The VQ gets twice the image run's steps and codes twice as wide (a code
 # frame holds 4 frames of motion; at width 4 and the image run's steps, 70% of clip reconstructions read right, at
-# width 8 and 2x steps 95%: docs/benchmarks.md, video); vq_clip_share of its steps train on a batch of 8-frame
+# width 8 and 2x steps 95%: docs/video.md); vq_clip_share of its steps train on a batch of 8-frame
 # clips, all in its second half (vq_stage's curriculum; 0.25: images and clips alternate there). The GPT's steps
 # are divided by (1 - gpt_clip_share), so its image steps stay the image run's (in expectation); clips get 60% of
 # them and a pool of 12,000 (drawn clips 58% -> 76% right against 40% of 4,000). --vq-steps / --gpt-steps given by
@@ -106,8 +105,8 @@ def vq_stage(args, device, run, autocast):
 
     def sample_images(step):
         rng = batch_rng(args.seed, run.rank, step)
-        # curriculum: images only for the first half (a VQ that met clips from step 0 never learned colour, issue
-        # 11), so those batches are the image run's; after it, clips at twice the run's share (0.25: alternate)
+        # curriculum: images only for the first half (a VQ that met clips from step 0 never learned colour:
+        # docs/video.md), so those batches are the image run's; after it, clips at twice the run's share
         if args.video and step >= args.vq_steps // 2 and rng.random() < 2 * args.vq_clip_share:
             clips = data.sample_moving_shapes(args.vq_clip_batch, rng)[0]
             return data.to_tensor(clips).to(device)   # (B, 8, 3, 64, 64) -> codes (B, 2, 8, 8)
@@ -134,16 +133,8 @@ def encode_pool(vq, args, device, clips: bool = False):
     return torch.cat(codes), captions
 
 
-def make_tokenizer(kind: str):
-    """The toy captions' text tokenizer and how a checkpoint names it (pipeline.tiny_tokenizer reads it back)."""
-    if kind == "bytes":
-        return ByteTokenizer(), "bytes"
-    words = data.vocabulary()
-    return WordTokenizer(words), {"words": words}
-
-
 def gpt_stage(args, vq, device, run, autocast):
-    tokenizer, tokenizer_spec = make_tokenizer(args.tokenizer)
+    tokenizer, tokenizer_spec = make_tokenizer(args.tokenizer, data.vocabulary())
     layout = Layout.tiny(vq.cfg.codebook_size, text_vocab=tokenizer.n_vocab)
     config = GPTConfig.tiny(layout.vocab_size, dim=args.gpt_dim, n_layer=args.gpt_layers,
                             intermediate_size=int(args.gpt_dim * 8 / 3) // 16 * 16)
@@ -167,7 +158,7 @@ def gpt_stage(args, vq, device, run, autocast):
 @torch.no_grad()
 def evaluate(args, vq, gpt, layout, tokenizer):
     """metrics.json and the pictures, through the same Pipeline a user samples with."""
-    pipe = Pipeline.tiny(gpt, vq, tokenizer, layout, image_size=data.IMAGE_SIZE,
+    pipe = tiny_pipeline(gpt, vq, tokenizer, layout, image_size=data.IMAGE_SIZE,
                          sampling={"cfg_scale": args.cfg, "temperature": args.temperature, "top_k": args.top_k})
     rng = np.random.default_rng([args.seed, 3])
     metrics = {}
@@ -183,7 +174,7 @@ def evaluate(args, vq, gpt, layout, tokenizer):
         attrs = [t for t in triples for _ in range(reps)]
         captions = [data.caption(*t) for t in attrs]
         metrics[f"drawn_{split}"] = len(captions)
-        for cfg_scale in (pipe.cfg_scale, 1.0):
+        for cfg_scale in (pipe.guidance.cfg_scale, 1.0):
             images = ev.draw(pipe, captions, cfg_scale=cfg_scale, seed=args.seed)
             metrics[f"adherence_{split}_cfg{cfg_scale:g}"] = ev.adherence(images, attrs)
 
@@ -197,7 +188,7 @@ def evaluate(args, vq, gpt, layout, tokenizer):
     # pictures: samples for a few prompts (the last two held out) with CFG and without, and captions
     prompts = [data.caption(*t) for t in SHOWCASE] + [data.caption(*t) for t in data.HELDOUT[:2]]
     columns = 6 if n >= 64 else 2
-    for cfg_scale, name in ((pipe.cfg_scale, "samples.png"), (1.0, "samples_cfg1.png")):
+    for cfg_scale, name in ((pipe.guidance.cfg_scale, "samples.png"), (1.0, "samples_cfg1.png")):
         images = ev.draw(pipe, [p for p in prompts for _ in range(columns)], cfg_scale=cfg_scale, seed=args.seed + 1)
         ev.image_grid(images, prompts, args.out / name, columns, title=f"text -> image, cfg {cfg_scale:g} "
                       f"(last two prompts held out of training)")
@@ -228,7 +219,7 @@ def evaluate_clips(args, pipe, vq) -> dict:
     attrs = [triples[i % len(triples)] for i in range(args.eval_clips)]   # every triple equally often
     prompts = [data.video_caption(*t) for t in attrs]
     metrics["drawn_clips"] = len(prompts)
-    for cfg_scale in (pipe.cfg_scale, 1.0):
+    for cfg_scale in (pipe.guidance.cfg_scale, 1.0):
         scores = data.score(ev.draw_clips(pipe, prompts, cfg_scale=cfg_scale, seed=args.seed), attrs)
         metrics[f"clip_adherence_cfg{cfg_scale:g}"] = scores["all"]
         for key in ("color", "shape", "direction", "unreadable"):
@@ -240,14 +231,14 @@ def evaluate_clips(args, pipe, vq) -> dict:
     prompts = [data.video_caption(*t) for t in CLIP_SHOWCASE]
     clips = ev.draw_clips(pipe, prompts, seed=args.seed + 1)   # (6, 8, H, W, 3)
     ev.image_grid(clips.reshape(-1, *clips.shape[2:]), prompts, args.out / "clips.png", clips.shape[1],
-                  title=f"text -> clip, cfg {pipe.cfg_scale:g}: the {clips.shape[1]} frames of one clip per row")
+                  title=f"text -> clip, cfg {pipe.guidance.cfg_scale:g}: the {clips.shape[1]} frames of one clip per row")
     return metrics
 
 
 def main(args):
     args.out = Path(args.out)
     fill_from_preset(args)
-    device = resolve_device(args.device)
+    device = cli.resolve_device(args.device)
     run, device = setup_distributed(device)
     if run.world > 1 and device.type == "cpu":   # processes share the cores: oversubscribed threads crawl
         torch.set_num_threads(max(1, (torch.get_num_threads()) // run.world))
@@ -293,7 +284,7 @@ def parse_args(argv=None):
     p.add_argument("--cfg", type=cli.above(0), default=TINY_CFG_SCALE,
                    help="CFG scale for evaluation and sample grids (compared with cfg 1 = no guidance); "
                         "saved in the checkpoint as its default")
-    p.add_argument("--temperature", type=cli.at_least(0, float), default=TINY_SAMPLING["temperature"],
+    p.add_argument("--temperature", type=cli.at_least(0, float), default=TINY_TEMPERATURE,
                    help="sampling temperature for evaluation and sample grids; saved as the checkpoint's default")
     p.add_argument("--top-k", type=count, default=None, help="top-k for evaluation and sample grids (default: off)")
     p.add_argument("--ckpt-every", type=count, default=250, help="checkpoint interval, in steps")

@@ -38,6 +38,7 @@ from .gpt import GPT, GPTConfig
 from .layout import Layout
 from .llamagen import interleaved_to_halves
 from .pipeline import Pipeline
+from .sampler import Guidance, Sampling
 from .tokenizer import JSONTokenizer
 from .vq import VQConfig, VQModel
 from .weights import check_strict, load_strict, open_checkpoint, read_json, rename
@@ -45,9 +46,10 @@ from .weights import check_strict, load_strict, open_checkpoint, read_json, rena
 # Chameleon's reference ImageDecoder / Anole's demo: 3-way CFG (text 3.0, image 1.2) on logits, T 0.7, top-p 0.9.
 # Pipeline.draw prompts hold text only, so the image-only branch IS the unconditional one [BOS, BOI] and the 3-way
 # mix uncond + 1.2 (image - uncond) + 3.0 (full - image) is exactly 2-way CFG at 3.0; the image scale matters only
-# for prompts with images (sampler.generate_image_stream(image_prompts=..., cfg_image_scale=1.2)).
-CHAMELEON_CFG_TEXT_SCALE, CHAMELEON_CFG_IMAGE_SCALE = 3.0, 1.2
-CHAMELEON_SAMPLING = {"temperature": 0.7, "top_p": 0.9, "cfg_on": "logits"}
+# for prompts with images (sampler.generate_image_stream(image_prompts=..., guidance=Guidance(3.0, image_scale=1.2))).
+CHAMELEON_CFG_IMAGE_SCALE = 1.2
+CHAMELEON_GUIDANCE = Guidance(cfg_scale=3.0, cfg_on="logits")
+CHAMELEON_SAMPLING = Sampling(temperature=0.7, top_p=0.9)
 # understanding: the question, the image block, then the separator transformers' processor appends in chat mode
 CHAMELEON_CHAT_TEMPLATE = "{question}{image}<reserved08706>"
 CHAMELEON_IMAGE_SIZE = 512
@@ -269,8 +271,8 @@ def chameleon_pipeline(gpt: GPT, vq: VQModel, tokenizer, layout: Layout,
     """A Chameleon-style GPT and VQ (loaded, or random for benchmarks) with the release's conventions."""
     template = CHAMELEON_CHAT_TEMPLATE if "<reserved08706>" in getattr(tokenizer, "vocab", {}) else "{question}{image}"
     return Pipeline(gpt.eval(), vq.eval(), tokenizer, layout, image_area=image_size * image_size,
-                    chat_template=template, resize={"square": image_size}, sampling=dict(CHAMELEON_SAMPLING),
-                    cfg_scale=CHAMELEON_CFG_TEXT_SCALE)
+                    chat_template=template, resize={"square": image_size}, sampling=CHAMELEON_SAMPLING,
+                    guidance=CHAMELEON_GUIDANCE)
 
 
 def _require(path: Path, layout: str) -> Path:

@@ -1,4 +1,5 @@
-"""What the command-line scripts (sample.py, train_tiny.py) share: argparse types that refuse nonsense up front.
+"""What the command-line scripts (sample.py, train_tiny.py, bench.py) share: argparse types that refuse nonsense up
+front, and what --device auto means.
 
 A flag the library would choke on deep inside (`--temperature -1` surfaced as "codes must lie in [0, 512)",
 `--top-k 0` as a tensor size mismatch) is refused while parsing, in one line that names the flag and the rule:
@@ -15,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
+import torch
 from PIL import Image
 
 from .image import load_clip, load_image
@@ -60,6 +62,13 @@ def ratio(text: str) -> str:
     if len(sides) != 2 or not all(math.isfinite(side) and side > 0 for side in sides):
         raise argparse.ArgumentTypeError(f"must be width:height with two positive numbers, e.g. 16:9, got {text!r}")
     return text
+
+
+def resolve_device(name: str) -> torch.device:
+    """--device auto picks CUDA, then Apple's MPS, then the CPU; anything else is passed to torch as is."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    return torch.device(name)
 
 
 def existing_folder(text: str) -> str:

@@ -30,6 +30,7 @@ from torch import Tensor
 from .gpt import GPT, GPTConfig
 from .layout import EMU3_CHAT_TEMPLATE, Layout
 from .pipeline import Pipeline
+from .sampler import Guidance, Sampling
 from .tokenizer import ROLE_TOKENS, Emu3Tokenizer
 from .vq import VQConfig, VQModel
 from .weights import check_strict, load_strict, open_checkpoint, read_json, rename
@@ -39,7 +40,8 @@ EMU3_PROMPT_SUFFIX = " masterpiece, film grained, best quality."
 EMU3_NEGATIVE_PROMPT = ("lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, fewer digits, "
                         "cropped, worst quality, low quality, normal quality, jpeg artifacts, signature, watermark, "
                         "username, blurry.")
-EMU3_SAMPLING = {"top_k": 2048}   # the demo samples with top_k 2048 at temperature 1
+EMU3_SAMPLING = Sampling(top_k=2048)   # the demo samples with top_k 2048 at temperature 1
+EMU3_GUIDANCE = Guidance(cfg_scale=3.0)   # on log-probs, against the negative prompt
 DEFAULT_IMAGE_AREA = 720 * 720    # -hf configs carry no image_area; transformers' Emu3Processor defaults to this
 
 # Where each key layout keeps the decoder, its output head and the VQ (None: the separate VisionTokenizer folder)
@@ -289,4 +291,4 @@ def load_emu3(path: str | Path, vq_path: str | Path | None = None, device: str |
     return Pipeline(gpt.eval(), vq.eval(), tokenizer, Layout(**tokenizer.role_ids, codebook_size=tokenizer.n_visual),
                     image_area=int(config.get("image_area") or DEFAULT_IMAGE_AREA),
                     prompt_suffix=EMU3_PROMPT_SUFFIX, negative_prompt=EMU3_NEGATIVE_PROMPT,
-                    chat_template=EMU3_CHAT_TEMPLATE, resize=None, sampling=dict(EMU3_SAMPLING))
+                    chat_template=EMU3_CHAT_TEMPLATE, resize=None, sampling=EMU3_SAMPLING, guidance=EMU3_GUIDANCE)

@@ -60,6 +60,27 @@ class Layout:
     def vocab_size(self) -> int:
         return self.first_visual + self.codebook_size
 
+    # The three families differ by which roles exist; these name the switches every method below reads:
+    #                      has_row_markers  fixed_grid  condition_only
+    #   Emu3 / tiny              yes            no           no       BOS text BOI "h*w" IMG rows+EOL EOF EOI
+    #   Chameleon / Anole        no             yes          no       BOS text BOI codes EOI
+    #   LlamaGen c2i             no             no           yes      class-token codes
+
+    @property
+    def has_row_markers(self) -> bool:
+        """Emu3: rows end with EOL, frames with EOF, and the block's meta text says its grid."""
+        return self.eol is not None
+
+    @property
+    def fixed_grid(self) -> bool:
+        """Chameleon: every image block is `image_grid` codes between BOI and EOI, with no size text."""
+        return self.image_grid is not None
+
+    @property
+    def condition_only(self) -> bool:
+        """LlamaGen: the prompt is the condition tokens alone, the codes follow with no markers at all."""
+        return self.bos is None
+
     @classmethod
     def emu3(cls) -> "Layout":
         """The released Emu3 ids (QWen BPE 0..151642, then specials, then 32768 visual tokens)."""
@@ -123,18 +144,18 @@ class Layout:
                              f"{codes.dtype} {tuple(codes.shape)}")
         if codes.numel() and (codes.min() < 0 or codes.max() >= self.codebook_size):
             raise ValueError(f"codes must lie in [0, {self.codebook_size}), got [{codes.min()}, {codes.max()}]")
-        if self.image_grid is not None:   # Chameleon: BOI, the codes in raster order, EOI; no size text
+        if self.fixed_grid:   # Chameleon: BOI, the codes in raster order, EOI; no size text
             if tuple(codes.shape) != tuple(self.image_grid):
                 raise ValueError(f"this layout's image blocks are {self.image_grid[0]}x{self.image_grid[1]} codes "
                                  f"(no size marker tells a reader otherwise), got codes of shape {tuple(codes.shape)}")
             return [self.boi, *(codes.flatten() + self.first_visual).tolist(), self.eoi]
         meta = "*".join(str(n) for n in codes.shape)           # "h*w" or "t*h*w"
-        frames = codes if codes.dim() == 3 else codes[None]     # (t, h, w)
-        t, h, w = frames.shape
-        grid = torch.cat([frames + self.first_visual,
-                          torch.full((t, h, 1), self.eol, dtype=frames.dtype)], dim=2)   # (t, h, w+1): EOL column
+        code_frames = codes if codes.dim() == 3 else codes[None]     # (t, h, w)
+        t, h, w = code_frames.shape
+        grid = torch.cat([code_frames + self.first_visual,
+                          torch.full((t, h, 1), self.eol, dtype=codes.dtype)], dim=2)   # (t, h, w+1): EOL column
         grid = torch.cat([grid.reshape(t, h * (w + 1)),
-                          torch.full((t, 1), self.eof, dtype=frames.dtype)], dim=1)     # (t, h*(w+1)+1): + EOF
+                          torch.full((t, 1), self.eof, dtype=codes.dtype)], dim=1)     # (t, h*(w+1)+1): + EOF
         return [self.boi, *tokenizer.encode(meta), self.img, *grid.flatten().tolist(), self.eoi]
 
     def encode(self, parts: list, tokenizer, bos: bool = True, eos: bool = False) -> list[int]:
@@ -144,15 +165,17 @@ class Layout:
             tokens += tokenizer.encode(part) if isinstance(part, str) else self.image_block(part, tokenizer)
         return tokens + [self.eos] if eos else tokens
 
-    def generation_prompt(self, text: str, h: int, w: int, tokenizer, frames: int | None = None) -> list[int]:
-        """Emu3's mode 'G': BOS text BOI "h*w" IMG (or "t*h*w" for a video); the model writes the rows."""
-        if self.image_grid is not None:   # Chameleon: the caption, then BOI; the grid is the layout's
-            if (h, w) != tuple(self.image_grid) or frames is not None:
-                raise ValueError(f"this layout draws {self.image_grid[0]}x{self.image_grid[1]} images only, not {h}x{w}")
+    def generation_prompt(self, text: str, h: int, w: int, tokenizer, t: int = 1) -> list[int]:
+        """Emu3's mode 'G': BOS text BOI "h*w" IMG (or "t*h*w" for a clip of t > 1 code frames); the model
+        writes the rows."""
+        if self.fixed_grid:   # Chameleon: the caption, then BOI; the grid is the layout's
+            if (h, w) != tuple(self.image_grid) or t != 1:
+                raise ValueError(f"this layout draws {self.image_grid[0]}x{self.image_grid[1]} images only, not "
+                                 f"{f'{t}*' if t != 1 else ''}{h}x{w}")
             return [self.bos, *tokenizer.encode(text), self.boi]
-        if self.img is None:   # LlamaGen: the condition alone; the grid size is fixed by the model
+        if self.condition_only:   # LlamaGen: the condition alone; the grid size is fixed by the model
             return tokenizer.encode(text)
-        meta = f"{h}*{w}" if frames is None else f"{frames}*{h}*{w}"
+        meta = f"{h}*{w}" if t == 1 else f"{t}*{h}*{w}"
         return [self.bos, *tokenizer.encode(text), self.boi, *tokenizer.encode(meta), self.img]
 
     def understanding_prompt(self, codes: torch.Tensor, question: str, tokenizer,
@@ -163,19 +186,19 @@ class Layout:
         return [self.bos, *tokenizer.encode(before.format(question=question)), *self.image_block(codes, tokenizer),
                 *tokenizer.encode(after.format(question=question))]
 
-    def grid_schedule(self, h: int, w: int, frames: int = 1) -> list[int]:
+    def grid_schedule(self, h: int, w: int, t: int = 1) -> list[int]:
         """What may follow IMG at each offset: VISUAL (any code) or the one structural token that must stand
-        there. Rows of w codes + EOL, EOF after every frame, then EOI and EOS."""
-        if self.eol is None:   # LlamaGen: the codes alone; Chameleon: a contiguous block of codes, then EOI
-            return [VISUAL] * (frames * h * w) + ([self.eoi] if self.eoi is not None else [])
+        there. Rows of w codes + EOL, EOF after each of the t code frames, then EOI and EOS."""
+        if not self.has_row_markers:   # LlamaGen: the codes alone; Chameleon: a contiguous block, then EOI
+            return [VISUAL] * (t * h * w) + ([self.eoi] if self.eoi is not None else [])
         frame = ([VISUAL] * w + [self.eol]) * h + [self.eof]
-        return frame * frames + [self.eoi, self.eos]
+        return frame * t + [self.eoi, self.eos]
 
-    def row_ends(self, h: int, w: int, frames: int = 1) -> list[int]:
-        """The offsets in grid_schedule(h, w, frames) at which a row is complete (its EOL, or its last code)."""
-        if self.eol is None:
-            return list(range(w - 1, frames * h * w, w))
-        return [step for step, kind in enumerate(self.grid_schedule(h, w, frames)) if kind == self.eol]
+    def row_ends(self, h: int, w: int, t: int = 1) -> list[int]:
+        """The offsets in grid_schedule(h, w, t) at which a row is complete (its EOL, or its last code)."""
+        if not self.has_row_markers:
+            return list(range(w - 1, t * h * w, w))
+        return [step for step, kind in enumerate(self.grid_schedule(h, w, t)) if kind == self.eol]
 
     # --- reading -------------------------------------------------------------------------------------------
 
@@ -215,8 +238,9 @@ class Layout:
         raise LayoutError("no image block (BOI ... EOI) in the sequence")
 
     def _read_block(self, tokens: list[int], start: int, tokenizer, repair: bool):
-        """Read the image block whose BOI is at `start`: the meta text, then the grid. Returns (codes, end)."""
-        if self.image_grid is not None:   # Chameleon: no meta text, the layout's grid
+        """Read the image block whose BOI is at `start`: the meta text, then the grid. Returns (codes, end):
+        codes (h, w) for an "h*w" block, (t, h, w) for a "t*h*w" one."""
+        if self.fixed_grid:   # Chameleon: no meta text, the layout's grid
             return self.read_grid(tokens, *self.image_grid, start=start + 1, repair=repair)
         try:
             img_at = tokens.index(self.img, start)
@@ -227,33 +251,43 @@ class Layout:
         if match is None:
             raise LayoutError(f"token {start + 1}: image meta text {meta!r} is not 'h*w' or 't*h*w'")
         dims = [int(g) for g in match.groups() if g is not None]
-        t, h, w = dims if len(dims) == 3 else (None, *dims)
-        return self.read_grid(tokens, h, w, frames=t, start=img_at + 1, repair=repair)
+        t, h, w = dims if len(dims) == 3 else (1, *dims)
+        codes, end = self.read_grid(tokens, h, w, t, start=img_at + 1, repair=repair)
+        return (codes.view(t, h, w) if len(dims) == 3 else codes), end   # "1*h*w" stays a clip of one code frame
 
-    def read_grid(self, tokens, h: int, w: int, frames: int | None = None, start: int = 0, repair: bool = False):
-        """Read the rows that follow IMG, from tokens[start] through EOI. Returns (codes, index after EOI):
-        codes (h, w) when `frames` is None (an image), else (frames, h, w)."""
+    def read_grid(self, tokens, h: int, w: int, t: int = 1, start: int = 0, repair: bool = False):
+        """Read the t code frames of h x w codes that follow IMG, from tokens[start] through EOI (or through the
+        last code, for LlamaGen). Returns (codes, index after the block): codes (h, w) for an image (t = 1),
+        (t, h, w) for a clip."""
         tokens = tokens.tolist() if torch.is_tensor(tokens) else tokens
-        t = frames or 1
-        if self.eol is None:   # LlamaGen: exactly t*h*w codes; Chameleon: exactly h*w codes, then EOI
-            n, end = t * h * w, start
-            while end < len(tokens) and self.first_visual <= tokens[end] < self.vocab_size:
-                end += 1
-            closed = self.eoi is None or (end < len(tokens) and tokens[end] == self.eoi)
-            if not repair:
-                if end - start < n:
-                    what = "the end" if end == len(tokens) else self.name(tokens[end])
-                    raise LayoutError(f"token {end}: {what} after {end - start} visual tokens of an image block "
-                                      f"that needs {n} ({h}x{w})")
-                if self.eoi is not None and (end > start + n or not closed):
-                    raise LayoutError(f"token {start + n}: the image block's {n} codes are followed by "
-                                      f"{self.name(tokens[start + n]) if start + n < len(tokens) else 'the end'}, "
-                                      f"not EOI")
-            grid = self._fit(tokens[start:min(end, start + n)], n, fill=self.first_visual)
-            codes = torch.tensor(grid, dtype=torch.long).view(t, h, w) - self.first_visual
-            after = start + n if self.eoi is None else min(end + closed, len(tokens))
-            return (codes[0] if frames is None else codes), after
-        # split the block into frames (by EOF) and rows (by EOL), remembering where every row starts
+        read = self._read_rows if self.has_row_markers else self._read_counted
+        codes, end = read(tokens, h, w, t, start, repair)                      # (t, h, w)
+        return (codes[0] if t == 1 else codes), end
+
+    def _read_counted(self, tokens: list[int], h: int, w: int, t: int, start: int, repair: bool):
+        """A block without row markers: exactly t*h*w codes (LlamaGen), then EOI where the layout has one
+        (Chameleon). Read by counting."""
+        n, end = t * h * w, start
+        while end < len(tokens) and self.first_visual <= tokens[end] < self.vocab_size:
+            end += 1
+        closed = self.eoi is None or (end < len(tokens) and tokens[end] == self.eoi)
+        if not repair:
+            if end - start < n:
+                what = "the end" if end == len(tokens) else self.name(tokens[end])
+                raise LayoutError(f"token {end}: {what} after {end - start} visual tokens of an image block "
+                                  f"that needs {n} ({h}x{w})")
+            if self.eoi is not None and (end > start + n or not closed):
+                raise LayoutError(f"token {start + n}: the image block's {n} codes are followed by "
+                                  f"{self.name(tokens[start + n]) if start + n < len(tokens) else 'the end'}, "
+                                  f"not EOI")
+        grid = self._fit(tokens[start:min(end, start + n)], n, fill=self.first_visual)
+        codes = torch.tensor(grid, dtype=torch.long).view(t, h, w) - self.first_visual
+        after = start + n if self.eoi is None else min(end + closed, len(tokens))
+        return codes, after
+
+    def _read_rows(self, tokens: list[int], h: int, w: int, t: int, start: int, repair: bool):
+        """An Emu3 block: split it into frames (by EOF) and rows (by EOL), remembering where every row starts,
+        then check every row, frame and the frame count (or, with repair, cut and pad them to the grid)."""
         grid, rows, row, row_start, i = [], [], [], start, start
         while i < len(tokens) and tokens[i] != self.eoi:
             tok = tokens[i]
@@ -292,7 +326,7 @@ class Layout:
         # repair: cut or pad every row to w codes, every frame to h rows, the block to t frames
         fixed = [self._fit([self._fit(row, w) for row, _ in rows], h, fill=[0] * w) for rows in grid]
         codes = torch.tensor(self._fit(fixed, t, fill=[[0] * w] * h), dtype=torch.long)   # (t, h, w)
-        return (codes[0] if frames is None else codes), min(i + 1, len(tokens))
+        return codes, min(i + 1, len(tokens))
 
     @staticmethod
     def _fit(items: list, n: int, fill=0) -> list:

@@ -27,12 +27,13 @@ from torch import Tensor
 from .gpt import GPT, LLAMAGEN_SIZES, GPTConfig
 from .layout import Layout
 from .pipeline import Pipeline
+from .sampler import Guidance, Sampling
 from .vq import VQConfig, VQModel
 from .weights import check_strict, load_strict, open_checkpoint, rename
 
 # the demo's conventions (autoregressive/sample/sample_c2i.py): guidance on raw logits at 4.0 in every step
-LLAMAGEN_CFG_SCALE = 4.0
-LLAMAGEN_SAMPLING = {"top_k": 2000, "temperature": 1.0, "cfg_on": "logits", "cfg_interval": -1}
+LLAMAGEN_GUIDANCE = Guidance(cfg_scale=4.0, cfg_on="logits", cfg_interval=-1)
+LLAMAGEN_SAMPLING = Sampling(temperature=1.0, top_k=2000)
 
 GPT_SKIPPED = ("freqs_cis",)                 # a stray RoPE table in some released GPT checkpoints
 VQ_SKIPPED = ("quantize.codebook_used",)     # LlamaGen's training-only usage tracker (a registered buffer)
@@ -257,4 +258,4 @@ def llamagen_pipeline(gpt: GPT, vq: VQModel) -> Pipeline:
     """A class-to-image GPT and its VQ (loaded, or random for benchmarks) with the demo's conventions."""
     cfg, side = gpt.config, gpt.config.rope_2d_grid * vq.cfg.spatial_factor
     return Pipeline(gpt.eval(), vq.eval(), ClassLabels(cfg.vocab_size, cfg.num_classes), Layout.llamagen(cfg.vocab_size),
-                    image_area=side * side, sampling=dict(LLAMAGEN_SAMPLING), cfg_scale=LLAMAGEN_CFG_SCALE)
+                    image_area=side * side, sampling=LLAMAGEN_SAMPLING, guidance=LLAMAGEN_GUIDANCE)

@@ -4,22 +4,26 @@
 checkpoint (Emu3-Gen's positive suffix and negative prompt, Emu3-Chat's template, the image area). It only
 strings together layout.py (prompts), sampler.py (generation) and vq.py (pixels); it adds no math of its own.
 
-    pipe = load_tiny("out/tiny")                 # what train_tiny.py wrote (or nano_emu.load_emu3(...))
+    pipe = load_tiny("out/tiny")                 # tiny.py: what train_tiny.py wrote (or nano_emu.load_emu3(...))
     image = pipe.draw(["a red circle in the top left"], cfg_scale=3.0, seed=0)[0]
     for rows in pipe.draw_stream([...]): ...     # watch it fill in row by row
     text = pipe.answer(image, "")                # the tiny model captions; Emu3-Chat answers the question
     clip = pipe.draw(["a red circle moving left"], frames=8)[0]   # 8 PIL frames (a --video tiny checkpoint)
     text = pipe.answer_clip(clip)                # "a red circle moving left"
     pipe.compile, pipe.sjd = True, 16            # speed options: a compiled decode step, speculative Jacobi decoding
+    pipe.guidance, pipe.sampling                 # the checkpoint's defaults (sampler.Guidance, sampler.Sampling)
     pipe.release()                               # free the KV cache it keeps between calls
 
-A clip goes through the same calls as an image: its prompt's meta text says "t*h*w" (t code frames, each
-covering the VQ's temporal_factor pixel frames), the grid constraint closes every code frame with EOF, and the
-VQ's causal temporal decoder turns the t code frames back into frames.
+A clip goes through the same calls as an image. `frames` always counts pixel frames (None: an image); inside,
+t = frames / the VQ's temporal_factor counts code frames (1 for an image). The prompt's meta text says "t*h*w",
+the grid constraint closes every code frame with EOF, and the VQ's causal temporal decoder turns the t code
+frames back into frames. (A clip of one code frame is written as an image, "h*w": to the VQ an image is a clip
+of temporal_factor identical frames.)
 """
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
@@ -27,14 +31,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoint import load_checkpoint
-from .gpt import GPT, GPTConfig
+from .engine import Engine
+from .gpt import GPT
 from .image import image_to_tensor, load_clip, tensor_to_image
 from .layout import Layout
-from .sampler import Decoder, Rows, generate_image_stream, generate_text
-from .tokenizer import ByteTokenizer, WordTokenizer
-from .vq import VQConfig, VQModel
-from .weights import load_state_dict_strict
+from .sampler import GREEDY, Guidance, Rows, Sampling, generate_image_stream, generate_text, plain_decode
+from .sjd import jacobi_decode
+from .vq import VQModel
+
+GUIDANCE_OPTIONS = tuple(f.name for f in fields(Guidance))
+SAMPLING_OPTIONS = tuple(f.name for f in fields(Sampling))
 
 
 @dataclass
@@ -48,23 +54,34 @@ class Pipeline:
     negative_prompt: str = ""           # CFG's unconditional branch ("" = the null caption the toys trained with)
     chat_template: str = "{image}{question}"
     resize: dict | None = None          # keyword limits for image.image_to_tensor (None: the released processor's)
-    sampling: dict | None = None        # the checkpoint's sampling defaults (Emu3-Gen: top_k 2048)
-    cfg_scale: float = 3.0              # the checkpoint's guidance scale (Emu3-Gen: 3.0)
+    guidance: Guidance = Guidance(cfg_scale=3.0)   # the checkpoint's defaults (Emu3-Gen: CFG 3.0 on log-probs)
+    sampling: Sampling = Sampling()                # (Emu3-Gen: top_k 2048 at temperature 1)
     compile: bool = False               # torch.compile the decode step (speed only: the same tokens)
     sjd: int = 0                        # speculative Jacobi decoding window for draw (0: off; sjd.py)
-    _decoder: Decoder | None = field(default=None, init=False, repr=False)   # owns the KV cache between calls
+    _engine: Engine | None = field(default=None, init=False, repr=False)   # owns the KV cache between calls
 
     @property
-    def decoder(self) -> Decoder:
-        """The GPT's decoder: its KV cache is allocated by the first draw/answer and reused by the next ones."""
-        if self._decoder is None or self._decoder.model is not self.gpt or self._decoder.compile != self.compile:
-            self._decoder = Decoder(self.gpt, compile=self.compile)
-        return self._decoder
+    def engine(self) -> Engine:
+        """The GPT's engine: its KV cache is allocated by the first draw/answer and reused by the next ones."""
+        if self._engine is None or self._engine.model is not self.gpt or self._engine.compile != self.compile:
+            self._engine = Engine(self.gpt, compile=self.compile)
+        return self._engine
 
     def release(self) -> None:
         """Free the KV cache kept between calls (the next call allocates a new one)."""
-        if self._decoder is not None:
-            self._decoder.release()
+        if self._engine is not None:
+            self._engine.release()
+
+    def options(self, **given) -> tuple[Guidance, Sampling]:
+        """The checkpoint's Guidance and Sampling with the given fields replaced (None: keep the default), e.g.
+        options(cfg_scale=2, temperature=0). Both check their values, so nonsense fails here, by name."""
+        unknown = sorted(set(given) - set(GUIDANCE_OPTIONS) - set(SAMPLING_OPTIONS))
+        if unknown:
+            raise TypeError(f"unknown sampling option(s) {', '.join(unknown)}; the options are "
+                            f"{', '.join(GUIDANCE_OPTIONS + SAMPLING_OPTIONS)}")
+        given = {k: v for k, v in given.items() if v is not None}
+        return (replace(self.guidance, **{k: v for k, v in given.items() if k in GUIDANCE_OPTIONS}),
+                replace(self.sampling, **{k: v for k, v in given.items() if k in SAMPLING_OPTIONS}))
 
     def grid(self, ratio: str = "1:1") -> tuple[int, int]:
         """Token grid (h, w) for an aspect ratio "W:H" at the checkpoint's image area (Emu3's rule: the
@@ -77,10 +94,11 @@ class Pipeline:
         factor = self.vq.cfg.spatial_factor
         return max(1, round(height * scale / factor)), max(1, round(width * scale / factor))
 
-    def code_frames(self, frames: int | None) -> int | None:
-        """Pixel frames of a clip -> code frames (the VQ packs temporal_factor frames into one); None for an image."""
+    def code_frames(self, frames: int | None) -> int:
+        """Pixel frames of a clip -> t, the code frames (the VQ packs temporal_factor frames into one); 1 for an
+        image (frames None)."""
         if frames is None:
-            return None
+            return 1
         factor = self.vq.cfg.temporal_factor
         if factor == 1:   # train_tiny.py drops the time axis for image-only runs; only --video checkpoints have one
             raise ValueError("this checkpoint's VQ has no time axis (temporal_factor=1): it draws and reads images, "
@@ -90,25 +108,27 @@ class Pipeline:
                              f"{factor} frames per code frame), got {frames}")
         return frames // factor
 
-    def draw_stream(self, prompts: list[str], ratio: str = "1:1", cfg_scale: float | None = None, seed: int = 0,
-                    negative_prompt: str | None = None, frames: int | None = None, sjd: int | None = None,
-                    **sampling) -> Iterator[Rows]:
+    def draw_stream(self, prompts: list[str], ratio: str = "1:1", seed: int = 0, negative_prompt: str | None = None,
+                    frames: int | None = None, keep: torch.Tensor | None = None, constrain: bool = True,
+                    sjd: int | None = None, **options) -> Iterator[Rows]:
         """Yields sampler.Rows after every finished row (last: the whole image). Each prompt gets the
         checkpoint's suffix; the negative prompt (default: the checkpoint's) is the unconditional branch.
-        cfg_scale and sampling options left at None take the checkpoint's defaults; sjd None takes self.sjd.
-        frames: draw clips of that many frames instead (a multiple of the VQ's temporal factor); Rows then stacks
-        the code frames' rows."""
+        options: fields of sampler.Guidance (cfg_scale, cfg_on, cfg_interval, cdk_k, ...) and sampler.Sampling
+        (temperature, top_k, top_p); those left out or None take the checkpoint's defaults. sjd None takes
+        self.sjd. frames: draw clips of that many frames instead (a multiple of the VQ's temporal factor); Rows
+        then stacks the code frames' rows. keep: (B, r, w) codes of the first rows (image completion)."""
         h, w = self.grid(ratio)
         t = self.code_frames(frames)
-        cfg_scale = self.cfg_scale if cfg_scale is None else cfg_scale
+        guidance, sampling = self.options(**options)
         negative = self.negative_prompt if negative_prompt is None else negative_prompt
-        cond = [self.layout.generation_prompt(p + self.prompt_suffix, h, w, self.tokenizer, frames=t) for p in prompts]
-        uncond = [self.layout.generation_prompt(negative, h, w, self.tokenizer, frames=t)] * len(prompts)
+        cond = [self.layout.generation_prompt(p + self.prompt_suffix, h, w, self.tokenizer, t) for p in prompts]
+        uncond = [self.layout.generation_prompt(negative, h, w, self.tokenizer, t)] * len(prompts)
         generator = torch.Generator(self.gpt.lm_head.weight.device).manual_seed(seed)
-        sampling = {**(self.sampling or {}), **{k: v for k, v in sampling.items() if v is not None}}
-        yield from generate_image_stream(self.gpt, self.layout, cond, h, w, frames=t or 1, negative_prompts=uncond,
-                                         cfg_scale=cfg_scale, generator=generator, decoder=self.decoder,
-                                         sjd=self.sjd if sjd is None else sjd, **sampling)
+        window = self.sjd if sjd is None else sjd
+        loop = partial(jacobi_decode, window=window) if window else plain_decode
+        yield from generate_image_stream(self.gpt, self.layout, cond, h, w, t, negative_prompts=uncond,
+                                         guidance=guidance, sampling=sampling, generator=generator,
+                                         constrain=constrain, keep=keep, engine=self.engine, loop=loop)
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor, frames: int | None = None) -> list[Image.Image] | list[list[Image.Image]]:
@@ -176,8 +196,8 @@ class Pipeline:
             isinstance(clip, list) and len(clip) > 0 and isinstance(clip[0], Image.Image))
         clips = [clip] if one else list(clip)
         pixels = []
-        for frames in clips:
-            frames = load_clip(frames) if isinstance(frames, (str, Path)) else frames
+        for clip_or_path in clips:
+            frames = load_clip(clip_or_path) if isinstance(clip_or_path, (str, Path)) else clip_or_path
             self.code_frames(len(frames))   # refuses a VQ without a time axis and a length it cannot encode
             pixels.append(torch.stack([self._pixels(frame) for frame in frames]))   # (T, 3, H, W)
         texts = self._answer(pixels, question, 32, max_new_tokens, sampling)   # 32 clips of 8 ~ 256 images
@@ -201,62 +221,11 @@ class Pipeline:
                     prompts.append(self.layout.understanding_prompt(codes, question, self.tokenizer,
                                                                     self.chat_template))
         allowed = self.layout.answer_mask(self.gpt.config.vocab_size, self.gpt.lm_head.weight.device)
-        answers = generate_text(self.gpt, self.layout, prompts, max_new_tokens=max_new_tokens, allowed=allowed,
-                                decoder=self.decoder, **sampling)
+        unknown = sorted(set(sampling) - set(SAMPLING_OPTIONS))
+        if unknown:
+            raise TypeError(f"unknown answer option(s) {', '.join(unknown)}; the options are "
+                            f"{', '.join(SAMPLING_OPTIONS)} (greedy by default)")
+        sampling = replace(GREEDY, **{k: v for k, v in sampling.items() if v is not None})
+        answers = generate_text(self.gpt, self.layout, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
+                                engine=self.engine)
         return [self.tokenizer.decode(a) for a in answers]
-
-    @classmethod
-    def tiny(cls, gpt: GPT, vq: VQModel, tokenizer, layout: Layout, image_size: int,
-             sampling: dict | None = None) -> "Pipeline":
-        """The toy models as train_tiny.py trains them (in memory, or read back by load_tiny): square images of
-        image_size pixels taken as they are, no prompt conventions. sampling: {"cfg_scale": .., "temperature":
-        .., "top_k": ..} as the checkpoint records them; missing entries take the tiny defaults below."""
-        sampling = {"cfg_scale": TINY_CFG_SCALE, **TINY_SAMPLING, **(sampling or {})}
-        side = image_size
-        return cls(gpt, vq, tokenizer, layout, image_area=side * side,
-                   resize=dict(min_pixels=side * side, max_pixels=side * side), cfg_scale=sampling.pop("cfg_scale"),
-                   sampling={k: v for k, v in sampling.items() if v is not None})
-
-
-def resolve_device(name: str) -> torch.device:
-    """--device auto picks CUDA, then Apple's MPS, then the CPU; anything else is passed to torch as is."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    return torch.device(name)
-
-
-# How the tiny models sample by default, chosen on a validation draw (experiments/sweep_sampling.py, seeds that the
-# reported evaluation never uses; docs/benchmarks.md): CFG 2 at temperature 1 drew the asked shape most often,
-# seen and held out; CFG 3 overshoots a model this small into broken shapes
-TINY_CFG_SCALE = 2.0
-TINY_SAMPLING = {"temperature": 1.0}
-
-
-def tiny_tokenizer(spec) -> ByteTokenizer | WordTokenizer:
-    """The text tokenizer a tiny checkpoint names in its metadata: "bytes", or {"words": [...]}."""
-    if spec == "bytes":
-        return ByteTokenizer()
-    if isinstance(spec, dict) and "words" in spec:
-        return WordTokenizer(spec["words"])
-    raise ValueError(f"unknown tiny tokenizer {spec!r} in the checkpoint's metadata (expected 'bytes' or "
-                     f"{{'words': [...]}})")
-
-
-def load_tiny(folder: str | Path, device="cpu", dtype=torch.float32) -> Pipeline:
-    """The checkpoints train_tiny.py writes: vq.safetensors and gpt.safetensors (weights + JSON config)."""
-    folder = Path(folder)
-    for name in ("vq.safetensors", "gpt.safetensors"):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder / name} is missing: point --ckpt at the --out folder of a finished "
-                                    f"train_tiny.py run (it writes vq.safetensors and gpt.safetensors)")
-    state, meta, _ = load_checkpoint(folder / "vq.safetensors")
-    vq = VQModel(VQConfig(**meta["config"]))
-    load_state_dict_strict(vq, state, source=str(folder / "vq.safetensors"))
-    state, meta, _ = load_checkpoint(folder / "gpt.safetensors")
-    if meta.get("step") != meta.get("steps"):
-        print(f"note: {folder / 'gpt.safetensors'} is a mid-training checkpoint (step {meta.get('step')} of "
-              f"{meta.get('steps')})")
-    gpt = GPT(GPTConfig(**meta["config"]))
-    load_state_dict_strict(gpt, state, source=str(folder / "gpt.safetensors"))
-    return Pipeline.tiny(gpt.to(device, dtype).eval(), vq.to(device).eval(), tiny_tokenizer(meta["tokenizer"]),
-                         Layout(**meta["layout"]), image_size=meta.get("image_size", 64), sampling=meta.get("sampling"))

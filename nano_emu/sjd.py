@@ -12,7 +12,7 @@ forward's outputs at the window positions verify the drafts left to right with t
 where p is the model's distribution at that position given the settled prefix (CFG, constraint, temperature,
 top-k/top-p applied: exactly what plain decoding samples from) and q the distribution the draft was drawn from.
 Whatever q is, every settled token is then distributed as p: the output distribution is that of plain decoding
-(tests/test_speed.py checks it against the exact distribution of a tiny model). If every draft is accepted, the
+(tests/test_sjd.py checks it against the exact distribution of a tiny model). If every draft is accepted, the
 last output gives one more token for free. The drafts are Jacobi iterates: after a forward, the positions past
 the settled prefix are redrawn from that forward's own outputs (q = those outputs), and new positions at the
 window's end start from the last output's distribution under their own constraint. Images change slowly from
@@ -22,7 +22,8 @@ How it composes with the rest of nano_emu:
 - Greedy (temperature 0): p and q are one-hot, so a draft is accepted exactly when it is the argmax and a
   rejection yields the argmax: the tokens of plain greedy decoding (Jacobi decoding, Song et al. 2021).
 - Batched CFG: every branch ([cond; uncond], or Chameleon's 3-way [cond; image-only; uncond]) is fed the same
-  window; p is sampler.Guidance's score per image and position, the very function the plain loop samples from,
+  window; p is ImageJob.distribution (sampler.Guidance's scores, then Sampling's filters) per image and
+  position, the very function the plain loop samples from,
   so every guidance option (Emu3's or LlamaGen's mix, cfg_interval, 3-way CFG, CD-K) and image completion
   (`keep`: the kept tokens are settled from the start) hold here too.
 - Several images in a batch share the cache slots, so the batch advances by the SHORTEST settled run: images
@@ -43,7 +44,7 @@ from typing import Iterator
 
 import torch
 
-from .sampler import Decoder, GridConstraint, Guidance, draw, probabilities
+from .sampler import ImageJob, sample_from
 
 
 def accept(p_draft: torch.Tensor, q_draft: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
@@ -53,27 +54,21 @@ def accept(p_draft: torch.Tensor, q_draft: torch.Tensor, uniform: torch.Tensor) 
 
 
 def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Where a rejected position draws from: norm(max(0, p - q)), the part of p that q under-proposed (draw
+    """Where a rejected position draws from: norm(max(0, p - q)), the part of p that q under-proposed (sample_from
     normalises). Its own function for the same reason as accept."""
     return (p - q).clamp(min=0)
 
 
-def jacobi_decode(decoder: Decoder, layout, constraint: GridConstraint, row_ends: list[int], guidance: Guidance,
-                  prompts: list[list[int]], kept: torch.Tensor, constrain: bool, temperature: float,
-                  top_k: int | None, top_p: float | None, generator: torch.Generator | None,
-                  window: int = 16) -> Iterator[tuple[torch.Tensor, int]]:
-    """sampler._decode's contract with a window of `window` tokens per forward: yields (tokens so far (B, n),
-    rows done) whenever rows were finished. prompts holds every branch's prompts, stacked as Guidance expects;
-    kept (B, start) the first tokens, given (image completion)."""
-    n_new, start, batch = len(constraint), kept.size(1), guidance.batch
-    window = min(window, n_new - 1)   # tokens fed per forward; the last token is never fed, as in _decode
+def jacobi_decode(job: ImageJob, window: int = 16) -> Iterator[tuple[torch.Tensor, int]]:
+    """sampler.plain_decode's contract with a window of `window` tokens per forward: yields (tokens so far (B, n),
+    rows done) whenever rows were finished. Pass it to generate_image_stream as
+    `loop=functools.partial(jacobi_decode, window=n)`."""
+    engine, constraint, row_ends, generator = job.engine, job.constraint, job.row_ends, job.generator
+    n_new, start, batch = len(constraint), job.kept.size(1), job.kept.size(0)
+    window = min(window, n_new - 1)   # tokens fed per forward; the last token is never fed, as in plain_decode
     if window < 2:
         raise ValueError(f"speculative Jacobi decoding needs a window of at least 2 tokens, got {window}")
-    device = decoder.device
-
-    def distribution(logits: torch.Tensor, first: int) -> torch.Tensor:
-        """Logits (rows, T, V) for tokens first..first+T-1 -> the distributions _decode samples them from (B, T, V)."""
-        return probabilities(guidance(logits, first, constraint if constrain else None), temperature, top_k, top_p)
+    device = engine.device
 
     def propose(reuse: torch.Tensor, last_logits: torch.Tensor) -> torch.Tensor:
         """Draw the drafts of the next window, tokens settled .. settled+window-2 (never the last token alone):
@@ -83,17 +78,17 @@ def jacobi_decode(decoder: Decoder, layout, constraint: GridConstraint, row_ends
         q = reuse[:, :n_next]
         if n_next > q.size(1):
             last = last_logits.expand(-1, n_next - q.size(1), -1)
-            q = torch.cat([q, distribution(last, settled + q.size(1))], dim=1)          # (B, n_next, V)
+            q = torch.cat([q, job.distribution(last, settled + q.size(1))], dim=1)      # (B, n_next, V)
         if n_next:
-            tokens[:, settled:settled + n_next] = draw(q, generator)
+            tokens[:, settled:settled + n_next] = sample_from(q, generator)
         return q
 
-    logits, length = decoder.prefill(prompts, layout.pad, n_new - start)
+    logits, length = engine.prefill(job.prompts, job.pad, n_new - start)
     first_slot = length - start                  # the cache slot of token 0 (kept tokens sit before `length`)
-    tokens = torch.full((batch, n_new), layout.pad, dtype=torch.long, device=device)   # settled, then drafts
-    tokens[:, :start] = kept
-    p = distribution(logits[:, None], start)                                    # (B, 1, V)
-    tokens[:, start] = draw(p, generator)[:, 0]
+    tokens = torch.full((batch, n_new), job.pad, dtype=torch.long, device=device)   # settled, then drafts
+    tokens[:, :start] = job.kept
+    p = job.distribution(logits[:, None], start)                                # (B, 1, V)
+    tokens[:, start] = sample_from(p, generator)[:, 0]
     settled = start + 1
     q = propose(p[:, 1:], logits[:, None])
     offsets = torch.arange(window, device=device)
@@ -104,9 +99,9 @@ def jacobi_decode(decoder: Decoder, layout, constraint: GridConstraint, row_ends
         # back over settled tokens so its length stays fixed; their keys are rewritten with the same values)
         s = min(settled - 1, n_new - 1 - window)
         fed = tokens[:, s:s + window]                                           # (B, window)
-        logits = decoder.step(fed.repeat(guidance.branches, 1), first_slot + s + offsets, every_position=True)
+        logits = engine.step(fed.repeat(job.guidance.branches, 1), first_slot + s + offsets, every_position=True)
         first = settled - s - 1                      # the output that predicts token `settled`
-        p = distribution(logits[:, first:], settled)                            # (B, n_drafts + 1, V)
+        p = job.distribution(logits[:, first:], settled)                        # (B, n_drafts + 1, V)
         n_drafts = p.size(1) - 1                     # tokens settled .. settled+n_drafts-1 were drafted and fed
         drafts = tokens[:, settled:settled + n_drafts]                          # (B, n_drafts)
         p_draft = p[:, :-1].gather(-1, drafts[..., None])[..., 0]              # (B, n_drafts)
@@ -117,7 +112,7 @@ def jacobi_decode(decoder: Decoder, layout, constraint: GridConstraint, row_ends
         k = n_settle - 1                             # the batch's first rejection (or the free token)
         # images that rejected at k draw from norm(max(0, p - q)); past the drafts (all accepted) there is no q:
         # the free token is drawn from p
-        fresh = draw(residual(p[:, k], q[:, k]) if k < n_drafts else p[:, k], generator)   # (B,)
+        fresh = sample_from(residual(p[:, k], q[:, k]) if k < n_drafts else p[:, k], generator)   # (B,)
         if k < n_drafts:
             fresh = torch.where(run > k, drafts[:, k], fresh)   # images that accepted token k keep it
         tokens[:, settled + k] = fresh

@@ -45,7 +45,7 @@ def init_vq_for_training(vq) -> None:
     learns slowly: on the shapes world, 500 steps reach ~19.6 dB PSNR. Starting every residual branch at zero
     and every causal time conv as a copy of the current frame makes the untrained model a plain 2-D
     autoencoder that learns to use time later: ~24.4 dB after the same 500 steps (experiments in
-    docs/benchmarks.md)."""
+    docs/tiny_model.md)."""
     for module in vq.modules():
         if isinstance(module, ResnetBlock):
             torch.nn.init.zeros_(module.conv2.weight), torch.nn.init.zeros_(module.conv2.bias)

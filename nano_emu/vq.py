@@ -281,7 +281,7 @@ class VQConfig:
     @classmethod
     def tiny(cls, **overrides) -> "VQConfig":
         """The same blocks, narrow (0.8M parameters): 64x64 toy images -> 8x8 codes of width 4 from 256, L2-normalised
-        as in LlamaGen. Measured on the shapes world (docs/benchmarks.md, tiny-model ablations): 256 codes reach
+        as in LlamaGen. Measured on the shapes world (docs/tiny_model.md, the ablations): 256 codes reach
         the PSNR of 512 or 1024 and every code is used far more often, which the GPT learns faster; width 8 and
         learning rate 2e-3 did worse for images. train_tiny.py drops the time axis (temporal_factor=1) for image-only
         runs (an image needs none); --video keeps it and widens the code to 8 (a code frame holds 4 frames of motion)."""

@@ -280,7 +280,7 @@ def test_layout_block_round_trip_and_strictness():
 
 # --- sampler: the 1024-block constraint, 3-way CFG, CD-K, completion -------------------------------------------
 
-from nano_emu.sampler import cdk_scores, cfg_mix, cfg_mix3, generate_image  # noqa: E402
+from nano_emu.sampler import GREEDY, Guidance, Sampling, cdk_scores, cfg_mix, cfg_mix3, generate_image  # noqa: E402
 
 
 def tiny_chameleon_gpt(layout):
@@ -295,16 +295,18 @@ def test_constrained_block_then_eoi_and_three_way_cfg():
     prompts = [layout.generation_prompt("ab", 3, 4, Chars())]
     uncond = [layout.generation_prompt("", 3, 4, Chars())]
     tokens, codes = generate_image(gpt, layout, prompts, 3, 4, negative_prompts=uncond, image_prompts=uncond,
-                                   cfg_scale=3.0, cfg_image_scale=1.2, temperature=0.7, top_p=0.9,
+                                   guidance=Guidance(cfg_scale=3.0, image_scale=1.2),
+                                   sampling=Sampling(temperature=0.7, top_p=0.9),
                                    generator=torch.Generator().manual_seed(0))
     assert tokens.shape == (1, 13) and tokens[0, -1] == layout.eoi and codes.shape == (1, 3, 4)
     assert layout.decode_image([0, layout.boi, *tokens[0].tolist()], Chars()).equal(codes[0])
     # with no image in the prompt the image-only branch is the unconditional one: 3-way = 2-way at the text scale
     c, i = torch.randn(2, 50), torch.randn(2, 50)
     torch.testing.assert_close(cfg_mix3(c, i, i, 3.0, 1.2), cfg_mix(c, i, 3.0))
-    greedy = dict(cfg_scale=3.0, temperature=0)
-    three = generate_image(gpt, layout, prompts, 3, 4, negative_prompts=uncond, image_prompts=uncond, **greedy)[0]
-    two = generate_image(gpt, layout, prompts, 3, 4, negative_prompts=uncond, **greedy)[0]
+    three = generate_image(gpt, layout, prompts, 3, 4, negative_prompts=uncond, image_prompts=uncond,
+                           guidance=Guidance(3.0, image_scale=1.2), sampling=GREEDY)[0]
+    two = generate_image(gpt, layout, prompts, 3, 4, negative_prompts=uncond, guidance=Guidance(3.0),
+                         sampling=GREEDY)[0]
     assert torch.equal(three, two)
 
 
@@ -331,14 +333,15 @@ def test_completion_keeps_rows_and_continues_like_the_full_draw(layout):
     gpt = tiny_chameleon_gpt(layout)
     prompts = [layout.generation_prompt("ab", 3, 4, Chars())] * 2
     uncond = [layout.generation_prompt("", 3, 4, Chars())] * 2
-    kw = dict(negative_prompts=uncond, cfg_scale=2.0, temperature=0)
+    kw = dict(negative_prompts=uncond, guidance=Guidance(cfg_scale=2.0), sampling=GREEDY)
     tokens, codes = generate_image(gpt, layout, prompts, 3, 4, **kw)
     for r in (1, 2):
         again, kept = generate_image(gpt, layout, prompts, 3, 4, keep=codes[:, :r], **kw)
         assert torch.equal(again, tokens) and torch.equal(kept, codes)
     other = torch.randint(0, 32, (2, 1, 4))
     assert torch.equal(generate_image(gpt, layout, prompts, 3, 4, keep=other, **kw)[1][:, :1], other)
-    _, cdk = generate_image(gpt, layout, prompts, 3, 4, negative_prompts=uncond, cdk_k=4, temperature=0)
+    _, cdk = generate_image(gpt, layout, prompts, 3, 4, negative_prompts=uncond, guidance=Guidance(3.0, cdk_k=4),
+                            sampling=GREEDY)
     assert cdk.shape == (2, 3, 4)
 
 

@@ -163,7 +163,7 @@ def test_hf_layout_logits_match_transformers(checkpoint, pipe):
     hf, _, _, ref = checkpoint
     assert len(list(hf.glob("model-*.safetensors"))) > 2                     # really sharded through an index
     assert pipe.gpt.config.rope_theta == 5e5 and pipe.gpt.config.max_seq_len == 512
-    assert pipe.grid() == (H, W) and pipe.sampling == {"top_k": 2048}
+    assert pipe.grid() == (H, W) and pipe.sampling.top_k == 2048 and pipe.guidance.cfg_scale == 3.0
     assert (pipe.prompt_suffix, pipe.negative_prompt, pipe.chat_template) == (EMU3_PROMPT_SUFFIX,
                                                                               EMU3_NEGATIVE_PROMPT, EMU3_CHAT_TEMPLATE)
     ours, expected = mixed_prompt_logits(pipe, ref)

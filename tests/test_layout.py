@@ -51,7 +51,7 @@ def test_round_trip_with_emu3_ids():
 
 def test_prompts():
     assert L.generation_prompt("a cat", 90, 90, tok) == [L.bos, *b"a cat", L.boi, *b"90*90", L.img]
-    assert L.generation_prompt("", 2, 3, tok, frames=4)[-7:] == [L.boi, *b"4*2*3", L.img]
+    assert L.generation_prompt("", 2, 3, tok, t=4)[-7:] == [L.boi, *b"4*2*3", L.img]
     codes = torch.zeros(1, 2, dtype=torch.long)
     prompt = L.understanding_prompt(codes, "What is it?", tok, EMU3_CHAT_TEMPLATE)
     block = L.image_block(codes, tok)
@@ -59,7 +59,7 @@ def test_prompts():
 
 
 def test_grid_schedule():
-    schedule = L.grid_schedule(2, 3, frames=2)
+    schedule = L.grid_schedule(2, 3, t=2)
     frame = [VISUAL] * 3 + [L.eol] + [VISUAL] * 3 + [L.eol] + [L.eof]
     assert schedule == frame + frame + [L.eoi, L.eos]
     # the schedule is exactly the image block after IMG (plus EOS), wildcards where codes stand

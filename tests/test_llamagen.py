@@ -15,7 +15,7 @@ import sample
 from nano_emu import gpt as gpt_module
 from nano_emu.gpt import GPT, LLAMAGEN_SIZES, GPTConfig
 from nano_emu.llamagen import ClassLabels, gpt_config, gpt_from_llamagen, rename_or_keep, vq_config, vq_names
-from nano_emu.sampler import generate_image
+from nano_emu.sampler import GREEDY, Guidance, generate_image
 from nano_emu.vq import VQConfig, VQModel
 from nano_emu.weights import check_state_dict
 
@@ -78,9 +78,10 @@ def test_same_tokens_from_every_file_format(pipe, tmp_path):
 def test_raw_logit_and_logprob_cfg_agree(pipe):
     """Emu3 mixes log-probs, LlamaGen raw logits: they differ by a per-row constant, so greedy tokens agree."""
     V = pipe.gpt.config.vocab_size
-    kwargs = dict(negative_prompts=[[V + 10]] * 2, cfg_scale=4.0, temperature=0)
-    a = generate_image(pipe.gpt, pipe.layout, [[V + 3], [V + 7]], 4, 4, cfg_on="logits", **kwargs)[0]
-    b = generate_image(pipe.gpt, pipe.layout, [[V + 3], [V + 7]], 4, 4, **kwargs)[0]
+    kwargs = dict(negative_prompts=[[V + 10]] * 2, sampling=GREEDY)
+    a = generate_image(pipe.gpt, pipe.layout, [[V + 3], [V + 7]], 4, 4, guidance=Guidance(4.0, cfg_on="logits"),
+                       **kwargs)[0]
+    b = generate_image(pipe.gpt, pipe.layout, [[V + 3], [V + 7]], 4, 4, guidance=Guidance(4.0), **kwargs)[0]
     assert torch.equal(a, b)
 
 

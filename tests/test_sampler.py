@@ -9,11 +9,13 @@ import torch.nn as nn
 
 from nano_emu.gpt import GPT, GPTConfig
 from nano_emu.layout import VISUAL, Layout, LayoutError
-from nano_emu.sampler import GridConstraint, cfg_mix, generate_image, generate_image_stream, generate_text, sample
+from nano_emu.sampler import (GREEDY, GridConstraint, Guidance, Sampling, cfg_mix, generate_image,
+                              generate_image_stream, generate_text, sample)
 from nano_emu.tokenizer import ByteTokenizer
 
 tok = ByteTokenizer()
 L = Layout.tiny(codebook_size=64)
+CFG3 = Guidance(cfg_scale=3.0)
 
 
 class AdversarialLogits(nn.Module):
@@ -45,8 +47,8 @@ def tiny_gpt(seed=0):
     return model
 
 
-def prompts(*captions, h=3, w=4, frames=None):
-    return [L.generation_prompt(c, h, w, tok, frames) for c in captions]
+def prompts(*captions, h=3, w=4, t=1):
+    return [L.generation_prompt(c, h, w, tok, t) for c in captions]
 
 
 class Insists(AdversarialLogits):
@@ -63,9 +65,9 @@ class Insists(AdversarialLogits):
         return logits
 
 
-def grid_spec(h, w, frames):
+def grid_spec(h, w, t):
     """Emu3's image block after IMG, written out: rows of w codes + EOL, EOF after each frame, then EOI, EOS."""
-    return (([VISUAL] * w + [L.eol]) * h + [L.eof]) * frames + [L.eoi, L.eos]
+    return (([VISUAL] * w + [L.eol]) * h + [L.eof]) * t + [L.eoi, L.eos]
 
 
 FAVOURITES = {"EOL": [L.eol], "text": [ord("x"), L.bos, L.pad], "end early": [L.eoi, L.eos, L.eof],
@@ -73,24 +75,24 @@ FAVOURITES = {"EOL": [L.eol], "text": [ord("x"), L.bos, L.pad], "end early": [L.
 
 
 @pytest.mark.parametrize("favourite", FAVOURITES)
-@pytest.mark.parametrize("frames", [1, 3])
-def test_constraints_make_a_malformed_grid_impossible(favourite, frames):
+@pytest.mark.parametrize("t", [1, 3])
+def test_constraints_make_a_malformed_grid_impossible(favourite, t):
     """Whatever the model insists on, every structural slot holds its marker and every other slot a visual token,
     under CFG and every sampling filter. Checked on the stream, whose codes Pipeline.draw decodes without any
     parsing (Layout.read_grid is not on that path)."""
-    h, w, batch, spec = 3, 4, 2, grid_spec(3, 4, frames)
+    h, w, batch, spec = 3, 4, 2, grid_spec(3, 4, t)
     visual_slots = [offset for offset, kind in enumerate(spec) if kind == VISUAL]
     gen = torch.Generator().manual_seed(0)
-    for settings in (dict(temperature=1.0), dict(temperature=0.0), dict(top_k=5), dict(top_p=0.9),
-                     dict(temperature=2.0, top_k=3)):
-        *_, last = generate_image_stream(Insists(FAVOURITES[favourite]), L, prompts(*["x"] * batch, frames=frames),
-                                         h, w, frames=frames, negative_prompts=prompts(*[""] * batch, frames=frames),
-                                         cfg_scale=3.0, generator=gen, **settings)
+    for settings in (Sampling(temperature=1.0), GREEDY, Sampling(top_k=5), Sampling(top_p=0.9),
+                     Sampling(temperature=2.0, top_k=3)):
+        *_, last = generate_image_stream(Insists(FAVOURITES[favourite]), L, prompts(*["x"] * batch, t=t),
+                                         h, w, t, negative_prompts=prompts(*[""] * batch, t=t),
+                                         guidance=CFG3, sampling=settings, generator=gen)
         assert last.tokens.shape == (batch, len(spec))
         for offset, kind in enumerate(spec):
             column = last.tokens[:, offset]
             assert (L.is_visual(column) if kind == VISUAL else column == kind).all(), (settings, offset, column)
-        codes = last.tokens[:, visual_slots] - L.first_visual    # (batch, frames * h * w)
+        codes = last.tokens[:, visual_slots] - L.first_visual    # (batch, t * h * w)
         assert torch.equal(last.codes.flatten(1), codes)
         if favourite == "never a marker":   # the mask takes away only what is invalid: inside a row, the model wins
             assert codes.max() < 8
@@ -99,30 +101,37 @@ def test_constraints_make_a_malformed_grid_impossible(favourite, frames):
 def test_without_constraints_the_same_logits_break_the_grid():
     """The adversarial model really is adversarial: unconstrained, its grids do not parse."""
     with pytest.raises(LayoutError):
-        generate_image(AdversarialLogits(), L, prompts("x"), 3, 4, cfg_scale=1.0, constrain=False,
+        generate_image(AdversarialLogits(), L, prompts("x"), 3, 4, constrain=False,
                        generator=torch.Generator().manual_seed(0))
-    _, codes = generate_image(AdversarialLogits(), L, prompts("x"), 3, 4, cfg_scale=1.0, constrain=False,
+    _, codes = generate_image(AdversarialLogits(), L, prompts("x"), 3, 4, constrain=False,
                               repair=True, generator=torch.Generator().manual_seed(0))
     assert codes.shape == (1, 3, 4)
 
 
-def test_grid_constraint_table_is_small_and_exact():
-    constraint = GridConstraint(L, 2, 3)
-    assert constraint.allowed.shape == (5, L.vocab_size)   # visual, EOL, EOF, EOI, EOS
-    masked = constraint(torch.zeros(1, L.vocab_size), 3)   # offset 3 = end of row 0
-    assert torch.isfinite(masked).nonzero()[:, 1].tolist() == [L.eol]
-    masked = constraint(torch.zeros(1, L.vocab_size), 0)
-    assert torch.isfinite(masked).sum() == L.codebook_size
+@pytest.mark.parametrize("layout", [L, Layout.chameleon(eoi=36, boi=37, codebook_size=32, image_grid=(2, 3)),
+                                    Layout.llamagen(codebook_size=32)], ids=["emu3", "chameleon", "llamagen"])
+def test_grid_constraint_allows_exactly_what_the_schedule_says(layout):
+    """At every offset after IMG the constraint leaves exactly the schedule's tokens: every code inside a row,
+    the one marker where a marker must stand; for a single step and for a speculative window alike."""
+    h, w, t, vocab = 2, 3, 1, max(layout.vocab_size, 64)   # Chameleon's markers lie past its codes
+    constraint = GridConstraint(layout, h, w, t, vocab_size=vocab)
+    codes = set(range(layout.first_visual, layout.first_visual + layout.codebook_size))
+    schedule = layout.grid_schedule(h, w, t)
+    window = torch.isfinite(constraint.window(torch.zeros(1, len(schedule), vocab), 0))[0]
+    for step, kind in enumerate(schedule):
+        allowed = set(torch.isfinite(constraint(torch.zeros(1, vocab), step)).nonzero()[:, 1].tolist())
+        assert allowed == (codes if kind == VISUAL else {kind}), (step, kind)
+        assert set(window[step].nonzero()[:, 0].tolist()) == allowed
 
 
 def test_cfg_scale_1_is_unguided_sampling_token_for_token():
     model = tiny_gpt()
     p, n = prompts("a red circle", "a blue square"), prompts("", "")
-    unguided, _ = generate_image(model, L, p, 3, 4, cfg_scale=1.0, generator=torch.Generator().manual_seed(7))
-    scale_one, _ = generate_image(model, L, p, 3, 4, negative_prompts=n, cfg_scale=1.0,
+    unguided, _ = generate_image(model, L, p, 3, 4, generator=torch.Generator().manual_seed(7))
+    scale_one, _ = generate_image(model, L, p, 3, 4, negative_prompts=n, guidance=Guidance(cfg_scale=1.0),
                                   generator=torch.Generator().manual_seed(7))
     assert torch.equal(unguided, scale_one)
-    guided, _ = generate_image(model, L, p, 3, 4, negative_prompts=n, cfg_scale=3.0,
+    guided, _ = generate_image(model, L, p, 3, 4, negative_prompts=n, guidance=CFG3,
                                generator=torch.Generator().manual_seed(7))
     assert not torch.equal(unguided, guided)
 
@@ -134,8 +143,8 @@ def test_batched_cfg_equals_two_branch_guidance():
     model = tiny_gpt(seed=1)
     cond, uncond = prompts("a green triangle in the top left")[0], prompts("")[0]   # different lengths
     scale = 2.5
-    tokens, _ = generate_image(model, L, [cond], 3, 4, negative_prompts=[uncond], cfg_scale=scale,
-                               temperature=0.0)
+    tokens, _ = generate_image(model, L, [cond], 3, 4, negative_prompts=[uncond], guidance=Guidance(cfg_scale=scale),
+                               sampling=GREEDY)
     constraint = GridConstraint(L, 3, 4)
     expected = []
     with torch.no_grad():
@@ -149,7 +158,7 @@ def test_batched_cfg_equals_two_branch_guidance():
 def test_seed_reproduces_and_differs():
     model = tiny_gpt()
     p, n = prompts("a", "b"), prompts("", "")
-    run = lambda seed: generate_image(model, L, p, 3, 4, negative_prompts=n,
+    run = lambda seed: generate_image(model, L, p, 3, 4, negative_prompts=n, guidance=CFG3,
                                       generator=torch.Generator().manual_seed(seed))[0]
     assert torch.equal(run(0), run(0))
     assert not torch.equal(run(0), run(1))
@@ -177,13 +186,13 @@ def test_sample_filters():
 
 def test_streaming_yields_every_row_in_order():
     model = tiny_gpt()
-    stream = list(generate_image_stream(model, L, prompts("a", "b"), 3, 4, frames=2, negative_prompts=prompts(
-        "", ""), generator=torch.Generator().manual_seed(3)))
+    stream = list(generate_image_stream(model, L, prompts("a", "b", t=2), 3, 4, 2, negative_prompts=prompts(
+        "", "", t=2), guidance=CFG3, generator=torch.Generator().manual_seed(3)))
     assert [r.rows_done for r in stream] == list(range(1, 7))
     for earlier, later in zip(stream, stream[1:]):
         assert torch.equal(later.codes[:, :earlier.rows_done], earlier.codes)
-    tokens, codes = generate_image(model, L, prompts("a", "b"), 3, 4, frames=2, negative_prompts=prompts("", ""),
-                                   generator=torch.Generator().manual_seed(3))
+    tokens, codes = generate_image(model, L, prompts("a", "b", t=2), 3, 4, 2, negative_prompts=prompts("", "", t=2),
+                                   guidance=CFG3, generator=torch.Generator().manual_seed(3))
     assert torch.equal(stream[-1].tokens, tokens)
     assert torch.equal(stream[-1].codes.view(2, 2, 3, 4), codes)
 
@@ -210,6 +219,6 @@ def test_prompt_too_long_for_the_context():
     model = tiny_gpt()   # context 256
     long_prompt = [L.generation_prompt("x" * 250, 3, 4, tok)]
     with pytest.raises(ValueError, match="exceeds the model's context of 256"):
-        generate_image(model, L, long_prompt, 3, 4, cfg_scale=1.0)
+        generate_image(model, L, long_prompt, 3, 4)
     with pytest.raises(ValueError, match="negative"):
-        generate_image(model, L, prompts("x"), 3, 4, cfg_scale=3.0)
+        generate_image(model, L, prompts("x"), 3, 4, guidance=CFG3)

@@ -17,7 +17,7 @@ import train_tiny
 from nano_emu import data
 from nano_emu.checkpoint import load_checkpoint
 from nano_emu.image import load_clip
-from nano_emu.pipeline import load_tiny
+from nano_emu.tiny import load_tiny
 from nano_emu.train import Distributed, batch_rng, fit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,7 +112,7 @@ def test_quick_video_run_trains_on_clips_draws_and_captions_them(quick_video_run
     # a drawn clip, parsed back: the prompt says "2*8*8", the grid has EOF after each code frame
     prompt = "a red circle moving left"
     *_, rows = pipe.draw_stream([prompt], frames=8, seed=0)
-    tokens = pipe.layout.generation_prompt(prompt, 8, 8, pipe.tokenizer, frames=2) + rows.tokens[0].tolist()
+    tokens = pipe.layout.generation_prompt(prompt, 8, 8, pipe.tokenizer, t=2) + rows.tokens[0].tolist()
     text, clip_codes = pipe.layout.decode(tokens, pipe.tokenizer)
     assert text == prompt and clip_codes.shape == (2, 8, 8)
     assert torch.equal(clip_codes.flatten(), rows.codes[0].flatten())

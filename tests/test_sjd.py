@@ -1,7 +1,6 @@
-"""Fast sampling: the decoder owns its KV cache, the image loop does no per-token host work, --compile gives the
-same tokens, and speculative Jacobi decoding (SJD) gives the tokens of greedy decoding and the distribution of
-plain sampling (checked against the exact distribution of a tiny model, with a demonstration that wrong
-acceptance rules fail the same check)."""
+"""Speculative Jacobi decoding (SJD): the tokens of greedy decoding for every option of every family, and the
+distribution of plain sampling (checked against the exact distribution of a tiny model, with a demonstration that
+wrong acceptance rules fail the same check)."""
 
 import math
 
@@ -9,139 +8,44 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import sample
 from nano_emu import sjd
+from nano_emu.engine import Engine
 from nano_emu.gpt import GPT, GPTConfig
 from nano_emu.layout import VISUAL, Layout
-from nano_emu.pipeline import Pipeline
-from nano_emu.sampler import Decoder, GridConstraint, cfg_mix, generate_image, generate_image_stream, probabilities
-from nano_emu.tokenizer import ByteTokenizer
-from nano_emu.vq import VQConfig, VQModel
-
-tok = ByteTokenizer()
-L = Layout.tiny(codebook_size=64)
-
-
-def tiny_gpt(layout=L, seed=0, scale=100.0):
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig.tiny(layout.vocab_size, n_layer=2, dim=64, n_head=4, n_kv_head=2, intermediate_size=128,
-                               max_seq_len=256)).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(scale)   # peaked, prompt-dependent logits, like a trained model's
-    return model
-
-
-def prompts(*captions, h=3, w=4, frames=None, layout=L):
-    return [layout.generation_prompt(c, h, w, tok, frames) for c in captions]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and OpenMP threads waiting on each other on a busy 2-core machine
-    can make a test 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-# ------------------------------------------------------------------------------------ the decode loop
-
-
-def test_decoder_owns_one_cache_reused_across_calls_and_released():
-    model = tiny_gpt()
-    decoder = Decoder(model)
-    p, n = prompts("a red circle", "b"), prompts("", "")
-    first, _ = generate_image(model, L, p, 3, 4, negative_prompts=n, temperature=0, decoder=decoder)
-    cache = decoder.cache
-    assert cache.batch_size == 4 and cache.max_len == 128 >= len(p[0]) + len(L.grid_schedule(3, 4))
-    again, _ = generate_image(model, L, p, 3, 4, negative_prompts=n, temperature=0, decoder=decoder)
-    smaller, _ = generate_image(model, L, p, 2, 3, negative_prompts=prompts("", "", h=2, w=3), temperature=0,
-                                decoder=decoder)
-    assert decoder.cache is cache                      # same rows, no more tokens: the same buffers
-    fresh_smaller, _ = generate_image(model, L, p, 2, 3, negative_prompts=prompts("", "", h=2, w=3), temperature=0)
-    assert torch.equal(first, again) and torch.equal(smaller, fresh_smaller)   # stale slots never leak in
-    longer = prompts("a much longer caption " * 4)
-    generate_image(model, L, longer, 3, 4, negative_prompts=n[:1], temperature=0, decoder=decoder)
-    assert decoder.cache is not cache and decoder.cache.batch_size == 2        # other rows: a new cache
-    cache = decoder.cache
-    generate_image(model, L, longer, 6, 7, negative_prompts=n[:1], temperature=0, decoder=decoder)
-    assert decoder.cache is not cache and decoder.cache.max_len == 256         # more tokens: a longer one
-    decoder.release()
-    assert decoder.cache is None
-    # the model keeps no decoding state of its own
-    assert not any(torch.is_tensor(v) for m in model.modules() for k, v in vars(m).items() if not k.startswith("_"))
-    assert {n for n, _ in model.named_buffers()} == set()
-
-
-def test_image_loop_does_no_host_work_per_token(monkeypatch):
-    """No torch.tensor(...) and no .item()/bool()/tolist() sync inside the image loop: the count of such calls
-    is the same for 12 and for 48 generated codes."""
-    calls = {"n": 0}
-
-    def counting(fn):
-        def wrapper(*args, **kwargs):
-            calls["n"] += 1
-            return fn(*args, **kwargs)
-        return wrapper
-
-    for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
-        monkeypatch.setattr(torch.Tensor, name, counting(getattr(torch.Tensor, name)))
-    monkeypatch.setattr(torch, "tensor", counting(torch.tensor))
-    model = tiny_gpt()
-    counts = []
-    for h, w in ((3, 4), (6, 8)):
-        calls["n"] = 0
-        for rows in generate_image_stream(model, L, prompts("x", h=h, w=w), h, w, negative_prompts=prompts(
-                "", h=h, w=w), generator=torch.Generator().manual_seed(0)):
-            pass
-        counts.append(calls["n"])
-    assert counts[0] == counts[1], counts
-
-
-def test_compiled_decode_step_gives_the_same_tokens():
-    """--compile only changes speed: torch.compile of the plain and of the SJD decode step gives the greedy tokens
-    of the eager step. On the CPU this is inductor writing and building C++ kernels: ~10-30 s, most of this
-    file's time."""
-    pytest.importorskip("torch._inductor")
-    model = tiny_gpt()
-    p, n = prompts("a red circle", "b", frames=2), prompts("", "", frames=2)
-    kw = dict(frames=2, negative_prompts=n, cfg_scale=3.0, temperature=0)
-    eager, _ = generate_image(model, L, p, 3, 4, **kw)
-    compiled = Decoder(model, compile=True)
-    assert torch.equal(generate_image(model, L, p, 3, 4, decoder=compiled, **kw)[0], eager)
-    assert torch.equal(generate_image(model, L, p, 3, 4, decoder=compiled, sjd=6, **kw)[0], eager)
+from nano_emu.sampler import (GREEDY, GridConstraint, Guidance, Sampling, cfg_mix, generate_image,
+                              generate_image_stream, plain_decode, probabilities)
+from test_engine import CFG3, L, jacobi, one_thread, prompts, tiny_gpt, tok  # noqa: F401  (one_thread: a fixture)
 
 
 # ------------------------------------------------------------------------------------ SJD: greedy
 
 
 @pytest.mark.parametrize("window", [2, 5, 16])
-@pytest.mark.parametrize("frames", [1, 3])
-def test_sjd_greedy_gives_the_tokens_of_greedy_decoding(window, frames):
+@pytest.mark.parametrize("t", [1, 3])
+def test_sjd_greedy_gives_the_tokens_of_greedy_decoding(window, t):
     model = tiny_gpt(seed=2)
-    p, n = prompts("a red circle", "a blue square", frames=frames), prompts("", "", frames=frames)
-    kw = dict(frames=frames, negative_prompts=n, cfg_scale=3.0, temperature=0)
+    p, n = prompts("a red circle", "a blue square", t=t), prompts("", "", t=t)
+    kw = dict(t=t, negative_prompts=n, guidance=CFG3, sampling=GREEDY)
     plain, plain_codes = generate_image(model, L, p, 3, 4, **kw)
-    decoder = Decoder(model)
-    fast, fast_codes = generate_image(model, L, p, 3, 4, decoder=decoder, sjd=window, **kw)
+    engine = Engine(model)
+    fast, fast_codes = generate_image(model, L, p, 3, 4, engine=engine, loop=jacobi(window), **kw)
     assert torch.equal(fast, plain) and torch.equal(fast_codes, plain_codes)
-    assert decoder.forwards < len(L.grid_schedule(3, 4, frames))   # structural tokens alone make it faster
+    assert engine.forwards < len(L.grid_schedule(3, 4, t))   # structural tokens alone make it faster
 
 
 def test_sjd_greedy_without_the_grid_constraint():
     """Unconstrained, nothing is known in advance: every token is drafted, structural ones included."""
     model = tiny_gpt(seed=3)
     p, n = prompts("a red circle"), prompts("")
-    run = lambda **kw: list(generate_image_stream(model, L, p, 3, 4, negative_prompts=n, temperature=0,
-                                                  constrain=False, **kw))[-1].tokens
-    assert torch.equal(run(sjd=4), run())
+    run = lambda **kw: list(generate_image_stream(model, L, p, 3, 4, negative_prompts=n, guidance=CFG3,
+                                                  sampling=GREEDY, constrain=False, **kw))[-1].tokens
+    assert torch.equal(run(loop=jacobi(4)), run())
 
 
 def test_sjd_streams_the_same_rows_and_composes_with_top_k():
     model = tiny_gpt()
-    kw = dict(frames=2, negative_prompts=prompts("", "", frames=2), top_k=5, temperature=0.7)
-    stream = list(generate_image_stream(model, L, prompts("a", "b", frames=2), 3, 4, sjd=6,
+    kw = dict(t=2, negative_prompts=prompts("", "", t=2), guidance=CFG3, sampling=Sampling(0.7, top_k=5))
+    stream = list(generate_image_stream(model, L, prompts("a", "b", t=2), 3, 4, loop=jacobi(6),
                                         generator=torch.Generator().manual_seed(3), **kw))
     assert [r.rows_done for r in stream] == sorted({r.rows_done for r in stream}) and stream[-1].rows_done == 6
     for earlier, later in zip(stream, stream[1:]):
@@ -179,14 +83,14 @@ def exact_marginals(model, cond, uncond):
 
 def code_counts(model, cond, uncond, window, calls, batch, seed=0):
     """Counts (4 positions, 4 codes) of calls x batch images; and forwards per call."""
-    counts, decoder = torch.zeros(H * W, SMALL.codebook_size, dtype=torch.float64), Decoder(model)
+    counts, engine = torch.zeros(H * W, SMALL.codebook_size, dtype=torch.float64), Engine(model)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(calls):
         _, codes = generate_image(model, SMALL, [cond] * batch, H, W, negative_prompts=[uncond] * batch,
-                                  cfg_scale=G, temperature=TEMPERATURE, top_k=TOP_K, sjd=window, generator=generator,
-                                  decoder=decoder)
+                                  guidance=Guidance(cfg_scale=G), sampling=Sampling(TEMPERATURE, top_k=TOP_K),
+                                  loop=jacobi(window) if window else plain_decode, generator=generator, engine=engine)
         counts += F.one_hot(codes.view(batch, H * W), SMALL.codebook_size).sum(0)
-    return counts, decoder.forwards / calls
+    return counts, engine.forwards / calls
 
 
 def chi_square(counts, exact):
@@ -247,31 +151,6 @@ def test_sjd_samples_the_distribution_of_plain_sampling(monkeypatch):
         monkeypatch.undo()
 
 
-# ------------------------------------------------------------------------------------ user-facing options
-
-
-def test_pipeline_and_sample_py_options(tmp_path):
-    model = tiny_gpt(Layout.tiny(codebook_size=512))
-    vq = VQModel(VQConfig.tiny()).eval()
-    pipe = Pipeline(model, vq, tok, Layout.tiny(codebook_size=512), image_area=64 * 64)
-    plain = pipe.draw_stream(["a red circle"], cfg_scale=3.0, temperature=0)
-    *_, plain = plain
-    pipe.sjd = 8
-    *_, fast = pipe.draw_stream(["a red circle"], cfg_scale=3.0, temperature=0)
-    assert torch.equal(plain.tokens, fast.tokens)
-    assert pipe.decoder.cache is not None
-    pipe.release()
-    assert pipe.decoder.cache is None
-    ckpt = str(tmp_path)   # sample.py checks the folder exists; its files are read only later
-    args = sample.parse_args(["--ckpt", ckpt, "--prompt", "y", "--sjd", "--compile"])
-    assert args.sjd == 16 and args.compile
-    draw = ["--ckpt", ckpt, "--prompt", "y"]
-    assert sample.parse_args([*draw, "--sjd", "4"]).sjd == 4 and sample.parse_args(draw).sjd == 0
-    with pytest.raises(SystemExit) as refused:   # a window of 1 verifies nothing: refused in one line, exit 2
-        sample.parse_args([*draw, "--sjd", "1"])
-    assert refused.value.code == 2
-
-
 # ------------------------------------------------------------------------------------ other families' options
 
 
@@ -311,16 +190,17 @@ def test_sjd_greedy_with_three_way_cfg_cdk_and_completion(layout):
     p = [layout.generation_prompt(c, 3, 4, tok) for c in ("a red circle", "b")]
     n = [layout.generation_prompt("", 3, 4, tok)] * 2
     image_only = [layout.generation_prompt("xy", 3, 4, tok)] * 2
-    options = {"3-way": dict(negative_prompts=n, image_prompts=image_only, cfg_scale=3.0, cfg_image_scale=1.2),
-               "cd-k": dict(negative_prompts=n, cdk_k=4), "logits": dict(negative_prompts=n, cfg_on="logits")}
+    options = {"3-way": dict(negative_prompts=n, image_prompts=image_only, guidance=Guidance(3.0, image_scale=1.2)),
+               "cd-k": dict(negative_prompts=n, guidance=Guidance(3.0, cdk_k=4)),
+               "logits": dict(negative_prompts=n, guidance=Guidance(3.0, cfg_on="logits"))}
     for name, kw in options.items():
-        plain, plain_codes = generate_image(model, layout, p, 3, 4, temperature=0, **kw)
+        plain, plain_codes = generate_image(model, layout, p, 3, 4, sampling=GREEDY, **kw)
         for window in (3, 8):
-            fast, fast_codes = generate_image(model, layout, p, 3, 4, temperature=0, sjd=window, **kw)
+            fast, fast_codes = generate_image(model, layout, p, 3, 4, sampling=GREEDY, loop=jacobi(window), **kw)
             assert torch.equal(fast, plain) and torch.equal(fast_codes, plain_codes), (name, window)
-    kw = dict(negative_prompts=n, cfg_scale=2.0, temperature=0)
+    kw = dict(negative_prompts=n, guidance=Guidance(cfg_scale=2.0), sampling=GREEDY)
     tokens, codes = generate_image(model, layout, p, 3, 4, **kw)
     for r in (1, 2):
-        stream = list(generate_image_stream(model, layout, p, 3, 4, keep=codes[:, :r], sjd=4, **kw))
+        stream = list(generate_image_stream(model, layout, p, 3, 4, keep=codes[:, :r], loop=jacobi(4), **kw))
         assert [rows.rows_done for rows in stream] == list(range(r + 1, 4))   # only the drawn rows are reported
         assert torch.equal(stream[-1].tokens, tokens) and torch.equal(stream[-1].codes, codes)

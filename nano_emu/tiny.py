@@ -1,0 +1,88 @@
+"""The tiny family: the toy checkpoints train_tiny.py writes, as emu3.py / llamagen.py / chameleon.py are for the
+released ones.
+
+A tiny run's folder holds `vq.safetensors` and `gpt.safetensors` (checkpoint.py: weights + a JSON metadata
+string with the config, the layout, the caption tokenizer and the sampling defaults). Its presets are the same
+modules' (`VQConfig.tiny()`, `GPTConfig.tiny()`, `Layout.tiny()`); this file holds what is particular to it:
+
+- the caption tokenizer and how a checkpoint names it (`make_tokenizer` writes the spec, `tokenizer_from_spec`
+  reads it back): whole words for the toy worlds' small languages, or UTF-8 bytes;
+- the prompt conventions (`tiny_pipeline`): square images of `image_size` pixels taken as they are, no prompt
+  suffix, the empty caption as CFG's unconditional branch, and the sampling defaults below;
+- `load_tiny(folder)`, the loader sample.py and the notebooks call.
+
+    pipe = load_tiny("out/tiny")
+    pipe.draw(["a red circle in the top left"], seed=0)[0]
+"""
+
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_checkpoint
+from .gpt import GPT, GPTConfig
+from .layout import Layout
+from .pipeline import Pipeline
+from .sampler import Guidance, Sampling
+from .tokenizer import ByteTokenizer, WordTokenizer
+from .vq import VQConfig, VQModel
+from .weights import load_state_dict_strict
+
+# How the tiny models sample by default, chosen on a validation draw (experiments/sweep_sampling.py, seeds that the
+# reported evaluation never uses; docs/tiny_model.md): CFG 2 at temperature 1 drew the asked shape most often,
+# seen and held out; CFG 3 overshoots a model this small into broken shapes
+TINY_CFG_SCALE = 2.0
+TINY_TEMPERATURE = 1.0
+
+
+def make_tokenizer(kind: str, words: list[str] | None = None):
+    """The caption tokenizer of a tiny run and the spec its checkpoint stores: "bytes" (UTF-8 bytes), or
+    "words" with the world's whole vocabulary (tokenizer.WordTokenizer)."""
+    if kind == "bytes":
+        return ByteTokenizer(), "bytes"
+    if kind != "words" or not words:
+        raise ValueError(f"a tiny tokenizer is 'bytes', or 'words' with a vocabulary; got {kind!r}")
+    return WordTokenizer(words), {"words": list(words)}
+
+
+def tokenizer_from_spec(spec) -> ByteTokenizer | WordTokenizer:
+    """The text tokenizer a tiny checkpoint names in its metadata: "bytes", or {"words": [...]}."""
+    if spec == "bytes":
+        return ByteTokenizer()
+    if isinstance(spec, dict) and "words" in spec:
+        return WordTokenizer(spec["words"])
+    raise ValueError(f"unknown tiny tokenizer {spec!r} in the checkpoint's metadata (expected 'bytes' or "
+                     f"{{'words': [...]}})")
+
+
+def tiny_pipeline(gpt: GPT, vq: VQModel, tokenizer, layout: Layout, image_size: int,
+                  sampling: dict | None = None) -> Pipeline:
+    """The toy models as train_tiny.py trains them (in memory, or read back by load_tiny): square images of
+    image_size pixels taken as they are, no prompt conventions. sampling: {"cfg_scale": .., "temperature": ..,
+    "top_k": ..} as the checkpoint records them; missing entries take the tiny defaults above."""
+    given = {k: v for k, v in (sampling or {}).items() if v is not None}
+    side = image_size
+    return Pipeline(gpt, vq, tokenizer, layout, image_area=side * side,
+                    resize=dict(min_pixels=side * side, max_pixels=side * side),
+                    guidance=Guidance(cfg_scale=given.pop("cfg_scale", TINY_CFG_SCALE)),
+                    sampling=Sampling(**{"temperature": TINY_TEMPERATURE, **given}))
+
+
+def load_tiny(folder: str | Path, device="cpu", dtype=torch.float32) -> Pipeline:
+    """The checkpoints train_tiny.py writes: vq.safetensors and gpt.safetensors (weights + JSON config)."""
+    folder = Path(folder)
+    for name in ("vq.safetensors", "gpt.safetensors"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder / name} is missing: point --ckpt at the --out folder of a finished "
+                                    f"train_tiny.py run (it writes vq.safetensors and gpt.safetensors)")
+    state, meta, _ = load_checkpoint(folder / "vq.safetensors")
+    vq = VQModel(VQConfig(**meta["config"]))
+    load_state_dict_strict(vq, state, source=str(folder / "vq.safetensors"))
+    state, meta, _ = load_checkpoint(folder / "gpt.safetensors")
+    if meta.get("step") != meta.get("steps"):
+        print(f"note: {folder / 'gpt.safetensors'} is a mid-training checkpoint (step {meta.get('step')} of "
+              f"{meta.get('steps')})")
+    gpt = GPT(GPTConfig(**meta["config"]))
+    load_state_dict_strict(gpt, state, source=str(folder / "gpt.safetensors"))
+    return tiny_pipeline(gpt.to(device, dtype).eval(), vq.to(device).eval(), tokenizer_from_spec(meta["tokenizer"]),
+                         Layout(**meta["layout"]), image_size=meta.get("image_size", 64), sampling=meta.get("sampling"))
