@@ -34,13 +34,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .gpt import GPT, GPTConfig
+from .gpt import GPT, GPTConfig, interleaved_to_halves
 from .layout import Layout
-from .llamagen import interleaved_to_halves
 from .pipeline import Pipeline
 from .tokenizer import JSONTokenizer
 from .vq import VQConfig, VQModel
-from .weights import check_strict, load_strict, open_checkpoint, read_json, rename
+from .weights import check_strict, llama_config_fields, load_strict, open_checkpoint, read_json, rename_or_keep
 
 # Chameleon's reference ImageDecoder / Anole's demo: 3-way CFG (text 3.0, image 1.2) on logits, T 0.7, top-p 0.9.
 # Pipeline.draw prompts hold text only, so the image-only branch IS the unconditional one [BOS, BOI] and the 3-way
@@ -97,17 +96,9 @@ ORIGINAL_NAMES = {
 }
 
 
-def rename_or_keep(key: str, name_map: dict[str, str]) -> str:
-    """An unmapped key keeps its name, so the strict check lists it as unexpected (all of them at once)."""
-    try:
-        return rename(key, name_map)
-    except ValueError:
-        return key
-
-
 def gpt_from_original(tensors: dict[str, Tensor], cfg: GPTConfig) -> dict[str, Tensor]:
     """Meta's layout -> ours. The original code rotates adjacent pairs (x[2i], x[2i+1]) of each head; gpt.py rotates
-    (x[i], x[i + d/2]), so wq/wk rows are reordered per head (llamagen.interleaved_to_halves). The qk-LayerNorm acts
+    (x[i], x[i + d/2]), so wq/wk rows are reordered per head (gpt.interleaved_to_halves). The qk-LayerNorm acts
     before RoPE on the same layout, so its weight and bias get the same reorder (LayerNorm commutes with a
     permutation of its entries), and the one head_dim-wide LayerNorm is repeated for every head."""
     out = {}
@@ -132,16 +123,7 @@ def gpt_config_hf(text: dict, source: str) -> GPTConfig:
         raise ValueError(f"{source}: only SwiGLU without biases is Chameleon's (hidden_act "
                          f"{text.get('hidden_act')!r}, attention_bias {text.get('attention_bias')}, mlp_bias "
                          f"{text.get('mlp_bias')})")
-    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ValueError(f"{source}: RoPE scaling {rope} is not supported (Chameleon uses plain RoPE)")
-    names = {"vocab_size": "vocab_size", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head",
-             "num_key_value_heads": "n_kv_head", "hidden_size": "dim", "intermediate_size": "intermediate_size",
-             "rms_norm_eps": "norm_eps", "max_position_embeddings": "max_seq_len", "swin_norm": "swin_norm"}
-    fields = {ours: text[theirs] for theirs, ours in names.items() if text.get(theirs) is not None}
-    theta = text.get("rope_theta", rope.get("rope_theta"))
-    if theta is not None:
-        fields["rope_theta"] = float(theta)
+    fields = llama_config_fields(text, source, "Chameleon", extra_names={"swin_norm": "swin_norm"})
     return GPTConfig.chameleon("7B", **fields)
 
 

@@ -32,7 +32,8 @@ from .layout import EMU3_CHAT_TEMPLATE, Layout
 from .pipeline import Pipeline
 from .tokenizer import ROLE_TOKENS, Emu3Tokenizer
 from .vq import VQConfig, VQModel
-from .weights import check_strict, load_strict, open_checkpoint, read_json, rename
+from .weights import (check_strict, llama_config_fields, load_strict, open_checkpoint, read_json, rename,
+                      rename_or_keep)
 
 # Emu3-Gen's demo conventions (image_generation.py in baaivision/Emu3; transformers' docs use the same negative)
 EMU3_PROMPT_SUFFIX = " masterpiece, film grained, best quality."
@@ -111,12 +112,6 @@ VQ_HF_TO_ORIGINAL = {
 }
 
 
-# config.json fields -> GPTConfig fields (the same names in the original config and in the -hf text_config)
-GPT_CONFIG_NAMES = {
-    "vocab_size": "vocab_size", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head",
-    "num_key_value_heads": "n_kv_head", "hidden_size": "dim", "intermediate_size": "intermediate_size",
-    "rms_norm_eps": "norm_eps", "max_position_embeddings": "max_seq_len",
-}
 # Emu3-VisionTokenizer config.json fields and their -hf vq_config names -> VQConfig fields
 VQ_CONFIG_NAMES = {
     "ch": "ch", "base_channels": "ch", "ch_mult": "ch_mult", "channel_multiplier": "ch_mult",
@@ -137,15 +132,7 @@ def read_config(folder: Path, what: str) -> dict:
 def gpt_config(text: dict, source: str) -> GPTConfig:
     """The language model's config.json fields -> GPTConfig. A missing field takes the released value, as in
     transformers' Emu3 config classes, whose defaults are the released numbers."""
-    fields = {ours: text[theirs] for theirs, ours in GPT_CONFIG_NAMES.items() if text.get(theirs) is not None}
-    # RoPE: rope_theta + rope_scaling null (original), + rope_scaling {"rope_type": "default"} (-hf),
-    # or rope_parameters {"rope_theta", "rope_type"} (transformers 5)
-    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ValueError(f"{source}: RoPE scaling {rope} is not supported (Emu3 uses plain RoPE)")
-    theta = text.get("rope_theta", rope.get("rope_theta"))
-    if theta is not None:
-        fields["rope_theta"] = float(theta)
+    fields = llama_config_fields(text, source, "Emu3")   # the same names in the original config and -hf text_config
     if text.get("hidden_act", "silu") != "silu":   # (a tied head or another head_dim fails the shape check)
         raise ValueError(f"{source}: hidden_act {text['hidden_act']!r} is not supported (Emu3's MLP is SwiGLU)")
     return GPTConfig.emu3_8b(**fields)
@@ -199,19 +186,12 @@ def load_emu3_vq(path: str | Path, cfg: VQConfig | None = None, device: str | to
 def gpt_names(keys, layout: dict) -> dict[str, str]:
     """checkpoint key -> GPT key for every key outside the VQ. Unknown keys keep their name, so the strict check
     lists them as unexpected (all at once, not just the first)."""
+    decoder = {layout["decoder"] + theirs: ours for theirs, ours in DECODER_NAMES.items()}
     names = {}
     for key in keys:
         if layout["vq"] and key.startswith(layout["vq"]):
             continue
-        if key == layout["head"]:
-            names[key] = "lm_head.weight"
-        elif key.startswith(layout["decoder"]):
-            try:
-                names[key] = rename(key[len(layout["decoder"]):], DECODER_NAMES)
-            except ValueError:
-                names[key] = key
-        else:
-            names[key] = key
+        names[key] = "lm_head.weight" if key == layout["head"] else rename_or_keep(key, decoder)
     return names
 
 

@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .gpt import GPT, LLAMAGEN_SIZES, GPTConfig
+from .gpt import GPT, LLAMAGEN_SIZES, GPTConfig, interleaved_to_halves
 from .layout import Layout
 from .pipeline import Pipeline
 from .vq import VQConfig, VQModel
-from .weights import check_strict, load_strict, open_checkpoint, rename
+from .weights import check_strict, load_strict, open_checkpoint, rename_or_keep
 
 # the demo's conventions (autoregressive/sample/sample_c2i.py): guidance on raw logits at 4.0 in every step
 LLAMAGEN_CFG_SCALE = 4.0
@@ -75,27 +75,6 @@ def vq_names(cfg: VQConfig) -> dict[str, str]:
                 names[f"decoder.conv_blocks.{theirs}.attn.{j}"] = f"decoder.up.{level}.attn.{j}"
         names[f"decoder.conv_blocks.{theirs}.upsample"] = f"decoder.up.{level}.upsample"
     return names
-
-
-def rename_or_keep(key: str, name_map: dict[str, str]) -> str:
-    """A key no entry maps keeps its name, so the strict check lists it as unexpected (all of them at once)."""
-    parts = key.split(".")
-    for n in range(len(parts), 0, -1):   # the VQ map spells out every index: longest literal module path first
-        if ".".join(parts[:n]) in name_map:
-            return ".".join([name_map[".".join(parts[:n])]] + parts[n:])
-    try:
-        return rename(key, name_map)
-    except ValueError:
-        return key
-
-
-def interleaved_to_halves(weight: Tensor, n_heads: int) -> Tensor:
-    """q/k projection rows in LlamaGen's RoPE layout -> gpt.py's. LlamaGen rotates adjacent pairs (x[2i], x[2i+1])
-    of each head (Meta Llama / gpt-fast); gpt.py rotates (x[i], x[i + d/2]) (transformers' rotate_half). Reordering
-    each head's rows as [even rows, odd rows] turns one into the other: q.k is unchanged, pair i keeps its angle."""
-    head_dim = weight.shape[0] // n_heads
-    order = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)]).to(weight.device)
-    return weight.view(n_heads, head_dim, -1)[:, order].reshape(weight.shape)   # (n_heads * head_dim, dim)
 
 
 def gpt_from_llamagen(tensors: dict[str, Tensor], cfg: GPTConfig) -> dict[str, Tensor]:

@@ -8,8 +8,10 @@ names to ours, the config translation and the prompt conventions. Everything els
   the names and shapes of every tensor before any tensor data is read, and reads tensors only when asked,
   cast to the target dtype one at a time.
 - `rename(key, name_map)`: maps a key through a `{}`-template name map. A map is a dict of module paths with every
-  numeric index written as `{}`; a checkpoint key matches the longest such path that is a prefix of it, the
-  indices are carried over in order, and the rest of the key (`weight`, `bias`, ...) is kept.
+  numeric index written as `{}` (or spelled out, as in LlamaGen's VQ map); a checkpoint key matches the longest such
+  path that is a prefix of it, the indices are carried over in order, and the rest of the key (`weight`, `bias`,
+  ...) is kept. `rename_or_keep` leaves an unmapped key as it is, so the strict check reports it.
+- `llama_config_fields(config, ...)`: the Llama fields of a transformers-style config.json -> GPTConfig fields.
 - `load_strict(module, checkpoint, convert, ...)`: `convert` turns checkpoint tensors into the module's names
   (renames, fused-weight splits, permutations). It runs first on `meta` tensors of the checkpoint's shapes, so
   every missing, unexpected or misshapen key is reported in one error before a byte of weights is read; then it
@@ -35,11 +37,47 @@ def rename(key: str, name_map: dict[str, str], source: str = "checkpoint") -> st
     """Map one checkpoint key through a `{}`-template name map (see the module docstring)."""
     parts = key.split(".")
     for n in range(len(parts), 0, -1):  # longest module path first
+        literal = ".".join(parts[:n])   # an entry that spells its indices out (LlamaGen's VQ map) is taken as is
+        if literal in name_map:
+            return ".".join([name_map[literal]] + parts[n:])
         template = ".".join("{}" if p.isdigit() else p for p in parts[:n])
         if template in name_map:
             indices = [p for p in parts[:n] if p.isdigit()]
             return ".".join([name_map[template].format(*indices)] + parts[n:])
     raise ValueError(f"{source}: no entry in the name map for key {key!r}")
+
+
+def rename_or_keep(key: str, name_map: dict[str, str]) -> str:
+    """`rename`, but a key no entry maps keeps its name, so the strict check lists it as unexpected (all of the
+    unmapped keys at once, not just the first)."""
+    try:
+        return rename(key, name_map)
+    except ValueError:
+        return key
+
+
+# transformers' Llama-style config fields (Emu3's config.json and -hf text_config, ChameleonConfig) -> GPTConfig's
+LLAMA_CONFIG_NAMES = {
+    "vocab_size": "vocab_size", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head",
+    "num_key_value_heads": "n_kv_head", "hidden_size": "dim", "intermediate_size": "intermediate_size",
+    "rms_norm_eps": "norm_eps", "max_position_embeddings": "max_seq_len",
+}
+
+
+def llama_config_fields(config: dict, source: str, family: str, extra_names: dict[str, str] | None = None) -> dict:
+    """The GPTConfig fields a Llama-style config.json states (None and absent fields are left out, so the family's
+    preset supplies the released value), with rope_theta. RoPE comes as rope_theta + rope_scaling null (Emu3's
+    original config), + rope_scaling {"rope_type": "default"} (-hf conversions), or rope_parameters {"rope_theta",
+    "rope_type"} (transformers 5); any scaling but the default is refused, since nano_emu's RoPE is the plain one."""
+    names = LLAMA_CONFIG_NAMES | (extra_names or {})
+    fields = {ours: config[theirs] for theirs, ours in names.items() if config.get(theirs) is not None}
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ValueError(f"{source}: RoPE scaling {rope} is not supported ({family} uses plain RoPE)")
+    theta = config.get("rope_theta", rope.get("rope_theta"))
+    if theta is not None:
+        fields["rope_theta"] = float(theta)
+    return fields
 
 
 # ---------------------------------------------------------------------------------------------------------------
