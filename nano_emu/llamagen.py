@@ -209,6 +209,8 @@ def load_llamagen(gpt_ckpt: str | Path, vq_ckpt: str | Path, gpt_model: str | No
         raise ValueError(f"the two checkpoints are swapped: {gpt_path} is the VQ tokenizer and {vq_path} the GPT "
                          f"(sample.py: --llamagen <GPT> --vq <VQ>)")
     vq_cfg = vq_config(vq_file.shapes, str(vq_path))
+    if not {"tok_embeddings.weight", "cls_embedding.embedding_table.weight"} <= gpt_file.shapes.keys():
+        raise wrong_file(gpt_file.shapes, str(gpt_path), "gpt")   # what the file is, before asking its image size
     image_size = image_size or image_size_from_name(gpt_path)
     if image_size is None:
         raise ValueError(f"cannot tell the image size from the file name {gpt_path.name} (the released ones end in "

@@ -18,8 +18,11 @@ names to ours, the config translation and the prompt conventions. Everything els
   runs on the real tensors, which are assigned to a module built on the `meta` device.
 """
 
+import argparse
+import contextlib
 import json
 import pickle
+import struct
 import zipfile
 from pathlib import Path
 from typing import Callable
@@ -31,6 +34,9 @@ from torch import Tensor, nn
 # top-level keys under which training scripts nest the weights (LlamaGen's DDP checkpoints use "model"; its sample
 # scripts also accept "module" (DeepSpeed) and "state_dict"); FSDP checkpoints are the state dict itself
 NESTED_STATE_DICT_KEYS = ("model", "module", "state_dict")
+# how a legacy torch.save file (PyTorch < 1.6, _use_new_zipfile_serialization=False) begins: pickle protocol 2, then
+# torch's magic number 0x1950a86a20f9469cfc6c pickled as a 10-byte long
+LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 
 
 def rename(key: str, name_map: dict[str, str], source: str = "checkpoint") -> str:
@@ -116,17 +122,39 @@ def safetensors_files(path: Path) -> dict[Path, list[str] | None]:
     return dict.fromkeys(files)
 
 
+def allowing(cls: type):
+    """The weights-only unpickler's allow-list with `cls` on it, for the `with` block (torch >= 2.5); torch 2.4 has
+    only the process-wide list."""
+    if hasattr(torch.serialization, "safe_globals"):
+        return torch.serialization.safe_globals([cls])
+    torch.serialization.add_safe_globals([cls])
+    return contextlib.nullcontext()
+
+
 def read_torch_file(path: Path) -> dict[str, Tensor]:
     """A `torch.save` checkpoint -> its state dict of (memory-mapped, not yet read) tensors. weights_only=True:
-    only tensors and plain containers are unpickled, never code. A DDP-style {"model": state_dict} is unwrapped."""
-    if not zipfile.is_zipfile(path):   # torch.save writes a zip archive whose directory sits at the very end
+    only tensors and plain containers are unpickled, never code, with one class more allowed: argparse.Namespace,
+    the `args` entry that training scripts (LlamaGen's, Lumina's) save beside {"model", "optimizer", "steps"}
+    (unpickling a Namespace only fills its __dict__; nothing runs). A {"model": state_dict} is unwrapped, so the
+    optimizer state is never read. A legacy (PyTorch < 1.6, non-zip) file is read whole, since it cannot be mmap'd."""
+    with open(path, "rb") as f:
+        head = f.read(len(LEGACY_TORCH_MAGIC))
+    legacy = head == LEGACY_TORCH_MAGIC
+    if not legacy and not zipfile.is_zipfile(path):   # torch.save writes a zip archive whose directory is at the end
         raise ValueError(f"cannot read {path}: not a torch.save zip archive nor a .safetensors file; the file is "
                          f"truncated or corrupt (download it again), or it is not a checkpoint")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ValueError(f"cannot read {path} as a weights-only PyTorch checkpoint (it is truncated or corrupt, "
-                         f"or it holds more than tensors): {str(e).splitlines()[0]}") from None
+        with allowing(argparse.Namespace):
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=not legacy)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, struct.error) as e:   # (a cut pickle)
+        lines = str(e).splitlines()
+        refused = next((line.strip() for line in lines if "Unsupported global" in line), None)
+        what = "legacy (non-zip) torch.save file" if legacy else "weights-only PyTorch checkpoint"
+        if refused:   # PyTorch's own line names the class, e.g. "GLOBAL mymodule.Config was not an allowed global"
+            raise ValueError(f"cannot read {path} as a {what}: it holds Python objects besides tensors, which "
+                             f"nano_emu never unpickles ({refused.split('. Please use')[0]})") from None
+        raise ValueError(f"cannot read {path} as a {what} (it is truncated or corrupt, or it holds more than "
+                         f"tensors): {lines[0] if lines else type(e).__name__}") from None
     if isinstance(obj, dict):
         for nested in NESTED_STATE_DICT_KEYS:
             if isinstance(obj.get(nested), dict):
