@@ -29,6 +29,7 @@ Two folder layouts, both checked name by name and shape by shape (weights.py) be
 """
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -160,8 +161,8 @@ def vq_config(fields: dict, source: str) -> VQConfig:
 # tokenizer -> layout
 
 
-def chameleon_layout(tokenizer: JSONTokenizer, vq: VQConfig, source: str,
-                     image_size: int = CHAMELEON_IMAGE_SIZE) -> Layout:
+def chameleon_layout(tokenizer: JSONTokenizer, vq: VQConfig, source: str, image_size: int = CHAMELEON_IMAGE_SIZE,
+                     vocab_size: int | None = None) -> Layout:
     """The roles by name, and the image tokens by their IMGIMG names: "IMGIMG" + the code with letters A-J for the
     digits 0-9 + one trailing character (VocabTranslation in the reference). Layout needs image code i at BPE id
     first_visual + i for every code, which the release satisfies (first_visual 4); anything else is refused."""
@@ -178,7 +179,19 @@ def chameleon_layout(tokenizer: JSONTokenizer, vq: VQConfig, source: str,
                          f"({len(code_to_id)} image tokens, code 0 at id {first})")
     roles = {role: vocab[name] for role, name in ROLE_NAMES.items()}
     grid = image_size // vq.spatial_factor
-    return Layout.chameleon(**roles, first_visual=first, codebook_size=vq.codebook_size, image_grid=(grid, grid))
+    layout = Layout.chameleon(**roles, first_visual=first, codebook_size=vq.codebook_size, image_grid=(grid, grid))
+    return replace(layout, answer_forbidden=not_text_ids(vocab, vocab_size or tokenizer.n_vocab, layout))
+
+
+def not_text_ids(vocab: dict[str, int], vocab_size: int, layout: Layout) -> tuple[int, ...]:
+    """The ids the reference's text decoder never writes (TextDecoder in chameleon/inference/chameleon.py allows
+    only EOS and VocabInfo.text_tokens: every vocabulary entry but the IMGIMG codes and the specials, a special
+    being any name that starts with "<" other than "<" itself), beyond those Layout.answer_mask already forbids:
+    <unk>, the <reserved...> block, <image>, ids the tokenizer does not name."""
+    text = {i for name, i in vocab.items()
+            if not name.startswith("IMGIMG") and (name == "<" or not name.startswith("<"))}
+    allowed_before = layout.answer_mask(vocab_size)
+    return tuple(i for i in range(vocab_size) if allowed_before[i] and i not in text and i != layout.eos)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -234,9 +247,9 @@ def load_chameleon(path: str | Path, tokenizer_dir: str | Path | None = None, de
     else:
         raise FileNotFoundError(f"{folder} is neither a transformers Chameleon folder (config.json, *.safetensors, "
                                 f"tokenizer.json) nor an original one (consolidated.pth, params.json)")
-    layout = chameleon_layout(tokenizer, vq_cfg, str(folder), image_size)
     if tokenizer.n_vocab > gpt_cfg.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.n_vocab} ids, the model {gpt_cfg.vocab_size}: not a pair")
+    layout = chameleon_layout(tokenizer, vq_cfg, str(folder), image_size, gpt_cfg.vocab_size)
     has_decoder = any(k.startswith("decoder.") for k in to_vq({k: None for k in vq_keys}))
     with torch.device("meta"):
         gpt, vq = GPT(gpt_cfg), VQModel(vq_cfg, decoder=has_decoder)
