@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from .gpt import GPT, GPTConfig, interleaved_to_halves
+from .hub import resolve
 from .layout import Layout
 from .pipeline import Pipeline
 from .tokenizer import JSONTokenizer
@@ -54,6 +55,9 @@ CHAMELEON_IMAGE_SIZE = 512
 
 # the tokens layout.py needs, by name (ids in the release: 0, 1, 2, 8196, 8197)
 ROLE_NAMES = {"bos": "<s>", "pad": "<pad>", "eos": "</s>", "eoi": "<eoss>", "boi": "<racm3:break>"}
+
+# what the loader reads of a Hub repo (hub.resolve): the transformers layout (an original one is passed as a folder)
+CHAMELEON_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json"]
 
 GPT_SKIPPED = ("rope.freqs",)   # a RoPE table in consolidated.pth; gpt.py computes its own
 VQ_SKIPPED_PREFIX = "loss."     # vqgan.ckpt's training losses (discriminator, LPIPS), loaded strict=False upstream
@@ -203,8 +207,9 @@ def load_chameleon(path: str | Path, tokenizer_dir: str | Path | None = None, de
     """A Chameleon / Anole folder in the transformers or the original layout (see the module docstring) -> a
     Pipeline in eval mode, the GPT in `dtype` (bf16 as released), the VQ in fp32. tokenizer_dir: the original
     layout's tokenizer/ folder, if it is neither inside `path` nor at path/../../tokenizer. image_size: pixels per
-    side of drawn and read images (512 as released; tiny test models use less)."""
-    folder = Path(path)
+    side of drawn and read images (512 as released; tiny test models use less). path may be a Hugging Face Hub
+    id of a transformers-layout repo ("leloy/Anole-7b-v0.1-hf", "facebook/chameleon-7b@<commit>"; hub.py)."""
+    folder = resolve(path, CHAMELEON_FILES)
     if not folder.is_dir():
         raise FileNotFoundError(f"Chameleon folder {folder} does not exist (or is not a folder)")
     if (folder / "config.json").is_file():

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .gpt import GPT, GPTConfig
+from .hub import resolve
 from .layout import EMU3_CHAT_TEMPLATE, Layout
 from .pipeline import Pipeline
 from .tokenizer import ROLE_TOKENS, Emu3Tokenizer
@@ -42,6 +43,11 @@ EMU3_NEGATIVE_PROMPT = ("lowres, bad anatomy, bad hands, text, error, missing fi
                         "username, blurry.")
 EMU3_SAMPLING = {"top_k": 2048}   # the demo samples with top_k 2048 at temperature 1
 DEFAULT_IMAGE_AREA = 720 * 720    # -hf configs carry no image_area; transformers' Emu3Processor defaults to this
+
+# what the loaders read of a Hub repo (hub.resolve): config, weights and either layout's tokenizer files
+EMU3_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "emu3.tiktoken",
+              "emu3_vision_tokens.txt", "tokenizer.json"]
+EMU3_VQ_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json"]
 
 # Where each key layout keeps the decoder, its output head and the VQ (None: the separate VisionTokenizer folder)
 KEY_LAYOUTS = {
@@ -171,6 +177,7 @@ def vq_from_hf(state_dict: dict[str, Tensor], prefix: str = "vqmodel.",
 def load_emu3_vq(path: str | Path, cfg: VQConfig | None = None, device: str | torch.device = "cpu") -> VQModel:
     """The VQ alone, in eval mode (default VQConfig.emu3()): the original Emu3-VisionTokenizer model.safetensors (the
     names nano_emu.vq uses) or an -hf checkpoint file/folder (keys under `vqmodel.`; the language model is skipped)."""
+    path = resolve(path, EMU3_VQ_FILES)
     checkpoint = open_checkpoint(path)
     vq_keys = [k for k in checkpoint.shapes if k.startswith("vqmodel.")]
     with torch.device("meta"):
@@ -215,8 +222,9 @@ def load_emu3(path: str | Path, vq_path: str | Path | None = None, device: str |
     """An Emu3-Gen / Emu3-Chat folder (original layout + vq_path = the Emu3-VisionTokenizer folder, or -hf alone)
     -> a Pipeline in eval mode: the GPT in `dtype` (the checkpoints are fp32; the demos run bf16), the VQ in fp32
     as in the demos, and the checkpoint's prompt conventions (image area, Gen's suffix and negative prompt, Chat's
-    template, top-k 2048). Emu3-Stage1 loads too, but its understanding template is plain "{image}{question}"."""
-    folder = Path(path)
+    template, top-k 2048). Emu3-Stage1 loads too, but its understanding template is plain "{image}{question}".
+    path and vq_path may be Hugging Face Hub ids ("BAAI/Emu3-Gen", "BAAI/Emu3-VisionTokenizer@<commit>"; hub.py)."""
+    folder = resolve(path, EMU3_FILES)
     config = read_config(folder, "Emu3")
     model_type = config.get("model_type")
     if model_type == "Emu3VisionVQ":
@@ -236,7 +244,7 @@ def load_emu3(path: str | Path, vq_path: str | Path | None = None, device: str |
         if vq_path is None:
             raise ValueError(f"{folder} is an original-layout Emu3 checkpoint, whose VQ is a separate download: pass "
                              f"vq_path=<the BAAI/Emu3-VisionTokenizer folder> (sample.py: --vq)")
-        vq_folder = Path(vq_path)
+        vq_folder = resolve(vq_path, EMU3_VQ_FILES)
         vq_json = read_config(vq_folder, "Emu3-VisionTokenizer")
         if vq_json.get("model_type") != "Emu3VisionVQ":
             raise ValueError(f"{vq_folder / 'config.json'} describes a model of model_type "

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .gpt import GPT, LLAMAGEN_SIZES, GPTConfig, interleaved_to_halves
+from .hub import resolve
 from .layout import Layout
 from .pipeline import Pipeline
 from .vq import VQConfig, VQModel
@@ -202,8 +203,10 @@ def load_llamagen(gpt_ckpt: str | Path, vq_ckpt: str | Path, gpt_model: str | No
                   dtype: torch.dtype = torch.float32, n_head: int | None = None) -> Pipeline:
     """A released c2i GPT checkpoint + a VQ checkpoint -> a Pipeline in eval mode (GPT in `dtype`, VQ in fp32 as
     in the demo). gpt_model: "GPT-B" ... "GPT-3B", checked against the shapes. image_size: 256 or 384 (default: from
-    the file name, c2i_B_256.pt); the grid is image_size / the VQ's downsampling."""
-    gpt_path, vq_path = Path(gpt_ckpt), Path(vq_ckpt)
+    the file name, c2i_B_256.pt); the grid is image_size / the VQ's downsampling. Either file may be a Hugging Face
+    Hub id of a file: "FoundationVision/LlamaGen/c2i_B_256.pt", "FoundationVision/LlamaGen@<commit>/vq_ds16_c2i.pt"
+    (hub.py); only that file is fetched."""
+    gpt_path, vq_path = resolve(gpt_ckpt, None), resolve(vq_ckpt, None)
     gpt_file, vq_file = open_checkpoint(gpt_path), open_checkpoint(vq_path)   # names and shapes only
     if "tok_embeddings.weight" in vq_file.shapes and "quantize.embedding.weight" in gpt_file.shapes:
         raise ValueError(f"the two checkpoints are swapped: {gpt_path} is the VQ tokenizer and {vq_path} the GPT "

@@ -405,3 +405,19 @@ def test_answers_forbid_what_the_reference_forbids(tmp_path):
     reference = generate_text(pipe.gpt, pipe.layout, [prompt], max_new_tokens=24, allowed=expected)[0]
     assert ours == reference and not reserved & set(ours) and len(ours) > 0
 
+
+# --- by Hub id -------------------------------------------------------------------------------------------------
+
+from hub_cache import COMMIT, offline_cache, write_folder  # noqa: E402, F401 (offline_cache is a fixture)
+from nano_emu.chameleon import CHAMELEON_FILES  # noqa: E402
+from nano_emu.hub import HubError  # noqa: E402
+
+
+def test_load_by_hub_id_offline(hf, offline_cache):
+    model, _, folder = hf
+    write_folder(offline_cache, "leloy/Anole-7b-v0.1-hf", folder, CHAMELEON_FILES)
+    pipe = load_chameleon(f"leloy/Anole-7b-v0.1-hf@{COMMIT}", dtype=torch.float32, image_size=IMAGE)
+    ids = torch.randint(0, model.config.vocab_size, (1, 30), generator=torch.Generator().manual_seed(8))
+    torch.testing.assert_close(ours_logits(pipe, ids), reference_logits(model, ids), atol=1e-5, rtol=1e-5)
+    with pytest.raises(HubError, match=r"facebook/chameleon-7b is not in the Hugging Face cache"):
+        load_chameleon("facebook/chameleon-7b")

@@ -14,7 +14,9 @@ from safetensors.torch import save_file
 import nano_emu
 import sample
 from nano_emu import gpt as gpt_module
+from hub_cache import COMMIT, offline_cache, write_repo  # noqa: F401 (offline_cache is a fixture)
 from nano_emu.gpt import GPT, LLAMAGEN_SIZES, GPTConfig
+from nano_emu.hub import HubError
 from nano_emu.llamagen import ClassLabels, gpt_config, gpt_from_llamagen, rename_or_keep, vq_config, vq_names
 from nano_emu.sampler import generate_image
 from nano_emu.vq import VQConfig, VQModel
@@ -233,6 +235,18 @@ def test_the_vq_passed_as_the_gpt_is_named_first(tmp_path):
     vq.write_bytes((FIXTURE / "vq.pt").read_bytes())
     with pytest.raises(ValueError, match=r"vq_ds16_c2i.pt is a LlamaGen VQ tokenizer checkpoint, not the GPT"):
         nano_emu.load_llamagen(vq, vq, n_head=4)
+
+
+def test_load_by_hub_id_offline(pipe, offline_cache):
+    """FoundationVision/LlamaGen holds its .pt files side by side: each is named by ORG/NAME[@REVISION]/FILE."""
+    write_repo(offline_cache, "FoundationVision/LlamaGen", {"c2i_tiny_16.pt": FIXTURE / "gpt.pt",
+                                                            "vq_ds16_c2i.pt": FIXTURE / "vq.pt"})
+    loaded = nano_emu.load_llamagen("FoundationVision/LlamaGen/c2i_tiny_16.pt",
+                                    f"FoundationVision/LlamaGen@{COMMIT}/vq_ds16_c2i.pt", **TINY)
+    for ours, theirs in zip(loaded.gpt.state_dict().values(), pipe.gpt.state_dict().values()):
+        assert torch.equal(ours, theirs)
+    with pytest.raises(HubError, match=r"FoundationVision/LlamaGen/c2i_XL_384.pt is not in the Hugging Face cache"):
+        nano_emu.load_llamagen("FoundationVision/LlamaGen/c2i_XL_384.pt", "FoundationVision/LlamaGen/vq_ds16_c2i.pt")
 
 
 def test_sizes_names_and_image_size():
