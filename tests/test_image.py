@@ -74,7 +74,7 @@ def reference_whiten(image: Image.Image) -> np.ndarray:
 
 def test_chameleon_blends_transparency_onto_white_as_the_reference():
     """PIL's alpha_composite rounds where the reference truncates: on a 640x480 RGBA image the two differ in
-    many pixels (which moved 44 of Chameleon's 1,024 VQ codes with the released VQ); we match the reference."""
+    many pixels (reported to move 44 of a prompt's 1,024 codes with the released VQ); we match the reference."""
     rng = np.random.default_rng(0)
     rgba = Image.fromarray(rng.integers(0, 256, (480, 640, 4), dtype=np.uint8), "RGBA")
     ours = np.asarray(whiten_transparency(rgba))
