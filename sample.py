@@ -203,9 +203,9 @@ def build_parser() -> cli.ArgumentParser:
     source = p.add_argument_group("model (one of)")
     source.add_argument("--ckpt", type=cli.existing_folder,
                         help="a train_tiny.py output folder (vq.safetensors + gpt.safetensors)")
-    source.add_argument("--weights", type=cli.existing_folder,
+    source.add_argument("--weights", type=cli.hub_folder,
                         help="released Emu3 folder: Emu3-Gen / Emu3-Chat (original or -hf layout)")
-    source.add_argument("--vq", type=cli.existing_path,
+    source.add_argument("--vq", type=cli.hub_path,
                         help="Emu3-VisionTokenizer folder (not needed for -hf folders, which hold the VQ); "
                              "with --llamagen, its VQ file")
     gen = p.add_argument_group("text -> image")
@@ -236,7 +236,7 @@ def build_parser() -> cli.ArgumentParser:
     gen.add_argument("--progress", type=cli.output_file({".gif"}, "a GIF (.gif)"), default=None,
                      help="also write a GIF (.gif) of the image filling in row by row")
     c2i = p.add_argument_group("LlamaGen class -> image (with --vq, --n, --cfg, --top-k, --temperature, --seed, --out)")
-    c2i.add_argument("--llamagen", type=cli.existing_file, help="a released LlamaGen c2i GPT checkpoint (c2i_B_256.pt, ...; .pt or "
+    c2i.add_argument("--llamagen", type=cli.hub_file, help="a released LlamaGen c2i GPT checkpoint (c2i_B_256.pt, ...; .pt or "
                      ".safetensors); --vq is then its VQ (vq_ds16_c2i.pt)")
     c2i.add_argument("--class", dest="classes", action="append", default=[],
                      help="ImageNet class index or name to draw, e.g. 207 or 'golden retriever' (repeat for rows)")
@@ -247,7 +247,7 @@ def build_parser() -> cli.ArgumentParser:
     c2i.add_argument("--cfg-interval", type=cli.at_least(-1), default=None,
                      help="guide only the first cfg_interval + 2 tokens (LlamaGen's flag; default -1: all)")
     cham = p.add_argument_group("Chameleon / Anole (with --prompt to draw, Anole only; --image/--question to answer)")
-    cham.add_argument("--chameleon", type=cli.existing_folder, help="a Chameleon or Anole folder: transformers layout "
+    cham.add_argument("--chameleon", type=cli.hub_folder, help="a Chameleon or Anole folder: transformers layout "
                       "(config.json, *.safetensors, tokenizer.json) or original (consolidated.pth, params.json)")
     cham.add_argument("--tokenizer-dir", type=cli.existing_folder, default=None,
                       help="the original layout's tokenizer/ folder (default: inside --chameleon or ../../tokenizer)")

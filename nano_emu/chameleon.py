@@ -29,19 +29,20 @@ Two folder layouts, both checked name by name and shape by shape (weights.py) be
 """
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from .gpt import GPT, GPTConfig
+from .gpt import GPT, GPTConfig, interleaved_to_halves
+from .hub import resolve
 from .layout import Layout
-from .llamagen import interleaved_to_halves
 from .pipeline import Pipeline
 from .sampler import Guidance, Sampling
 from .tokenizer import JSONTokenizer
 from .vq import VQConfig, VQModel
-from .weights import check_strict, load_strict, open_checkpoint, read_json, rename
+from .weights import check_strict, llama_config_fields, load_strict, open_checkpoint, read_json, rename_or_keep
 
 # Chameleon's reference ImageDecoder / Anole's demo: 3-way CFG (text 3.0, image 1.2) on logits, T 0.7, top-p 0.9.
 # Pipeline.draw prompts hold text only, so the image-only branch IS the unconditional one [BOS, BOI] and the 3-way
@@ -56,6 +57,9 @@ CHAMELEON_IMAGE_SIZE = 512
 
 # the tokens layout.py needs, by name (ids in the release: 0, 1, 2, 8196, 8197)
 ROLE_NAMES = {"bos": "<s>", "pad": "<pad>", "eos": "</s>", "eoi": "<eoss>", "boi": "<racm3:break>"}
+
+# what the loader reads of a Hub repo (hub.resolve): the transformers layout (an original one is passed as a folder)
+CHAMELEON_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json"]
 
 GPT_SKIPPED = ("rope.freqs",)   # a RoPE table in consolidated.pth; gpt.py computes its own
 VQ_SKIPPED_PREFIX = "loss."     # vqgan.ckpt's training losses (discriminator, LPIPS), loaded strict=False upstream
@@ -99,17 +103,9 @@ ORIGINAL_NAMES = {
 }
 
 
-def rename_or_keep(key: str, name_map: dict[str, str]) -> str:
-    """An unmapped key keeps its name, so the strict check lists it as unexpected (all of them at once)."""
-    try:
-        return rename(key, name_map)
-    except ValueError:
-        return key
-
-
 def gpt_from_original(tensors: dict[str, Tensor], cfg: GPTConfig) -> dict[str, Tensor]:
     """Meta's layout -> ours. The original code rotates adjacent pairs (x[2i], x[2i+1]) of each head; gpt.py rotates
-    (x[i], x[i + d/2]), so wq/wk rows are reordered per head (llamagen.interleaved_to_halves). The qk-LayerNorm acts
+    (x[i], x[i + d/2]), so wq/wk rows are reordered per head (gpt.interleaved_to_halves). The qk-LayerNorm acts
     before RoPE on the same layout, so its weight and bias get the same reorder (LayerNorm commutes with a
     permutation of its entries), and the one head_dim-wide LayerNorm is repeated for every head."""
     out = {}
@@ -134,16 +130,7 @@ def gpt_config_hf(text: dict, source: str) -> GPTConfig:
         raise ValueError(f"{source}: only SwiGLU without biases is Chameleon's (hidden_act "
                          f"{text.get('hidden_act')!r}, attention_bias {text.get('attention_bias')}, mlp_bias "
                          f"{text.get('mlp_bias')})")
-    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ValueError(f"{source}: RoPE scaling {rope} is not supported (Chameleon uses plain RoPE)")
-    names = {"vocab_size": "vocab_size", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head",
-             "num_key_value_heads": "n_kv_head", "hidden_size": "dim", "intermediate_size": "intermediate_size",
-             "rms_norm_eps": "norm_eps", "max_position_embeddings": "max_seq_len", "swin_norm": "swin_norm"}
-    fields = {ours: text[theirs] for theirs, ours in names.items() if text.get(theirs) is not None}
-    theta = text.get("rope_theta", rope.get("rope_theta"))
-    if theta is not None:
-        fields["rope_theta"] = float(theta)
+    fields = llama_config_fields(text, source, "Chameleon", extra_names={"swin_norm": "swin_norm"})
     return GPTConfig.chameleon("7B", **fields)
 
 
@@ -180,8 +167,8 @@ def vq_config(fields: dict, source: str) -> VQConfig:
 # tokenizer -> layout
 
 
-def chameleon_layout(tokenizer: JSONTokenizer, vq: VQConfig, source: str,
-                     image_size: int = CHAMELEON_IMAGE_SIZE) -> Layout:
+def chameleon_layout(tokenizer: JSONTokenizer, vq: VQConfig, source: str, image_size: int = CHAMELEON_IMAGE_SIZE,
+                     vocab_size: int | None = None) -> Layout:
     """The roles by name, and the image tokens by their IMGIMG names: "IMGIMG" + the code with letters A-J for the
     digits 0-9 + one trailing character (VocabTranslation in the reference). Layout needs image code i at BPE id
     first_visual + i for every code, which the release satisfies (first_visual 4); anything else is refused."""
@@ -198,7 +185,19 @@ def chameleon_layout(tokenizer: JSONTokenizer, vq: VQConfig, source: str,
                          f"({len(code_to_id)} image tokens, code 0 at id {first})")
     roles = {role: vocab[name] for role, name in ROLE_NAMES.items()}
     grid = image_size // vq.spatial_factor
-    return Layout.chameleon(**roles, first_visual=first, codebook_size=vq.codebook_size, image_grid=(grid, grid))
+    layout = Layout.chameleon(**roles, first_visual=first, codebook_size=vq.codebook_size, image_grid=(grid, grid))
+    return replace(layout, answer_forbidden=not_text_ids(vocab, vocab_size or tokenizer.n_vocab, layout))
+
+
+def not_text_ids(vocab: dict[str, int], vocab_size: int, layout: Layout) -> tuple[int, ...]:
+    """The ids the reference's text decoder never writes (TextDecoder in chameleon/inference/chameleon.py allows
+    only EOS and VocabInfo.text_tokens: every vocabulary entry but the IMGIMG codes and the specials, a special
+    being any name that starts with "<" other than "<" itself), beyond those Layout.answer_mask already forbids:
+    <unk>, the <reserved...> block, <image>, ids the tokenizer does not name."""
+    text = {i for name, i in vocab.items()
+            if not name.startswith("IMGIMG") and (name == "<" or not name.startswith("<"))}
+    allowed_before = layout.answer_mask(vocab_size)
+    return tuple(i for i in range(vocab_size) if allowed_before[i] and i not in text and i != layout.eos)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -210,8 +209,9 @@ def load_chameleon(path: str | Path, tokenizer_dir: str | Path | None = None, de
     """A Chameleon / Anole folder in the transformers or the original layout (see the module docstring) -> a
     Pipeline in eval mode, the GPT in `dtype` (bf16 as released), the VQ in fp32. tokenizer_dir: the original
     layout's tokenizer/ folder, if it is neither inside `path` nor at path/../../tokenizer. image_size: pixels per
-    side of drawn and read images (512 as released; tiny test models use less)."""
-    folder = Path(path)
+    side of drawn and read images (512 as released; tiny test models use less). path may be a Hugging Face Hub
+    id of a transformers-layout repo ("leloy/Anole-7b-v0.1-hf", "facebook/chameleon-7b@<commit>"; hub.py)."""
+    folder = resolve(path, CHAMELEON_FILES)
     if not folder.is_dir():
         raise FileNotFoundError(f"Chameleon folder {folder} does not exist (or is not a folder)")
     if (folder / "config.json").is_file():
@@ -254,9 +254,9 @@ def load_chameleon(path: str | Path, tokenizer_dir: str | Path | None = None, de
     else:
         raise FileNotFoundError(f"{folder} is neither a transformers Chameleon folder (config.json, *.safetensors, "
                                 f"tokenizer.json) nor an original one (consolidated.pth, params.json)")
-    layout = chameleon_layout(tokenizer, vq_cfg, str(folder), image_size)
     if tokenizer.n_vocab > gpt_cfg.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.n_vocab} ids, the model {gpt_cfg.vocab_size}: not a pair")
+    layout = chameleon_layout(tokenizer, vq_cfg, str(folder), image_size, gpt_cfg.vocab_size)
     has_decoder = any(k.startswith("decoder.") for k in to_vq({k: None for k in vq_keys}))
     with torch.device("meta"):
         gpt, vq = GPT(gpt_cfg), VQModel(vq_cfg, decoder=has_decoder)

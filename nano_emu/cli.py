@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
+from .hub import parse_id
 from .image import load_clip, load_image
 
 
@@ -87,6 +88,29 @@ def existing_path(text: str) -> str:
     if not Path(text).exists():
         raise argparse.ArgumentTypeError(f"no file or folder {text}")
     return text
+
+
+def hub_id_or(kind: str, exists: Callable[[Path], bool], with_file: bool | None) -> Callable[[str], str]:
+    """An argparse type for released weights: a local `kind` (a folder, a file, either), or a Hugging Face Hub id
+    that hub.resolve fetches at load time: ORG/NAME[@REVISION] (with_file False), ORG/NAME[@REVISION]/FILE (True),
+    or either (None). Whether the id exists is known only then; a path that is neither is refused here."""
+    form = {False: "ORG/NAME", True: "ORG/NAME/FILE", None: "ORG/NAME or ORG/NAME/FILE"}[with_file]
+
+    def parse(text: str) -> str:
+        path = Path(text)
+        if exists(path):
+            return text
+        parsed = None if path.exists() else parse_id(text)
+        if parsed is not None and (with_file is None or (parsed[2] is not None) == with_file):
+            return text
+        what = f"{text} is not a {kind}" if path.exists() else f"no {kind} {text}"
+        raise argparse.ArgumentTypeError(f"{what} (nor a Hugging Face Hub id {form})")
+    return parse
+
+
+hub_folder = hub_id_or("folder", Path.is_dir, with_file=False)           # --weights, --chameleon
+hub_file = hub_id_or("file", Path.is_file, with_file=True)               # --llamagen
+hub_path = hub_id_or("file or folder", Path.exists, with_file=None)      # --vq (a folder for Emu3, a file for LlamaGen)
 
 
 def image_file(text: str) -> str:

@@ -28,12 +28,14 @@ import torch
 from torch import Tensor
 
 from .gpt import GPT, GPTConfig
+from .hub import resolve
 from .layout import EMU3_CHAT_TEMPLATE, Layout
 from .pipeline import Pipeline
 from .sampler import Guidance, Sampling
 from .tokenizer import ROLE_TOKENS, Emu3Tokenizer
 from .vq import VQConfig, VQModel
-from .weights import check_strict, load_strict, open_checkpoint, read_json, rename
+from .weights import (check_strict, llama_config_fields, load_strict, open_checkpoint, read_json, rename,
+                      rename_or_keep)
 
 # Emu3-Gen's demo conventions (image_generation.py in baaivision/Emu3; transformers' docs use the same negative)
 EMU3_PROMPT_SUFFIX = " masterpiece, film grained, best quality."
@@ -43,6 +45,11 @@ EMU3_NEGATIVE_PROMPT = ("lowres, bad anatomy, bad hands, text, error, missing fi
 EMU3_SAMPLING = Sampling(top_k=2048)   # the demo samples with top_k 2048 at temperature 1
 EMU3_GUIDANCE = Guidance(cfg_scale=3.0)   # on log-probs, against the negative prompt
 DEFAULT_IMAGE_AREA = 720 * 720    # -hf configs carry no image_area; transformers' Emu3Processor defaults to this
+
+# what the loaders read of a Hub repo (hub.resolve): config, weights and either layout's tokenizer files
+EMU3_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "emu3.tiktoken",
+              "emu3_vision_tokens.txt", "tokenizer.json"]
+EMU3_VQ_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json"]
 
 # Where each key layout keeps the decoder, its output head and the VQ (None: the separate VisionTokenizer folder)
 KEY_LAYOUTS = {
@@ -113,12 +120,6 @@ VQ_HF_TO_ORIGINAL = {
 }
 
 
-# config.json fields -> GPTConfig fields (the same names in the original config and in the -hf text_config)
-GPT_CONFIG_NAMES = {
-    "vocab_size": "vocab_size", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head",
-    "num_key_value_heads": "n_kv_head", "hidden_size": "dim", "intermediate_size": "intermediate_size",
-    "rms_norm_eps": "norm_eps", "max_position_embeddings": "max_seq_len",
-}
 # Emu3-VisionTokenizer config.json fields and their -hf vq_config names -> VQConfig fields
 VQ_CONFIG_NAMES = {
     "ch": "ch", "base_channels": "ch", "ch_mult": "ch_mult", "channel_multiplier": "ch_mult",
@@ -139,15 +140,7 @@ def read_config(folder: Path, what: str) -> dict:
 def gpt_config(text: dict, source: str) -> GPTConfig:
     """The language model's config.json fields -> GPTConfig. A missing field takes the released value, as in
     transformers' Emu3 config classes, whose defaults are the released numbers."""
-    fields = {ours: text[theirs] for theirs, ours in GPT_CONFIG_NAMES.items() if text.get(theirs) is not None}
-    # RoPE: rope_theta + rope_scaling null (original), + rope_scaling {"rope_type": "default"} (-hf),
-    # or rope_parameters {"rope_theta", "rope_type"} (transformers 5)
-    rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ValueError(f"{source}: RoPE scaling {rope} is not supported (Emu3 uses plain RoPE)")
-    theta = text.get("rope_theta", rope.get("rope_theta"))
-    if theta is not None:
-        fields["rope_theta"] = float(theta)
+    fields = llama_config_fields(text, source, "Emu3")   # the same names in the original config and -hf text_config
     if text.get("hidden_act", "silu") != "silu":   # (a tied head or another head_dim fails the shape check)
         raise ValueError(f"{source}: hidden_act {text['hidden_act']!r} is not supported (Emu3's MLP is SwiGLU)")
     return GPTConfig.emu3_8b(**fields)
@@ -186,6 +179,7 @@ def vq_from_hf(state_dict: dict[str, Tensor], prefix: str = "vqmodel.",
 def load_emu3_vq(path: str | Path, cfg: VQConfig | None = None, device: str | torch.device = "cpu") -> VQModel:
     """The VQ alone, in eval mode (default VQConfig.emu3()): the original Emu3-VisionTokenizer model.safetensors (the
     names nano_emu.vq uses) or an -hf checkpoint file/folder (keys under `vqmodel.`; the language model is skipped)."""
+    path = resolve(path, EMU3_VQ_FILES)
     checkpoint = open_checkpoint(path)
     vq_keys = [k for k in checkpoint.shapes if k.startswith("vqmodel.")]
     with torch.device("meta"):
@@ -201,19 +195,12 @@ def load_emu3_vq(path: str | Path, cfg: VQConfig | None = None, device: str | to
 def gpt_names(keys, layout: dict) -> dict[str, str]:
     """checkpoint key -> GPT key for every key outside the VQ. Unknown keys keep their name, so the strict check
     lists them as unexpected (all at once, not just the first)."""
+    decoder = {layout["decoder"] + theirs: ours for theirs, ours in DECODER_NAMES.items()}
     names = {}
     for key in keys:
         if layout["vq"] and key.startswith(layout["vq"]):
             continue
-        if key == layout["head"]:
-            names[key] = "lm_head.weight"
-        elif key.startswith(layout["decoder"]):
-            try:
-                names[key] = rename(key[len(layout["decoder"]):], DECODER_NAMES)
-            except ValueError:
-                names[key] = key
-        else:
-            names[key] = key
+        names[key] = "lm_head.weight" if key == layout["head"] else rename_or_keep(key, decoder)
     return names
 
 
@@ -237,8 +224,9 @@ def load_emu3(path: str | Path, vq_path: str | Path | None = None, device: str |
     """An Emu3-Gen / Emu3-Chat folder (original layout + vq_path = the Emu3-VisionTokenizer folder, or -hf alone)
     -> a Pipeline in eval mode: the GPT in `dtype` (the checkpoints are fp32; the demos run bf16), the VQ in fp32
     as in the demos, and the checkpoint's prompt conventions (image area, Gen's suffix and negative prompt, Chat's
-    template, top-k 2048). Emu3-Stage1 loads too, but its understanding template is plain "{image}{question}"."""
-    folder = Path(path)
+    template, top-k 2048). Emu3-Stage1 loads too, but its understanding template is plain "{image}{question}".
+    path and vq_path may be Hugging Face Hub ids ("BAAI/Emu3-Gen", "BAAI/Emu3-VisionTokenizer@<commit>"; hub.py)."""
+    folder = resolve(path, EMU3_FILES)
     config = read_config(folder, "Emu3")
     model_type = config.get("model_type")
     if model_type == "Emu3VisionVQ":
@@ -258,7 +246,7 @@ def load_emu3(path: str | Path, vq_path: str | Path | None = None, device: str |
         if vq_path is None:
             raise ValueError(f"{folder} is an original-layout Emu3 checkpoint, whose VQ is a separate download: pass "
                              f"vq_path=<the BAAI/Emu3-VisionTokenizer folder> (sample.py: --vq)")
-        vq_folder = Path(vq_path)
+        vq_folder = resolve(vq_path, EMU3_VQ_FILES)
         vq_json = read_config(vq_folder, "Emu3-VisionTokenizer")
         if vq_json.get("model_type") != "Emu3VisionVQ":
             raise ValueError(f"{vq_folder / 'config.json'} describes a model of model_type "

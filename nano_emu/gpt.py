@@ -24,7 +24,8 @@ other, with the condition token's rotation zeroed exactly as released. Its names
 Chameleon / Anole (the CM3Leon line) is the same decoder with two more switches: `qk_norm` applies a LayerNorm with
 weight and bias to every head of q and k before RoPE (Chameleon's fix for logit drift in mixed-modal training), and
 `swin_norm` (the 30B) moves each RMSNorm from the branch input to the branch output. Its names are mapped in
-chameleon.py, which also permutes the original checkpoints' interleaved RoPE rows to this file's rotate_half layout.
+chameleon.py, which also permutes the original checkpoints' interleaved RoPE rows to this file's rotate_half layout
+(interleaved_to_halves, beside apply_rope; LlamaGen's loader uses it too).
 
 References: Emu3 (github.com/baaivision/Emu3, emu3/mllm/modeling_emu3.py), Llama (github.com/meta-llama/llama),
 gpt-fast (github.com/pytorch-labs/gpt-fast) for the static cache, nanoGPT for the manual attention next to SDPA,
@@ -173,6 +174,16 @@ def apply_rope(x, cos, sin):
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return x * cos[:, None] + rotated * sin[:, None]    # cos/sin (B, 1, T, head_dim) broadcast over heads
+
+
+def interleaved_to_halves(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """q/k projection rows in Meta's RoPE layout -> apply_rope's. Meta's Llama code (and LlamaGen's, Chameleon's
+    original checkpoints) rotates adjacent pairs (x[2i], x[2i+1]) of each head; apply_rope rotates (x[i], x[i + d/2])
+    (transformers' rotate_half). Reordering each head's rows as [even rows, odd rows] turns one into the other:
+    q.k is unchanged, pair i keeps its angle."""
+    head_dim = weight.shape[0] // n_heads
+    order = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)]).to(weight.device)
+    return weight.view(n_heads, head_dim, -1)[:, order].reshape(weight.shape)   # (n_heads * head_dim, dim)
 
 
 class KVCache:

@@ -3,6 +3,10 @@
 PIL image -> RGB -> `smart_resize` (sides multiples of the VQ's spatial factor 8, area between 512^2 and 1024^2,
 aspect ratio kept, bicubic) -> float pixels in [-1, 1], (3, H, W); and back: [-1, 1] -> uint8 RGB PIL image.
 Every limit is a keyword, so toy images can pass through unchanged (e.g. min_pixels=0 for 64x64 shapes).
+
+Before either family's processing, `upright_8bit` brings any file to what a viewer shows: the EXIF orientation
+applied (as transformers' `load_image` does) and 16/32-bit greyscale scaled to 8 bits. PIL's plain convert("RGB"),
+which both released processors call, clips those instead: a 50%-grey 16-bit PNG would be read as pure white.
 """
 
 import math
@@ -10,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor
 
 MIN_PIXELS, MAX_PIXELS = 512 * 512, 1024 * 1024  # the released preprocessor_config.json
@@ -41,9 +45,50 @@ def load_image(path: str | Path) -> Image.Image:
     try:
         image = Image.open(path)
         image.load()  # PIL decodes lazily; force it here so a truncated file fails here, with its name
+    except Image.DecompressionBombError as e:   # PIL refuses images over 2 x MAX_IMAGE_PIXELS before decoding
+        raise ValueError(f"cannot read image file {str(path)!r}: {e} If you trust the file, raise "
+                         f"PIL.Image.MAX_IMAGE_PIXELS (now {Image.MAX_IMAGE_PIXELS}) or shrink the image.") from None
     except (OSError, ValueError) as e:  # covers missing files and PIL.UnidentifiedImageError
         raise ValueError(f"cannot read image file {str(path)!r}: {e}") from e
     return image
+
+
+def upright_8bit(image: Image.Image) -> Image.Image:
+    """The image as a viewer shows it, in an 8-bit mode that PIL's convert("RGB") reads right: the EXIF orientation
+    applied (a phone photo stored sideways stands up), and high-bit-depth greyscale scaled, not clipped, to 8 bits:
+    16-bit ("I;16*", and "I", which is how PIL opens 16-bit PNGs and TIFFs) by its high byte, as PIL itself reads
+    16-bit colour PNGs; 32-bit float ("F") taken as 0..1. Values outside those ranges are refused, not clipped."""
+    if image.getexif().get(0x0112, 1) != 1:   # 0x0112: the Orientation tag; 1 = stored upright
+        image = ImageOps.exif_transpose(image)
+    if not (image.mode.startswith("I") or image.mode == "F"):
+        return image
+    values = np.asarray(image)
+    if image.mode == "F":   # a float image states no range; 0..1 is numpy's and torchvision's convention
+        if values.size and not (np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1):
+            raise ValueError(f"an F-mode image (32-bit float) with values in [{values.min()}, {values.max()}]: "
+                             f"nano_emu reads float images as 0..1; save it as an 8- or 16-bit image")
+        eight = np.rint(values * 255)
+    else:
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(f"an {image.mode}-mode image with values in [{values.min()}, {values.max()}]: nano_emu "
+                             f"reads integer greyscale as 16-bit (0..65535); save it as an 8- or 16-bit image")
+        eight = values.astype(np.int64) >> 8   # 65535 -> 255, 32768 -> 128: PIL's rule for 16-bit colour PNGs
+    return Image.fromarray(eight.astype(np.uint8), "L")
+
+
+def whiten_transparency(image: Image.Image) -> Image.Image:
+    """Chameleon's reference (`ImageTokenizer._whiten_transparency` in chameleon/inference/image_tokenizer.py):
+    an image with any pixel less than opaque is blended onto white in float64, (1 - a) * 255 + a * rgb with
+    a = alpha / 255, and truncated to uint8; anything else is PIL's plain convert("RGB"). PIL's alpha_composite
+    rounds instead, which moves a half-transparent pixel by one level and with it some of the VQ's codes."""
+    if image.mode == "RGB":
+        return image
+    rgba = np.asarray(image.convert("RGBA"))
+    if not (rgba[:, :, 3] < 255).any():
+        return image.convert("RGB")
+    alpha = rgba[:, :, 3:] / 255.0                                       # (H, W, 1) float64
+    blended = (1 - alpha) * 255 + alpha * rgba[:, :, :3]                 # (H, W, 3) float64
+    return Image.fromarray(blended.astype(np.uint8), "RGB")             # astype truncates, as the reference
 
 
 def load_clip(path: str | Path) -> list[Image.Image]:
@@ -60,7 +105,8 @@ def load_clip(path: str | Path) -> list[Image.Image]:
     frames, durations = [], []
     for k in range(getattr(image, "n_frames", 1)):
         image.seek(k)
-        frames.append(image.convert("RGB"))   # a GIF frame is a palette image that may reuse the previous one
+        # a GIF frame is a palette image that may reuse the previous one; a TIFF page may be 16-bit
+        frames.append(upright_8bit(image).convert("RGB"))
         durations.append(image.info.get("duration") or 0)
     shortest = min((d for d in durations if d > 0), default=0)
     repeats = [max(1, round(d / shortest)) if shortest else 1 for d in durations]
@@ -68,13 +114,10 @@ def load_clip(path: str | Path) -> list[Image.Image]:
 
 
 def square_crop(image: Image.Image, side: int) -> Image.Image:
-    """Chameleon's preprocessing (chameleon/inference/image_tokenizer.py): transparency composited on white, the
-    shortest side resized to `side` (LANCZOS), then the centre side x side square."""
-    if image.mode in ("RGBA", "LA", "P"):
-        image = image.convert("RGBA")
-        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(white, image)
-    image = image.convert("RGB")
+    """Chameleon's preprocessing (chameleon/inference/image_tokenizer.py): transparency blended onto white as the
+    reference does (whiten_transparency), the shortest side resized to `side` (LANCZOS), then the centre
+    side x side square."""
+    image = whiten_transparency(image)
     scale = side / min(image.size)
     w, h = max(side, round(image.width * scale)), max(side, round(image.height * scale))
     if (w, h) != image.size:
@@ -89,6 +132,7 @@ def image_to_tensor(image: Image.Image | str | Path, factor: int = 8, min_pixels
     or, with `square` (Chameleon), square_crop'ed to square x square."""
     if not isinstance(image, Image.Image):
         image = load_image(image)
+    image = upright_8bit(image)
     if square is not None:
         image = square_crop(image, square)
     # the released processor uses PIL's plain convert (transformers 4.44): alpha is dropped, not composited on white

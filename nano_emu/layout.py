@@ -55,6 +55,9 @@ class Layout:
     first_visual: int  # visual token id = first_visual + VQ code
     codebook_size: int
     image_grid: tuple[int, int] | None = None   # Chameleon: every block is this (h, w) grid (no size text in it)
+    # more ids an answer may never hold (Chameleon: <unk>, the <reserved...> block, every "<...>" special but EOS,
+    # as its reference text decoder forbids them); empty for the others, so older saved layouts still load
+    answer_forbidden: tuple[int, ...] = ()
 
     @property
     def vocab_size(self) -> int:
@@ -124,6 +127,7 @@ class Layout:
         allowed = torch.ones(vocab_size, dtype=torch.bool, device=device)
         allowed[self.first_visual:self.first_visual + self.codebook_size] = False
         allowed[[t for t in (self.pad, self.bos, self.img, self.boi, self.eoi, self.eol, self.eof) if t is not None]] = False
+        allowed[[t for t in self.answer_forbidden if t < vocab_size]] = False
         return allowed
 
     def name(self, token: int) -> str:

@@ -24,12 +24,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .gpt import GPT, LLAMAGEN_SIZES, GPTConfig
+from .gpt import GPT, LLAMAGEN_SIZES, GPTConfig, interleaved_to_halves
+from .hub import resolve
 from .layout import Layout
 from .pipeline import Pipeline
 from .sampler import Guidance, Sampling
 from .vq import VQConfig, VQModel
-from .weights import check_strict, load_strict, open_checkpoint, rename
+from .weights import check_strict, load_strict, open_checkpoint, rename_or_keep
 
 # the demo's conventions (autoregressive/sample/sample_c2i.py): guidance on raw logits at 4.0 in every step
 LLAMAGEN_GUIDANCE = Guidance(cfg_scale=4.0, cfg_on="logits", cfg_interval=-1)
@@ -76,27 +77,6 @@ def vq_names(cfg: VQConfig) -> dict[str, str]:
                 names[f"decoder.conv_blocks.{theirs}.attn.{j}"] = f"decoder.up.{level}.attn.{j}"
         names[f"decoder.conv_blocks.{theirs}.upsample"] = f"decoder.up.{level}.upsample"
     return names
-
-
-def rename_or_keep(key: str, name_map: dict[str, str]) -> str:
-    """A key no entry maps keeps its name, so the strict check lists it as unexpected (all of them at once)."""
-    parts = key.split(".")
-    for n in range(len(parts), 0, -1):   # the VQ map spells out every index: longest literal module path first
-        if ".".join(parts[:n]) in name_map:
-            return ".".join([name_map[".".join(parts[:n])]] + parts[n:])
-    try:
-        return rename(key, name_map)
-    except ValueError:
-        return key
-
-
-def interleaved_to_halves(weight: Tensor, n_heads: int) -> Tensor:
-    """q/k projection rows in LlamaGen's RoPE layout -> gpt.py's. LlamaGen rotates adjacent pairs (x[2i], x[2i+1])
-    of each head (Meta Llama / gpt-fast); gpt.py rotates (x[i], x[i + d/2]) (transformers' rotate_half). Reordering
-    each head's rows as [even rows, odd rows] turns one into the other: q.k is unchanged, pair i keeps its angle."""
-    head_dim = weight.shape[0] // n_heads
-    order = torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)]).to(weight.device)
-    return weight.view(n_heads, head_dim, -1)[:, order].reshape(weight.shape)   # (n_heads * head_dim, dim)
 
 
 def gpt_from_llamagen(tensors: dict[str, Tensor], cfg: GPTConfig) -> dict[str, Tensor]:
@@ -224,13 +204,17 @@ def load_llamagen(gpt_ckpt: str | Path, vq_ckpt: str | Path, gpt_model: str | No
                   dtype: torch.dtype = torch.float32, n_head: int | None = None) -> Pipeline:
     """A released c2i GPT checkpoint + a VQ checkpoint -> a Pipeline in eval mode (GPT in `dtype`, VQ in fp32 as
     in the demo). gpt_model: "GPT-B" ... "GPT-3B", checked against the shapes. image_size: 256 or 384 (default: from
-    the file name, c2i_B_256.pt); the grid is image_size / the VQ's downsampling."""
-    gpt_path, vq_path = Path(gpt_ckpt), Path(vq_ckpt)
+    the file name, c2i_B_256.pt); the grid is image_size / the VQ's downsampling. Either file may be a Hugging Face
+    Hub id of a file: "FoundationVision/LlamaGen/c2i_B_256.pt", "FoundationVision/LlamaGen@<commit>/vq_ds16_c2i.pt"
+    (hub.py); only that file is fetched."""
+    gpt_path, vq_path = resolve(gpt_ckpt, None), resolve(vq_ckpt, None)
     gpt_file, vq_file = open_checkpoint(gpt_path), open_checkpoint(vq_path)   # names and shapes only
     if "tok_embeddings.weight" in vq_file.shapes and "quantize.embedding.weight" in gpt_file.shapes:
         raise ValueError(f"the two checkpoints are swapped: {gpt_path} is the VQ tokenizer and {vq_path} the GPT "
                          f"(sample.py: --llamagen <GPT> --vq <VQ>)")
     vq_cfg = vq_config(vq_file.shapes, str(vq_path))
+    if not {"tok_embeddings.weight", "cls_embedding.embedding_table.weight"} <= gpt_file.shapes.keys():
+        raise wrong_file(gpt_file.shapes, str(gpt_path), "gpt")   # what the file is, before asking its image size
     image_size = image_size or image_size_from_name(gpt_path)
     if image_size is None:
         raise ValueError(f"cannot tell the image size from the file name {gpt_path.name} (the released ones end in "

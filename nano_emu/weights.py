@@ -8,16 +8,21 @@ names to ours, the config translation and the prompt conventions. Everything els
   the names and shapes of every tensor before any tensor data is read, and reads tensors only when asked,
   cast to the target dtype one at a time.
 - `rename(key, name_map)`: maps a key through a `{}`-template name map. A map is a dict of module paths with every
-  numeric index written as `{}`; a checkpoint key matches the longest such path that is a prefix of it, the
-  indices are carried over in order, and the rest of the key (`weight`, `bias`, ...) is kept.
+  numeric index written as `{}` (or spelled out, as in LlamaGen's VQ map); a checkpoint key matches the longest such
+  path that is a prefix of it, the indices are carried over in order, and the rest of the key (`weight`, `bias`,
+  ...) is kept. `rename_or_keep` leaves an unmapped key as it is, so the strict check reports it.
+- `llama_config_fields(config, ...)`: the Llama fields of a transformers-style config.json -> GPTConfig fields.
 - `load_strict(module, checkpoint, convert, ...)`: `convert` turns checkpoint tensors into the module's names
   (renames, fused-weight splits, permutations). It runs first on `meta` tensors of the checkpoint's shapes, so
   every missing, unexpected or misshapen key is reported in one error before a byte of weights is read; then it
   runs on the real tensors, which are assigned to a module built on the `meta` device.
 """
 
+import argparse
+import contextlib
 import json
 import pickle
+import struct
 import zipfile
 from pathlib import Path
 from typing import Callable
@@ -29,17 +34,56 @@ from torch import Tensor, nn
 # top-level keys under which training scripts nest the weights (LlamaGen's DDP checkpoints use "model"; its sample
 # scripts also accept "module" (DeepSpeed) and "state_dict"); FSDP checkpoints are the state dict itself
 NESTED_STATE_DICT_KEYS = ("model", "module", "state_dict")
+# how a legacy torch.save file (PyTorch < 1.6, _use_new_zipfile_serialization=False) begins: pickle protocol 2, then
+# torch's magic number 0x1950a86a20f9469cfc6c pickled as a 10-byte long
+LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 
 
 def rename(key: str, name_map: dict[str, str], source: str = "checkpoint") -> str:
     """Map one checkpoint key through a `{}`-template name map (see the module docstring)."""
     parts = key.split(".")
     for n in range(len(parts), 0, -1):  # longest module path first
+        literal = ".".join(parts[:n])   # an entry that spells its indices out (LlamaGen's VQ map) is taken as is
+        if literal in name_map:
+            return ".".join([name_map[literal]] + parts[n:])
         template = ".".join("{}" if p.isdigit() else p for p in parts[:n])
         if template in name_map:
             indices = [p for p in parts[:n] if p.isdigit()]
             return ".".join([name_map[template].format(*indices)] + parts[n:])
     raise ValueError(f"{source}: no entry in the name map for key {key!r}")
+
+
+def rename_or_keep(key: str, name_map: dict[str, str]) -> str:
+    """`rename`, but a key no entry maps keeps its name, so the strict check lists it as unexpected (all of the
+    unmapped keys at once, not just the first)."""
+    try:
+        return rename(key, name_map)
+    except ValueError:
+        return key
+
+
+# transformers' Llama-style config fields (Emu3's config.json and -hf text_config, ChameleonConfig) -> GPTConfig's
+LLAMA_CONFIG_NAMES = {
+    "vocab_size": "vocab_size", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head",
+    "num_key_value_heads": "n_kv_head", "hidden_size": "dim", "intermediate_size": "intermediate_size",
+    "rms_norm_eps": "norm_eps", "max_position_embeddings": "max_seq_len",
+}
+
+
+def llama_config_fields(config: dict, source: str, family: str, extra_names: dict[str, str] | None = None) -> dict:
+    """The GPTConfig fields a Llama-style config.json states (None and absent fields are left out, so the family's
+    preset supplies the released value), with rope_theta. RoPE comes as rope_theta + rope_scaling null (Emu3's
+    original config), + rope_scaling {"rope_type": "default"} (-hf conversions), or rope_parameters {"rope_theta",
+    "rope_type"} (transformers 5); any scaling but the default is refused, since nano_emu's RoPE is the plain one."""
+    names = LLAMA_CONFIG_NAMES | (extra_names or {})
+    fields = {ours: config[theirs] for theirs, ours in names.items() if config.get(theirs) is not None}
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ValueError(f"{source}: RoPE scaling {rope} is not supported ({family} uses plain RoPE)")
+    theta = config.get("rope_theta", rope.get("rope_theta"))
+    if theta is not None:
+        fields["rope_theta"] = float(theta)
+    return fields
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -78,17 +122,39 @@ def safetensors_files(path: Path) -> dict[Path, list[str] | None]:
     return dict.fromkeys(files)
 
 
+def allowing(cls: type):
+    """The weights-only unpickler's allow-list with `cls` on it, for the `with` block (torch >= 2.5); torch 2.4 has
+    only the process-wide list."""
+    if hasattr(torch.serialization, "safe_globals"):
+        return torch.serialization.safe_globals([cls])
+    torch.serialization.add_safe_globals([cls])
+    return contextlib.nullcontext()
+
+
 def read_torch_file(path: Path) -> dict[str, Tensor]:
     """A `torch.save` checkpoint -> its state dict of (memory-mapped, not yet read) tensors. weights_only=True:
-    only tensors and plain containers are unpickled, never code. A DDP-style {"model": state_dict} is unwrapped."""
-    if not zipfile.is_zipfile(path):   # torch.save writes a zip archive whose directory sits at the very end
+    only tensors and plain containers are unpickled, never code, with one class more allowed: argparse.Namespace,
+    the `args` entry that training scripts (LlamaGen's, Lumina's) save beside {"model", "optimizer", "steps"}
+    (unpickling a Namespace only fills its __dict__; nothing runs). A {"model": state_dict} is unwrapped, so the
+    optimizer state is never read. A legacy (PyTorch < 1.6, non-zip) file is read whole, since it cannot be mmap'd."""
+    with open(path, "rb") as f:
+        head = f.read(len(LEGACY_TORCH_MAGIC))
+    legacy = head == LEGACY_TORCH_MAGIC
+    if not legacy and not zipfile.is_zipfile(path):   # torch.save writes a zip archive whose directory is at the end
         raise ValueError(f"cannot read {path}: not a torch.save zip archive nor a .safetensors file; the file is "
                          f"truncated or corrupt (download it again), or it is not a checkpoint")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ValueError(f"cannot read {path} as a weights-only PyTorch checkpoint (it is truncated or corrupt, "
-                         f"or it holds more than tensors): {str(e).splitlines()[0]}") from None
+        with allowing(argparse.Namespace):
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=not legacy)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, struct.error) as e:   # (a cut pickle)
+        lines = str(e).splitlines()
+        refused = next((line.strip() for line in lines if "Unsupported global" in line), None)
+        what = "legacy (non-zip) torch.save file" if legacy else "weights-only PyTorch checkpoint"
+        if refused:   # PyTorch's own line names the class, e.g. "GLOBAL mymodule.Config was not an allowed global"
+            raise ValueError(f"cannot read {path} as a {what}: it holds Python objects besides tensors, which "
+                             f"nano_emu never unpickles ({refused.split('. Please use')[0]})") from None
+        raise ValueError(f"cannot read {path} as a {what} (it is truncated or corrupt, or it holds more than "
+                         f"tensors): {lines[0] if lines else type(e).__name__}") from None
     if isinstance(obj, dict):
         for nested in NESTED_STATE_DICT_KEYS:
             if isinstance(obj.get(nested), dict):

@@ -3,6 +3,7 @@ the reference (logits, VQ codes, greedy answers), the same weights rewritten to 
 to the same numbers, and the released sizes are counted on `meta`."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -22,9 +23,10 @@ from nano_emu.weights import check_state_dict  # noqa: E402
 N_CODES, IMAGE = 32, 32          # 32 codes; 32 px images through a 4x VQ -> 8x8 = 64 image tokens
 
 
-def tiny_tokenizer() -> Tokenizer:
+def tiny_tokenizer(reserved: int = 0) -> Tokenizer:
     """Chameleon's id plan in small: <s> <pad> </s> <unk>, the IMGIMG tokens from id 4, <eoss>, <racm3:break>, the
-    chat separator and <image>, then a byte-level alphabet as the 'text BPE'."""
+    chat separator and <image>, then a byte-level alphabet as the 'text BPE' (and `reserved` <reservedNNNNN>
+    specials after it, the release's block of unused ones)."""
     vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
     digits = "ABCDEFGHIJ"
     for code in range(N_CODES):
@@ -33,6 +35,8 @@ def tiny_tokenizer() -> Tokenizer:
         vocab[name] = len(vocab)
     for char in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab[char] = len(vocab)
+    for k in range(reserved):
+        vocab[f"<reserved{8000 + k:05d}>"] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -361,3 +365,62 @@ def test_sample_py_answers_and_completes(hf, tmp_path, capsys):
                                    "--keep-rows", "3", "--n", "2", "--out", str(out), "--dtype", "float32",
                                    "--cdk-k", "4"]))
     assert Image.open(out).size == (2 * IMAGE, IMAGE)
+
+
+# --- what an answer may hold: the reference's text decoder's rule -----------------------------------------------
+
+
+def reference_answer_mask(tokenizer_json, vocab_size: int) -> torch.Tensor:
+    """The ids Chameleon's reference TextDecoder lets through (chameleon/inference/chameleon.py and vocab.py): EOS
+    and VocabInfo.text_tokens, i.e. the tokenizer's model vocabulary minus the IMGIMG image tokens minus the
+    "specials", a special being any name that starts with "<" except "<" itself; everything else is -inf."""
+    vocab = json.loads(tokenizer_json.read_text())["model"]["vocab"]
+    allowed = torch.zeros(vocab_size, dtype=torch.bool)
+    allowed[[i for name, i in vocab.items()
+             if not name.startswith("IMGIMG") and not (name.startswith("<") and name != "<")]] = True
+    allowed[vocab["</s>"]] = True
+    return allowed
+
+
+def test_answers_forbid_what_the_reference_forbids(tmp_path):
+    """With 300 <reserved...> tokens in the vocabulary a random model's greedy answer wanders into them under a
+    mask that only bans image tokens and markers (nano_emu's before); Layout.answer_mask now is the reference's
+    mask exactly, and the answer is the reference rule's greedy answer."""
+    tok = tiny_tokenizer(reserved=300)
+    model = tiny_reference(tok, swin_norm=False, n_kv=4, seed=11)
+    folder = save_hf(model, tok, tmp_path / "hf")
+    pipe = load_chameleon(folder, dtype=torch.float32, image_size=IMAGE)
+    V = pipe.gpt.config.vocab_size
+    expected = reference_answer_mask(folder / "tokenizer.json", V)
+    assert torch.equal(pipe.layout.answer_mask(V), expected)
+    vocab = tok.get_vocab(with_added_tokens=True)
+    assert not expected[[vocab["<unk>"], vocab["<image>"], vocab["<reserved08706>"], vocab["<reserved08123>"]]].any()
+    assert expected[vocab["<"]] and expected[vocab["</s>"]]
+
+    pixels = torch.rand(1, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    prompt = pipe.layout.understanding_prompt(pipe.vq.encode(pixels)[0], "what is it?", pipe.tokenizer,
+                                              pipe.chat_template)
+    before = replace(pipe.layout, answer_forbidden=()).answer_mask(V)   # the mask of the earlier code
+    wandered = generate_text(pipe.gpt, pipe.layout, [prompt], max_new_tokens=24, allowed=before)[0]
+    reserved = {i for name, i in vocab.items() if name.startswith("<reserved")}
+    assert reserved & set(wandered), wandered   # the bug, reproduced on this model
+    ours = generate_text(pipe.gpt, pipe.layout, [prompt], max_new_tokens=24, allowed=pipe.layout.answer_mask(V))[0]
+    reference = generate_text(pipe.gpt, pipe.layout, [prompt], max_new_tokens=24, allowed=expected)[0]
+    assert ours == reference and not reserved & set(ours) and len(ours) > 0
+
+
+# --- by Hub id -------------------------------------------------------------------------------------------------
+
+from hub_cache import COMMIT, offline_cache, write_folder  # noqa: E402, F401 (offline_cache is a fixture)
+from nano_emu.chameleon import CHAMELEON_FILES  # noqa: E402
+from nano_emu.hub import HubError  # noqa: E402
+
+
+def test_load_by_hub_id_offline(hf, offline_cache):
+    model, _, folder = hf
+    write_folder(offline_cache, "leloy/Anole-7b-v0.1-hf", folder, CHAMELEON_FILES)
+    pipe = load_chameleon(f"leloy/Anole-7b-v0.1-hf@{COMMIT}", dtype=torch.float32, image_size=IMAGE)
+    ids = torch.randint(0, model.config.vocab_size, (1, 30), generator=torch.Generator().manual_seed(8))
+    torch.testing.assert_close(ours_logits(pipe, ids), reference_logits(model, ids), atol=1e-5, rtol=1e-5)
+    with pytest.raises(HubError, match=r"facebook/chameleon-7b is not in the Hugging Face cache"):
+        load_chameleon("facebook/chameleon-7b")

@@ -25,6 +25,7 @@ from nano_emu.image import image_to_tensor, tensor_to_image
 from nano_emu.layout import EMU3_CHAT_TEMPLATE
 from nano_emu.tokenizer import QWEN_SPECIALS
 from nano_emu.emu3 import vq_from_hf
+from nano_emu.hub import HubError
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tiktoken")
@@ -365,3 +366,34 @@ def test_sample_py_draws_a_png(checkpoint, tmp_path, capsys):
     printed = capsys.readouterr()
     assert f"row    {H}/{H}" in printed.err and "tokens/s" in printed.err and "ETA" in printed.err
     assert f"wrote {out}" in printed.out
+
+
+# ------------------------------------------------------------------------------------------------ by Hub id
+
+from hub_cache import COMMIT, offline_cache, write_folder  # noqa: E402, F401 (offline_cache is a fixture)
+from nano_emu.emu3 import EMU3_FILES, EMU3_VQ_FILES  # noqa: E402
+
+
+def test_load_by_hub_id_offline(checkpoint, offline_cache):
+    """The -hf folder as BAAI/Emu3-Gen-hf, the original two as BAAI/Emu3-Gen + BAAI/Emu3-VisionTokenizer (pinned to
+    a commit), in a cache laid out as huggingface_hub's (hub_cache.py) that holds only the files the loader's
+    allow_patterns select: those are enough, and they leave the release's remote code and extras behind."""
+    hf, llm, vq, ref = checkpoint
+    write_folder(offline_cache, "BAAI/Emu3-Gen-hf", hf, EMU3_FILES)
+    write_folder(offline_cache, "BAAI/Emu3-Gen", llm, EMU3_FILES)
+    write_folder(offline_cache, "BAAI/Emu3-VisionTokenizer", vq, EMU3_VQ_FILES)
+    for loaded in (load_emu3("BAAI/Emu3-Gen-hf", dtype=torch.float32),
+                   load_emu3("BAAI/Emu3-Gen", vq_path=f"BAAI/Emu3-VisionTokenizer@{COMMIT}", dtype=torch.float32)):
+        ours, expected = mixed_prompt_logits(loaded, ref)
+        torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(HubError, match=r"BAAI/Emu3-Chat-hf is not in the Hugging Face cache .*HF_HUB_OFFLINE is set"):
+        load_emu3("BAAI/Emu3-Chat-hf")
+    # BAAI/Emu3-Gen's files as the reference notes list them: the remote code and tokenizer config stay behind
+    from huggingface_hub.utils import filter_repo_objects
+    released = ["config.json", "configuration_emu3.py", "modeling_emu3.py", "tokenization_emu3.py",
+                "emu3.tiktoken", "emu3_vision_tokens.txt", "tokenizer_config.json", "special_tokens_map.json",
+                "generation_config.json", "model.safetensors.index.json",
+                *[f"model-{i:05d}-of-00007.safetensors" for i in range(1, 8)]]
+    assert sorted(filter_repo_objects(released, allow_patterns=EMU3_FILES)) == sorted(
+        ["config.json", "emu3.tiktoken", "emu3_vision_tokens.txt", "model.safetensors.index.json",
+         *[f"model-{i:05d}-of-00007.safetensors" for i in range(1, 8)]])

@@ -2,6 +2,7 @@
 make_llamagen_fixture.py from a tiny random GPT and VQ in the released file formats), the released sizes on the meta
 device, and the loader's errors. No download and no reference code are needed to run these."""
 
+import argparse
 import json
 from pathlib import Path
 
@@ -13,7 +14,9 @@ from safetensors.torch import save_file
 import nano_emu
 import sample
 from nano_emu import gpt as gpt_module
+from hub_cache import COMMIT, offline_cache, write_repo  # noqa: F401 (offline_cache is a fixture)
 from nano_emu.gpt import GPT, LLAMAGEN_SIZES, GPTConfig
+from nano_emu.hub import HubError
 from nano_emu.llamagen import ClassLabels, gpt_config, gpt_from_llamagen, rename_or_keep, vq_config, vq_names
 from nano_emu.sampler import GREEDY, Guidance, generate_image
 from nano_emu.vq import VQConfig, VQModel
@@ -163,12 +166,88 @@ class NotATensor:
     pass
 
 
+RAN = []
+
+
+def run_code(what):
+    RAN.append(what)
+
+
+class RunsCode:
+    def __reduce__(self):   # unpickling this calls run_code("ran"): what weights-only loading must never do
+        return run_code, ("ran",)
+
+
 def test_pickled_code_is_never_run(tmp_path):
-    """A training checkpoint with Python objects besides tensors is refused by weights_only loading."""
+    """A training checkpoint with Python objects besides tensors is refused by weights_only loading, with
+    PyTorch's own line naming the class; an object whose unpickling would call a function is refused unrun, even
+    tucked inside an argparse.Namespace (the one class allowed)."""
     state = torch.load(FIXTURE / "vq.pt", weights_only=True)
     torch.save({**state, "args": NotATensor()}, tmp_path / "vq_training.pt")
-    with pytest.raises(ValueError, match=r"cannot read .*vq_training.pt as a weights-only PyTorch checkpoint"):
+    with pytest.raises(ValueError, match=r"cannot read .*vq_training.pt as a weights-only PyTorch checkpoint: it "
+                                         r"holds Python objects .*\(WeightsUnpickler error: Unsupported global: "
+                                         r"GLOBAL [\w.]*NotATensor was not an allowed global by default\)"):
         nano_emu.load_llamagen(FIXTURE / "gpt.pt", tmp_path / "vq_training.pt", **TINY)
+    torch.save({**state, "args": argparse.Namespace(hook=RunsCode())}, tmp_path / "vq_hooked.pt")
+    with pytest.raises(ValueError, match=r"Unsupported global: GLOBAL [\w.]*run_code "):
+        nano_emu.load_llamagen(FIXTURE / "gpt.pt", tmp_path / "vq_hooked.pt", **TINY)
+    assert RAN == []
+
+
+def test_training_checkpoints_as_the_scripts_save_them(pipe, tmp_path):
+    """LlamaGen's train_c2i.py / vq_train.py save {"model", "optimizer", "steps", "args"} with `args` an
+    argparse.Namespace: loaded weights-only (the Namespace allowed, the optimizer state never read)."""
+    def training_file(name, fixture):
+        weights = torch.load(FIXTURE / fixture, weights_only=True)["model"]
+        param = torch.nn.Parameter(torch.ones(3))
+        optimizer = torch.optim.AdamW([param], lr=1e-4)
+        param.grad = torch.ones(3)
+        optimizer.step()   # so the optimizer state holds tensors (exp_avg, ...), as a real one does
+        args = argparse.Namespace(gpt_model="GPT-B", image_size=256, lr=1e-4, results_dir="results", no_compile=False,
+                                  ckpt_every=5000, mixed_precision="bf16", betas=(0.9, 0.95), global_seed=0)
+        torch.save({"model": weights, "optimizer": optimizer.state_dict(), "steps": 5000, "args": args},
+                   tmp_path / name)
+        return tmp_path / name
+    gpt, vq = training_file("0005000.pt", "gpt.pt"), training_file("vq_0005000.pt", "vq.pt")
+    loaded = nano_emu.load_llamagen(gpt, vq, **TINY)
+    for ours, theirs in zip(loaded.gpt.state_dict().values(), pipe.gpt.state_dict().values()):
+        assert torch.equal(ours, theirs)
+    codes = GOLDEN["vq_decode_codes"]
+    assert torch.equal(loaded.vq.decode(codes), pipe.vq.decode(codes))
+
+
+def test_a_legacy_torch_save_file_is_named_as_such(pipe, tmp_path):
+    """torch.save(..., _use_new_zipfile_serialization=False), PyTorch < 1.6's format: read weights-only (whole, as
+    it cannot be memory-mapped); cut short, the error says what kind of file it is."""
+    legacy = tmp_path / "vq_legacy.pt"
+    torch.save(torch.load(FIXTURE / "vq.pt", weights_only=True), legacy, _use_new_zipfile_serialization=False)
+    loaded = nano_emu.load_llamagen(FIXTURE / "gpt.pt", legacy, **TINY)
+    codes = GOLDEN["vq_decode_codes"]
+    assert torch.equal(loaded.vq.decode(codes), pipe.vq.decode(codes))
+    legacy.write_bytes(legacy.read_bytes()[:5000])
+    with pytest.raises(ValueError, match=r"cannot read .*vq_legacy.pt as a legacy \(non-zip\) torch.save file "
+                                         r"\(it is truncated or corrupt"):
+        nano_emu.load_llamagen(FIXTURE / "gpt.pt", legacy, **TINY)
+
+
+def test_the_vq_passed_as_the_gpt_is_named_first(tmp_path):
+    """Without --image-size the loader used to ask for the image size of what is not a GPT at all."""
+    vq = tmp_path / "vq_ds16_c2i.pt"
+    vq.write_bytes((FIXTURE / "vq.pt").read_bytes())
+    with pytest.raises(ValueError, match=r"vq_ds16_c2i.pt is a LlamaGen VQ tokenizer checkpoint, not the GPT"):
+        nano_emu.load_llamagen(vq, vq, n_head=4)
+
+
+def test_load_by_hub_id_offline(pipe, offline_cache):
+    """FoundationVision/LlamaGen holds its .pt files side by side: each is named by ORG/NAME[@REVISION]/FILE."""
+    write_repo(offline_cache, "FoundationVision/LlamaGen", {"c2i_tiny_16.pt": FIXTURE / "gpt.pt",
+                                                            "vq_ds16_c2i.pt": FIXTURE / "vq.pt"})
+    loaded = nano_emu.load_llamagen("FoundationVision/LlamaGen/c2i_tiny_16.pt",
+                                    f"FoundationVision/LlamaGen@{COMMIT}/vq_ds16_c2i.pt", **TINY)
+    for ours, theirs in zip(loaded.gpt.state_dict().values(), pipe.gpt.state_dict().values()):
+        assert torch.equal(ours, theirs)
+    with pytest.raises(HubError, match=r"FoundationVision/LlamaGen/c2i_XL_384.pt is not in the Hugging Face cache"):
+        nano_emu.load_llamagen("FoundationVision/LlamaGen/c2i_XL_384.pt", "FoundationVision/LlamaGen/vq_ds16_c2i.pt")
 
 
 def test_sizes_names_and_image_size():
