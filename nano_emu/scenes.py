@@ -456,17 +456,16 @@ def _all_questions(objects) -> dict[str, list[tuple[str, str]]]:
 
 
 def questions(scene: Scene | list[Obj], rng: np.random.Generator | int, n: int = 4) -> list[tuple[str, str]]:
-    """Up to n (question, answer) pairs about a scene, of different kinds where it can: a kind at random among
-    those the picture answers, then one of its questions ("is there" answers yes or no equally often)."""
+    """Up to n (question, answer) pairs about a scene, of different kinds: a kind at random among those the
+    picture answers, an answer at random among that kind's (so "zero" does not crowd out "three", and "is there"
+    answers yes as often as no), then a question with that answer."""
     rng = np.random.default_rng(rng)
     kinds = _all_questions(scene.objects if isinstance(scene, Scene) else scene)
-    order = [k for k in rng.permutation(list(kinds)) if kinds[k]]
     pairs = []
-    for kind in order[:n]:
-        pool = kinds[kind]
-        if kind == "exists":
-            answer = "yes" if rng.random() < 0.5 else "no"
-            pool = [qa for qa in pool if qa[1] == answer] or pool
+    for kind in [k for k in rng.permutation(list(kinds)) if kinds[k]][:n]:
+        answers = sorted({a for _, a in kinds[kind]})
+        answer = answers[rng.integers(len(answers))]
+        pool = [qa for qa in kinds[kind] if qa[1] == answer]
         pairs.append(pool[rng.integers(len(pool))])
     return pairs
 
