@@ -207,14 +207,16 @@ _MIN_IOU = 0.7
 _GRID = np.mgrid[:IMAGE_SIZE, :IMAGE_SIZE][::-1] + 0.5  # (2, H, W): x, y of every pixel centre
 
 
-def _largest_blob(image: np.ndarray) -> np.ndarray | None:
-    """Boolean (H, W) mask of the largest 8-connected bright region, or None if there is none."""
+def _foreground(image: np.ndarray) -> np.ndarray:
+    """Boolean (H, W) mask of the pixels bright enough to belong to a shape."""
     brightness = image.max(axis=-1).astype(np.float32)
     # half the peak is where a blurred edge crosses over, so the blob keeps its true extent under blur;
     # the floor stops noise on a black image from being called a shape
-    mask = brightness > max(_MIN_BRIGHTNESS, 0.5 * brightness.max())
-    if mask.sum() < _MIN_AREA:
-        return None
+    return brightness > max(_MIN_BRIGHTNESS, 0.5 * brightness.max())
+
+
+def _components(mask: np.ndarray) -> np.ndarray:
+    """Integer (H, W) labels of the 8-connected regions of a boolean mask: 0 off the mask, one id per region."""
     # connected components without scipy: every pixel starts with its own id and repeatedly takes the largest
     # label in its 3x3 neighbourhood (8-connectivity), then "pointer-jumps" to the label of the pixel that
     # label names (same component, label at least as large), so labels spread in ~5 steps instead of ~30
@@ -229,8 +231,16 @@ def _largest_blob(image: np.ndarray) -> np.ndarray | None:
         grown = np.where(mask, grown, 0)
         grown = np.where(mask, grown.ravel()[grown - 1], 0)  # the jump; background's -1 is masked out
         if np.array_equal(grown, labels):
-            break
+            return labels
         labels = grown
+
+
+def _largest_blob(image: np.ndarray) -> np.ndarray | None:
+    """Boolean (H, W) mask of the largest 8-connected bright region, or None if there is none."""
+    mask = _foreground(image)
+    if mask.sum() < _MIN_AREA:
+        return None
+    labels = _components(mask)
     ids, counts = np.unique(labels[mask], return_counts=True)
     blob = labels == ids[counts.argmax()]
     return blob if counts.max() >= _MIN_AREA else None
@@ -241,20 +251,21 @@ def _centroid(blob: np.ndarray) -> np.ndarray:
     return np.array([xs.mean() + 0.5, ys.mean() + 0.5])  # (x, y) in pixel-centre coordinates
 
 
-def classify(image: np.ndarray) -> tuple[str, str, str] | None:
-    """Read a shapes image (64, 64, 3) uint8 back to (color, shape, position), or None if it has no shape."""
-    blob = _largest_blob(image)
-    if blob is None:
-        return None
-    # colour: divide each pixel by its brightest channel, so dim blurred edges read as the same hue, then take
-    # the per-channel median so a few noisy pixels cannot move it
+def _read_color(image: np.ndarray, blob: np.ndarray) -> str:
+    """The palette colour of the pixels under a blob (H, W) of an image (H, W, 3)."""
+    # divide each pixel by its brightest channel, so dim blurred edges read as the same hue, then take the
+    # per-channel median so a few noisy pixels cannot move it
     rgb = image[blob].astype(np.float32)  # (area, 3)
     chroma = np.median(rgb / rgb.max(axis=1, keepdims=True), axis=0) * 255
-    color = _COLOR_NAMES[np.argmin(((_PALETTE - chroma) ** 2).sum(axis=1))]
-    # shape: which ideal shape of the blob's own area, placed on its centroid, overlaps it best (IoU). Unlike a
+    return _COLOR_NAMES[np.argmin(((_PALETTE - chroma) ** 2).sum(axis=1))]
+
+
+def _read_shape(blob: np.ndarray, grid: np.ndarray = _GRID) -> tuple[str, float]:
+    """The shape a blob (H, W) looks most like, and its IoU with that shape; grid is (2, H, W) pixel centres."""
+    # which ideal shape of the blob's own area, placed on its centroid, overlaps it best (IoU). Unlike a
     # bounding-box fill ratio this barely moves when noise adds a bump or blur rounds a corner.
     area, (cx, cy) = blob.sum(), _centroid(blob)
-    u, v = _GRID[0] - cx, _GRID[1] - cy  # (H, W) offsets of pixel centres from the centroid
+    u, v = grid[0] - cx, grid[1] - cy  # (H, W) offsets of pixel centres from the centroid
     side = np.sqrt(2 * area)  # the triangle's base and height: area = side^2 / 2
     depth = v + 2 * side / 3  # below the apex; a triangle's centroid is 2/3 of the way down
     templates = {
@@ -264,11 +275,22 @@ def classify(image: np.ndarray) -> tuple[str, str, str] | None:
     }
     iou = {name: (blob & t).sum() / (blob | t).sum() for name, t in templates.items()}
     shape = max(iou, key=iou.get)
+    return shape, iou[shape]
+
+
+def classify(image: np.ndarray) -> tuple[str, str, str] | None:
+    """Read a shapes image (64, 64, 3) uint8 back to (color, shape, position), or None if it has no shape."""
+    blob = _largest_blob(image)
+    if blob is None:
+        return None
+    color = _read_color(image, blob)
+    shape, iou = _read_shape(blob)
+    area, (cx, cy) = blob.sum(), _centroid(blob)
     # a blob no ideal shape explains (two shapes run together, a smear) or far bigger than any shape in this
     # world (a canvas of noise matches a huge "square") is unreadable rather than a lucky guess. Renders
     # through 5x5 blur + noise, JPEG q20 or 4x pool-and-upsample keep IoU > 0.82; two squares overlapping by a
     # third of their width score < 0.6 (heavily overlapping pairs can pass: they look like one blob).
-    if iou[shape] < _MIN_IOU or area > _MAX_AREA:
+    if iou < _MIN_IOU or area > _MAX_AREA:
         return None
     # position: nearest centre to the centroid. A triangle's centroid sits size/3 <= 4 px below its box
     # centre; with jitter <= 3 that stays > 4 px inside the right cell of the nearest-centre partition.
