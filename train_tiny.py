@@ -1,17 +1,21 @@
-"""Train a tiny Emu3 on a CPU: a VQ tokenizer, then ONE GPT that both draws shapes from captions and captions them.
+"""Train a tiny Emu3 on a CPU: a VQ tokenizer, then ONE GPT that both draws pictures from captions and captions them.
 
-    python train_tiny.py                          # the default: ~7 minutes on 2 CPU cores, writes out/tiny/
+    python train_tiny.py                          # the default: the shapes world on 2 CPU cores, writes out/tiny/
     python train_tiny.py --quick --out out/quick  # a smoke run in about a minute
+    python train_tiny.py --data FOLDER --out out/mine   # your own images (captioned or class folders)
+    python train_tiny.py --world scenes --out out/scenes  # several objects, counts, relations, questions
     python train_tiny.py --resume                 # continue after a crash or Ctrl-C
-    python train_tiny.py --video --out out/video  # also 8-frame clips: caption->clip, clip->caption (~25 min)
+    python train_tiny.py --video --out out/video  # also 8-frame clips: caption->clip, clip->caption
     torchrun --nproc_per_node=2 train_tiny.py     # data parallel (gloo on CPU, nccl on CUDA)
     python train_tiny.py --device cuda --preset small   # more compute, bigger models
 
-Stages: (1) the VQ learns 64x64 shapes -> 8x8 codes; (2) a pool of toy images is encoded with it; (3) the GPT learns
-caption->image and image->caption token strings (nano_emu/train.py); (4) evaluation with the deterministic shapes
-checker (nano_emu/evaluate.py): metrics.json, loss curves and sample grids in the output folder.
-With --video, clips of moving shapes join the VQ stage (8 frames -> 2 code frames through the causal temporal axis),
-the pool and the GPT stage, and the evaluation draws and captions clips as well (clips.png).
+What it trains on is a world (nano_emu/world.py): the shapes world, scenes, or your folder (nano_emu/folder.py);
+the stages never ask which. (1) The VQ learns the world's images -> codes (64x64 -> 8x8); (2) a pool of training
+examples is encoded with it; (3) the GPT learns caption->image and image->caption (or question->answer) token
+strings (nano_emu/train.py); (4) evaluation through the same Pipeline a user samples with (nano_emu/evaluate.py):
+metrics.json, loss curves and sample grids in the output folder. With --video, clips of moving shapes join every
+stage (8 frames -> 2 code frames through the causal temporal axis) and the evaluation draws and captions clips.
+A folder is read and checked before anything trains: a problem with it is one line and exit code 2.
 """
 
 import argparse
@@ -20,29 +24,31 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from nano_emu import cli, data
 from nano_emu import evaluate as ev
-from nano_emu.checkpoint import load_checkpoint
 from nano_emu.gpt import GPT, GPTConfig
 from nano_emu.layout import Layout
-from nano_emu.tiny import TINY_CFG_SCALE, TINY_TEMPERATURE, make_tokenizer, tiny_pipeline
-from nano_emu.train import batch_rng, init_vq_for_training, setup_distributed, train_gpt, train_vq
+from nano_emu.folder import BACKGROUNDS, Folder, FolderError
+from nano_emu.tiny import TINY_CFG_SCALE, TINY_TEMPERATURE, choose_tokenizer, describe_tokenizer, tiny_pipeline
+from nano_emu.train import Pool, batch_rng, init_vq_for_training, setup_distributed, train_gpt, train_vq
 from nano_emu.vq import VQConfig, VQModel
+from nano_emu.world import MovingShapes, Scenes, Shapes, World
 
 # what each preset trains; any flag given on the command line overrides its preset's value
 PRESETS = {
     "tiny": dict(vq_steps=1750, vq_batch=8, vq_lr=1e-3, pool=8000, gpt_steps=2600, gpt_batch=24, gpt_lr=3e-3,
-                 gpt_dim=128, gpt_layers=4, eval_per_triple=7, eval_images=256, tokenizer="words",
+                 gpt_dim=128, gpt_layers=4, eval_per_triple=7, eval_images=256, tokenizer="auto",
                  vq_width=4, p_drop_caption=0.1, visual_weight=0.5, understood_image_weight=0.0, answer_weight=2.0),
     "quick": dict(vq_steps=40, vq_batch=4, vq_lr=1e-3, pool=256, gpt_steps=40, gpt_batch=8, gpt_lr=2e-3,
-                  gpt_dim=64, gpt_layers=2, eval_per_triple=1, eval_images=16, tokenizer="words",
+                  gpt_dim=64, gpt_layers=2, eval_per_triple=1, eval_images=16, tokenizer="auto",
                   vq_width=4, p_drop_caption=0.0, visual_weight=1.0, understood_image_weight=1.0, answer_weight=1.0),
     "small": dict(vq_steps=6000, vq_batch=16, vq_lr=1e-3, pool=40000, gpt_steps=6000, gpt_batch=64, gpt_lr=1e-3,
-                  gpt_dim=384, gpt_layers=8, eval_per_triple=8, eval_images=1024, tokenizer="words",
+                  gpt_dim=384, gpt_layers=8, eval_per_triple=8, eval_images=1024, tokenizer="auto",
                   vq_width=4, p_drop_caption=0.0, visual_weight=1.0, understood_image_weight=1.0, answer_weight=1.0),
 }
 
@@ -82,23 +88,60 @@ def fill_from_preset(args):
     return args
 
 
-# prompts for the sample grids: every colour, shape and position, all seen in training
-SHOWCASE = [("red", "circle", "top left"), ("green", "square", "bottom right"), ("blue", "triangle", "center"),
-            ("yellow", "square", "top right"), ("cyan", "triangle", "bottom left"), ("magenta", "square", "center")]
+class UsageError(ValueError):
+    """A problem with what the user asked for (flags, folder, captions), found before any training step."""
 
 
 def check_output_folder(out: Path, resume: bool) -> None:
     """Never silently train over someone's checkpoints."""
     existing = [p.name for p in (out / "vq.safetensors", out / "gpt.safetensors") if p.exists()]
     if existing and not resume:
-        raise SystemExit(f"{out} already holds {', '.join(existing)}: pass --resume to continue that run, "
+        raise UsageError(f"{out} already holds {', '.join(existing)}: pass --resume to continue that run, "
                          f"or --out to start a new one elsewhere")
 
 
-def vq_stage(args, device, run, autocast):
+def make_worlds(args) -> list[World]:
+    """The run's worlds: the main one (the shapes world, scenes, or --data FOLDER), then with --video the clips."""
+    if args.data is not None:
+        main = Folder(args.data, image_size=args.image_size or 64, heldout_fraction=args.heldout_fraction,
+                      seed=args.seed, strict=args.strict, background=args.background,
+                      caption_column=args.caption_column)
+    else:
+        if args.image_size not in (None, 64):
+            raise UsageError(f"--image-size {args.image_size}: the built-in worlds are 64x64; --image-size goes with "
+                             f"--data FOLDER")
+        main = Scenes() if args.world == "scenes" else Shapes()
+    if args.data is not None and args.world != "shapes":
+        raise UsageError("--data FOLDER is the world to train on; it does not go with --world")
+    if args.video and (args.data is not None or args.world != "shapes"):
+        raise UsageError("--video trains on moving shapes beside the shapes world; it does not go with --data or "
+                         "--world scenes")
+    return [main] + ([MovingShapes()] if args.video else [])
+
+
+def check_context(worlds: list[World], tokenizer, layout: Layout, grid: tuple[int, int], t: int,
+                  context: int) -> None:
+    """Refuse, before training, any text whose token string would not fit the GPT's context (never truncated)."""
+    h, w = grid
+    block = 3 + len(tokenizer.encode(f"{t}*{h}*{w}")) + t * (h * (w + 1) + 1)   # BOI meta IMG rows EOF.. EOI
+    room = context - block - 3                                                  # BOS, EOS, and one to spare
+    for world in worlds:
+        for text in world.texts():
+            n = len(tokenizer.encode(text))
+            if n > room:
+                raise UsageError(f"{world.where(text)}the caption {text[:60]!r}{'...' if len(text) > 60 else ''} is "
+                                 f"{n} tokens; with the {h}x{w}-code image block the model's context of {context} "
+                                 f"leaves room for {room}: shorten it (or use a smaller --image-size)")
+
+
+def vq_config(args, worlds) -> VQConfig:
     # images alone need no time axis (Emu3's causal temporal stack is for clips)
-    cfg = VQConfig.tiny(temporal_factor=4 if args.video else 1, embed_dim=args.vq_width,
-                        **({"ch": 32, "norm_groups": 8} if args.preset == "small" else {}))
+    return VQConfig.tiny(temporal_factor=4 if any(world.frames for world in worlds) else 1, embed_dim=args.vq_width,
+                         **({"ch": 32, "norm_groups": 8} if args.preset == "small" else {}))
+
+
+def vq_stage(args, worlds, cfg, device, run, autocast):
+    clips = [world for world in worlds if world.frames]
     torch.manual_seed(args.seed)
     vq = VQModel(cfg).to(device)
     init_vq_for_training(vq)   # a checkpoint (--resume) overwrites it
@@ -107,10 +150,9 @@ def vq_stage(args, device, run, autocast):
         rng = batch_rng(args.seed, run.rank, step)
         # curriculum: images only for the first half (a VQ that met clips from step 0 never learned colour:
         # docs/video.md), so those batches are the image run's; after it, clips at twice the run's share
-        if args.video and step >= args.vq_steps // 2 and rng.random() < 2 * args.vq_clip_share:
-            clips = data.sample_moving_shapes(args.vq_clip_batch, rng)[0]
-            return data.to_tensor(clips).to(device)   # (B, 8, 3, 64, 64) -> codes (B, 2, 8, 8)
-        return data.to_tensor(data.sample_shapes(args.vq_batch, rng)[0]).to(device)
+        if clips and step >= args.vq_steps // 2 and rng.random() < 2 * args.vq_clip_share:
+            return data.to_tensor(clips[0].sample(args.vq_clip_batch, rng).pixels).to(device)   # (B, 8, 3, H, W)
+        return data.to_tensor(worlds[0].sample(args.vq_batch, rng).pixels).to(device)           # (B, 3, H, W)
 
     with autocast:
         history = train_vq(vq, sample_images, args.vq_steps, args.vq_lr, args.out / "vq.safetensors",
@@ -119,125 +161,69 @@ def vq_stage(args, device, run, autocast):
     return vq.eval(), history
 
 
-def encode_pool(vq, args, device, clips: bool = False):
-    """The GPT's training data: `pool` fresh training-split images, or with clips=True `clip_pool` fresh 8-frame
-    clips, VQ-encoded once: codes (N, 8, 8) or (N, 2, 8, 8), and their captions."""
-    if clips:
-        samples, captions, _ = data.sample_moving_shapes(args.clip_pool, np.random.default_rng([args.seed, 2]))
-    else:
-        samples, captions, _ = data.sample_shapes(args.pool, np.random.default_rng([args.seed, 1]))
-    chunk = 32 if clips else 256   # 32 clips are 256 frames, as many pixels as 256 images
-    with torch.no_grad():
-        codes = [vq.encode(data.to_tensor(samples[i:i + chunk]).to(device)).cpu()
-                 for i in range(0, len(samples), chunk)]
-    return torch.cat(codes), captions
-
-
-def gpt_stage(args, vq, device, run, autocast):
-    tokenizer, tokenizer_spec = make_tokenizer(args.tokenizer, data.vocabulary())
-    layout = Layout.tiny(vq.cfg.codebook_size, text_vocab=tokenizer.n_vocab)
+def gpt_stage(args, worlds, tokenizer, tokenizer_spec, layout, vq, device, run, autocast):
     config = GPTConfig.tiny(layout.vocab_size, dim=args.gpt_dim, n_layer=args.gpt_layers,
                             intermediate_size=int(args.gpt_dim * 8 / 3) // 16 * 16)
     torch.manual_seed(args.seed)
     gpt = GPT(config).to(device)
-    codes, captions = encode_pool(vq, args, device)
-    clip_pool = encode_pool(vq, args, device, clips=True) if args.video else None
+    pools = []
+    for k, world in enumerate(worlds):   # the GPT's data: each world's pool, VQ-encoded once
+        examples = world.pool(args.clip_pool if world.frames else args.pool, np.random.default_rng([args.seed, k + 1]))
+        pools.append(Pool(ev.encode(vq, examples.pixels), examples.captions, examples.answers,
+                          share=args.gpt_clip_share if world.frames else 1.0))
     options = dict(p_drop_caption=args.p_drop_caption, visual_weight=args.visual_weight,
                    understood_image_weight=args.understood_image_weight, answer_weight=args.answer_weight)
     meta = {"kind": "gpt", "config": asdict(config), "layout": asdict(layout), "tokenizer": tokenizer_spec,
-            "image_size": data.IMAGE_SIZE, "sequence_options": options,
+            "image_size": worlds[0].image_size, "world": worlds[0].name, "sequence_options": options,
             "sampling": {"cfg_scale": args.cfg, "temperature": args.temperature, "top_k": args.top_k}}
     with autocast:
-        history = train_gpt(gpt, layout, tokenizer, codes, captions, args.gpt_steps, args.gpt_batch, args.gpt_lr,
+        history = train_gpt(gpt, layout, tokenizer, pools, args.gpt_steps, args.gpt_batch, args.gpt_lr,
                             args.out / "gpt.safetensors", meta, run, seed=args.seed, resume=args.resume,
-                            ckpt_every=args.ckpt_every, sequence_options=options, clip_pool=clip_pool,
-                            p_clip=args.gpt_clip_share if args.video else 0.0)
-    return gpt.eval(), layout, tokenizer, history
+                            ckpt_every=args.ckpt_every, sequence_options=options)
+    return gpt.eval(), history
 
 
 @torch.no_grad()
-def evaluate(args, vq, gpt, layout, tokenizer):
-    """metrics.json and the pictures, through the same Pipeline a user samples with."""
-    pipe = tiny_pipeline(gpt, vq, tokenizer, layout, image_size=data.IMAGE_SIZE,
+def evaluate(args, worlds, vq, gpt, layout, tokenizer) -> dict:
+    """metrics.json and the pictures, every world through the same Pipeline a user samples with (evaluate.py)."""
+    pipe = tiny_pipeline(gpt, vq, tokenizer, layout, image_size=worlds[0].image_size,
                          sampling={"cfg_scale": args.cfg, "temperature": args.temperature, "top_k": args.top_k})
-    rng = np.random.default_rng([args.seed, 3])
+    columns = 6 if args.eval_images >= 64 else 2
     metrics = {}
-    n = args.eval_images
-    images, _, attrs = data.sample_shapes(2 * n, rng, split="all")
-    report = ev.vq_report(vq, images)
-    metrics["vq_psnr_db"], metrics["codebook_usage"] = round(report["psnr"], 2), round(report["usage"], 3)
-    metrics["vq_recon_checker"] = ev.adherence(report["recon"], attrs)
-
-    k = args.eval_per_triple
-    for split, triples in (("seen", data.TRAIN_TRIPLES), ("heldout", data.HELDOUT)):
-        reps = k if split == "seen" else k * 8   # only 6 held-out triples: more samples each
-        attrs = [t for t in triples for _ in range(reps)]
-        captions = [data.caption(*t) for t in attrs]
-        metrics[f"drawn_{split}"] = len(captions)
-        for cfg_scale in (pipe.guidance.cfg_scale, 1.0):
-            images = ev.draw(pipe, captions, cfg_scale=cfg_scale, seed=args.seed)
-            metrics[f"adherence_{split}_cfg{cfg_scale:g}"] = ev.adherence(images, attrs)
-
-    for split in ("train", "heldout"):
-        images, _, attrs = data.sample_shapes(n if split == "train" else max(12, n // 2), rng, split=split)
-        captions = ev.caption_images(pipe, images)
-        metrics[f"caption_accuracy_{'seen' if split == 'train' else 'heldout'}"] = ev.caption_accuracy(captions, attrs)
-        if split == "train":
-            caption_examples = (images[:12], captions[:12], attrs[:12])
-
-    # pictures: samples for a few prompts (the last two held out) with CFG and without, and captions
-    prompts = [data.caption(*t) for t in SHOWCASE] + [data.caption(*t) for t in data.HELDOUT[:2]]
-    columns = 6 if n >= 64 else 2
-    for cfg_scale, name in ((pipe.guidance.cfg_scale, "samples.png"), (1.0, "samples_cfg1.png")):
-        images = ev.draw(pipe, [p for p in prompts for _ in range(columns)], cfg_scale=cfg_scale, seed=args.seed + 1)
-        ev.image_grid(images, prompts, args.out / name, columns, title=f"text -> image, cfg {cfg_scale:g} "
-                      f"(last two prompts held out of training)")
-    images, captions, attrs = caption_examples
-    ev.captioned_grid(images, captions, [data.parse_caption(c) == tuple(a) for c, a in zip(captions, attrs)],
-                      args.out / "captions.png", title="image -> text (greedy): the GPT's captions of fresh images")
-    if args.video:
-        metrics.update(evaluate_clips(args, pipe, vq))
-    return {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
-
-
-# a clip per row in clips.png: every colour, shape and direction
-CLIP_SHOWCASE = [("red", "circle", "left"), ("green", "square", "down"), ("blue", "triangle", "right"),
-                 ("yellow", "square", "up"), ("cyan", "circle", "right"), ("magenta", "triangle", "left")]
-
-
-def evaluate_clips(args, pipe, vq) -> dict:
-    """The --video metrics, through the same Pipeline calls (draw with frames, answer_clip): the VQ on clips,
-    drawn clips read back by the checker (colour, shape, direction of motion), clip captions; and clips.png."""
-    rng = np.random.default_rng([args.seed, 4])   # its own stream: the image metrics stay the image run's
-    metrics = {}
-    clips, _, attrs = data.sample_moving_shapes(max(16, args.eval_images // 2), rng)
-    report = ev.vq_report(vq, clips, batch_size=32)
-    metrics["vq_psnr_clips_db"] = round(report["psnr"], 2)
-    metrics["vq_recon_checker_clips"] = ev.adherence(report["recon"], attrs)
-
-    triples = [(c, s, d) for c in data.COLORS for s in data.SHAPES for d in data.DIRECTIONS]
-    attrs = [triples[i % len(triples)] for i in range(args.eval_clips)]   # every triple equally often
-    prompts = [data.video_caption(*t) for t in attrs]
-    metrics["drawn_clips"] = len(prompts)
-    for cfg_scale in (pipe.guidance.cfg_scale, 1.0):
-        scores = data.score(ev.draw_clips(pipe, prompts, cfg_scale=cfg_scale, seed=args.seed), attrs)
-        metrics[f"clip_adherence_cfg{cfg_scale:g}"] = scores["all"]
-        for key in ("color", "shape", "direction", "unreadable"):
-            metrics[f"clip_{key}_cfg{cfg_scale:g}"] = scores[key]
-
-    clips, _, attrs = data.sample_moving_shapes(args.eval_images, rng)
-    metrics["clip_caption_accuracy"] = ev.caption_accuracy(ev.caption_clips(pipe, clips), attrs, video=True)
-
-    prompts = [data.video_caption(*t) for t in CLIP_SHOWCASE]
-    clips = ev.draw_clips(pipe, prompts, seed=args.seed + 1)   # (6, 8, H, W, 3)
-    ev.image_grid(clips.reshape(-1, *clips.shape[2:]), prompts, args.out / "clips.png", clips.shape[1],
-                  title=f"text -> clip, cfg {pipe.guidance.cfg_scale:g}: the {clips.shape[1]} frames of one clip per row")
+    for world in worlds:
+        metrics.update(ev.evaluate(pipe, world, args.out, seed=args.seed, n=args.eval_images, columns=columns,
+                                   repeats=args.eval_clips if world.frames else args.eval_per_triple))
     return metrics
+
+
+class Plan(NamedTuple):
+    worlds: list[World]
+    tokenizer: object
+    tokenizer_spec: object
+    vq_cfg: VQConfig
+    layout: Layout
+
+
+def prepare(args) -> Plan:
+    """Flags -> what the run trains on and with, all checked before any training step: the worlds (a folder is
+    read here), the caption tokenizer, the VQ's config and the token layout; every caption fits the context."""
+    worlds = make_worlds(args)
+    tokenizer, tokenizer_spec = choose_tokenizer(args.tokenizer, worlds)
+    vq_cfg = vq_config(args, worlds)
+    layout = Layout.tiny(vq_cfg.codebook_size, text_vocab=tokenizer.n_vocab)
+    side = worlds[0].image_size // vq_cfg.spatial_factor
+    check_context(worlds, tokenizer, layout, (side, side), t=data.VIDEO_FRAMES // vq_cfg.temporal_factor
+                  if args.video else 1, context=GPTConfig.tiny(layout.vocab_size).max_seq_len)
+    return Plan(worlds, tokenizer, tokenizer_spec, vq_cfg, layout)
 
 
 def main(args):
     args.out = Path(args.out)
     fill_from_preset(args)
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} is a file, not a folder")
+    plan = prepare(args)   # a user's folder is read and checked here, before anything is trained
+    worlds, tokenizer, tokenizer_spec, vq_cfg, layout = plan
     device = cli.resolve_device(args.device)
     run, device = setup_distributed(device)
     if run.world > 1 and device.type == "cpu":   # processes share the cores: oversubscribed threads crawl
@@ -245,26 +231,27 @@ def main(args):
     if run.main:
         check_output_folder(args.out, args.resume)
         args.out.mkdir(parents=True, exist_ok=True)
+        print(f"captions: {describe_tokenizer(tokenizer_spec)}")
     dtype = getattr(torch, args.dtype)
     autocast = torch.autocast(device.type, dtype) if dtype != torch.float32 else nullcontext()
     timings, start = {}, time.time()
 
-    vq, vq_history = vq_stage(args, device, run, autocast)
+    vq, vq_history = vq_stage(args, worlds, vq_cfg, device, run, autocast)
     timings["vq_s"] = round(time.time() - start, 1)
-    gpt, layout, tokenizer, gpt_history = gpt_stage(args, vq, device, run, autocast)
+    gpt, gpt_history = gpt_stage(args, worlds, tokenizer, tokenizer_spec, layout, vq, device, run, autocast)
     timings["gpt_s"] = round(time.time() - start - timings["vq_s"], 1)
     if not run.main:
         return None
     ev.plot_losses({"vq": vq_history, "gpt": gpt_history}, args.out / "loss.png", {"vq": "recon", "gpt": "loss"})
-    metrics = evaluate(args, vq, gpt, layout, tokenizer)
+    metrics = evaluate(args, worlds, vq, gpt, layout, tokenizer)
     timings["eval_s"] = round(time.time() - start - timings["vq_s"] - timings["gpt_s"], 1)
     timings["total_s"] = round(time.time() - start, 1)
     metrics.update(timings, final_vq_recon=vq_history[-1]["recon"], final_gpt_loss=gpt_history[-1]["loss"],
                    first_vq_recon=vq_history[0]["recon"], first_gpt_loss=gpt_history[0]["loss"])
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"\n{'metric':34s} value\n" + "\n".join(f"{k:34s} {v}" for k, v in metrics.items()))
-    print(f"\nwrote {args.out}/: vq.safetensors gpt.safetensors metrics.json loss.png samples.png "
-          f"samples_cfg1.png captions.png" + (" clips.png" if args.video else ""))
+    pictures = sorted(p.name for p in args.out.glob("*.png"))
+    print(f"\nwrote {args.out}/: vq.safetensors gpt.safetensors metrics.json {' '.join(pictures)}")
     return metrics
 
 
@@ -305,8 +292,27 @@ def parse_args(argv=None):
                              ("understood-image-weight", cli.at_least(0, float), "loss weight of the image block "
                               "of image->caption strings, relative to generation strings (0 = Emu3: none)")]:
         p.add_argument(f"--{name}", type=kind, default=None, help=f"{text} (default: from the preset)")
-    p.add_argument("--tokenizer", choices=["words", "bytes"], default=None,
-                   help="caption tokens: whole words (7 a caption) or UTF-8 bytes (28) (default: from the preset)")
+    p.add_argument("--tokenizer", choices=["auto", "words", "bytes"], default=None,
+                   help="caption tokens: whole words (7 a shapes caption) or UTF-8 bytes (28); auto = words when the "
+                        "captions use at most 1024 pieces (default: from the preset)")
+    world = p.add_argument_group("what to train on (default: the built-in shapes world)")
+    world.add_argument("--world", choices=["shapes", "scenes"], default="shapes",
+                       help="a built-in world: shapes (one shape, 90 captions) or scenes (1-4 objects, counts, "
+                            "relations and questions, scored like GenEval)")
+    world.add_argument("--data", type=cli.existing_folder, default=None, metavar="FOLDER",
+                       help="your own images: a captioned folder (metadata.jsonl or metadata.csv with file_name "
+                            "and text, as Hugging Face's imagefolder) or class subfolders (as torchvision's "
+                            "ImageFolder; the caption is the class name)")
+    world.add_argument("--image-size", type=int, choices=[32, 64, 128], default=None,
+                       help="with --data: pixels per side (the VQ makes 1/8 as many codes per side; default 64)")
+    world.add_argument("--heldout-fraction", type=cli.checked(float, lambda f: 0 < f < 0.5, "in (0, 0.5)"),
+                       default=0.1, help="with --data: share of images held out of training, seeded (default 0.1)")
+    world.add_argument("--strict", action="store_true",
+                       help="with --data: refuse unreadable or truncated images instead of skipping them")
+    world.add_argument("--background", choices=sorted(BACKGROUNDS), default="white",
+                       help="with --data: what transparency is blended onto (default white)")
+    world.add_argument("--caption-column", default="text",
+                       help="with --data: the metadata column that holds the caption (default text)")
     share = cli.checked(float, lambda p: 0 <= p < 1, "in [0, 1)")
     video = p.add_argument_group("with --video (defaults: from the preset)")
     video.add_argument("--vq-clip-share", type=cli.checked(float, lambda p: 0 <= p <= 0.5, "in [0, 0.5] (the VQ's "
@@ -321,4 +327,8 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    arguments = parse_args()
+    try:
+        main(arguments)
+    except (UsageError, FolderError) as e:   # the user's data or flags: one line, exit 2, before any training
+        cli.ArgumentParser(prog="train_tiny.py").error(str(e))

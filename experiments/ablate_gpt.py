@@ -42,9 +42,11 @@ vq = VQModel(VQConfig(**meta["config"]))
 load_state_dict_strict(vq, state, source=mine.vq)
 vq.eval()
 start = time.time()
-gpt, layout, tokenizer, history = train_tiny.gpt_stage(args, vq, torch.device("cpu"), Distributed(), nullcontext())
+plan = train_tiny.prepare(args)
+gpt, history = train_tiny.gpt_stage(args, plan.worlds, plan.tokenizer, plan.tokenizer_spec, plan.layout, vq,
+                                    torch.device("cpu"), Distributed(), nullcontext())
 gpt_s = time.time() - start
-metrics = train_tiny.evaluate(args, vq, gpt, layout, tokenizer)
+metrics = train_tiny.evaluate(args, plan.worlds, vq, gpt, plan.layout, plan.tokenizer)
 eval_s = time.time() - start - gpt_s
 row = dict(tag=mine.tag, flags=" ".join(rest), gpt_s=round(gpt_s, 1), eval_s=round(eval_s, 1),
            final_loss=history[-1]["loss"], **metrics)

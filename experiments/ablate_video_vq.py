@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -40,17 +41,17 @@ train_tiny.fill_from_preset(args)
 out.mkdir(parents=True, exist_ok=True)
 args.out = out
 
-tiny = train_tiny.VQConfig.tiny
-train_tiny.VQConfig.tiny = staticmethod(lambda **kw: tiny(**{**kw, **overrides}))
+plan = train_tiny.prepare(args)
 start = time.time()
-vq, history = train_tiny.vq_stage(args, torch.device("cpu"), Distributed(), nullcontext())
+vq, history = train_tiny.vq_stage(args, plan.worlds, replace(plan.vq_cfg, **overrides), torch.device("cpu"),
+                                  Distributed(), nullcontext())
 seconds = time.time() - start
 
 rng = np.random.default_rng([args.seed, 3])   # train_tiny.evaluate's images
 images, _, attrs = data.sample_shapes(2 * args.eval_images, rng, split="all")
 report = ev.vq_report(vq, images)
 row = dict(tag=mine.tag, flags=" ".join(rest), overrides=overrides, vq_steps=args.vq_steps, seconds=round(seconds, 1),
-           psnr=round(report["psnr"], 2), usage=round(report["usage"], 3), recon_checker=ev.adherence(report["recon"], attrs))
+           psnr=round(report["psnr"], 2), usage=round(report["usage"], 3), recon_checker=data.score(report["recon"], attrs)["all"])
 if args.video:
     clips, _, attrs = data.sample_moving_shapes(max(16, args.eval_images // 2), np.random.default_rng([args.seed, 4]))
     report = ev.vq_report(vq, clips, batch_size=32)

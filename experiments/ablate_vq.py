@@ -44,7 +44,7 @@ images, _, attrs = data.sample_shapes(512, np.random.default_rng([args.seed, 3])
 report = ev.vq_report(vq.eval(), images)
 row = dict(tag=args.tag, steps=args.steps, batch=args.batch, lr=args.lr, overrides=overrides,
            seconds=round(seconds, 1), psnr=round(report["psnr"], 2), usage=round(report["usage"], 3),
-           recon_checker=ev.adherence(report["recon"], attrs))
+           recon_checker=data.score(report["recon"], attrs)["all"])
 print(json.dumps(row))
 with open(Path(__file__).with_name("results_vq.jsonl"), "a") as f:
     f.write(json.dumps(row) + "\n")

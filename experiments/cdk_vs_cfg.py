@@ -29,7 +29,7 @@ for name, options in rules.items():
     for triples, reps in ((data.TRAIN_TRIPLES, args.per_triple), (data.HELDOUT, 4 * args.per_triple)):
         attrs = [t for t in triples for _ in range(reps)]
         images = ev.draw(pipe, [data.caption(*t) for t in attrs], seed=2000, **options)
-        cells.append(f"{100 * ev.adherence(images, attrs):.1f}% ({len(attrs)})")
+        cells.append(f"{100 * data.score(images, attrs)['all']:.1f}% ({len(attrs)})")
     print(f"| {name} | {cells[0]} | {cells[1]} |", flush=True)
 
 prompts = [data.caption(*t) for t in [("red", "circle", "top left"), ("blue", "triangle", "center"),

@@ -34,11 +34,11 @@ splits = ((("clips", clip_triples, args.per_triple),) if args.clips else
 for split, triples, reps in splits:
     attrs = [t for t in triples for _ in range(reps)]
     captions = [(data.video_caption if args.clips else data.caption)(*t) for t in attrs]
-    draw = ev.draw_clips if args.clips else ev.draw
+    draw = (lambda *a, **k: ev.draw(*a, frames=data.VIDEO_FRAMES, **k)) if args.clips else ev.draw
     for cfg, temperature, top_k in itertools.product(args.cfg, args.temperature, args.top_k):
         images = draw(pipe, captions, cfg_scale=cfg, temperature=temperature, top_k=top_k or None, seed=1000)
         rows.append(dict(split=split, cfg=cfg, temperature=temperature, top_k=top_k,
-                         adherence=round(ev.adherence(images, attrs), 3), n=len(attrs)))
+                         adherence=round(data.score(images, attrs)["all"], 3), n=len(attrs)))
         print(json.dumps(rows[-1]), flush=True)
 
 temps = args.temperature

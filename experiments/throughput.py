@@ -37,7 +37,8 @@ def gpt_variant(tokenizer):
     codes = torch.randint(0, 256, (24, 8, 8))
 
     def step(i):
-        inputs, targets, weights = sequences(layout, tokenizer, codes, captions, np.random.default_rng(i))
+        inputs, targets, weights = sequences(layout, tokenizer, codes, captions, [[("", c)] for c in captions],
+                                             np.random.default_rng(i))
         loss = weighted_loss(gpt(inputs), targets, weights)
         opt.zero_grad(), loss.backward(), opt.step()
     return step

@@ -1,22 +1,31 @@
-"""What a tiny run reports, measured by the shapes world's deterministic checker (data.classify).
+"""What a tiny run reports, for any world (world.py), through the same Pipeline a user samples with.
 
-- VQ: reconstruction PSNR and codebook usage on fresh images;
-- text -> image: prompt adherence (colour, shape and position all right) of generated images, for seen and
-  held-out (colour, shape, position) triples, with CFG and without (cfg 1);
-- image -> text: caption accuracy on fresh images (the greedy caption must name all three attributes right);
-- clips (train_tiny.py --video): the same for moving shapes, where the third attribute is the direction of motion;
+- VQ: reconstruction PSNR and codebook usage on examples it never trained on (a folder: its held-out files), and
+  the world's checker on the reconstructions where it has one;
+- likelihood: the GPT's negative log-likelihood of an image's codes given its caption, in nats per image token
+  (teacher-forced, over the visual codes only: the markers are certain), on training and held-out examples --
+  the number AR image models report, and one that means something for any folder of images;
+- text -> image: drawn images read back by the world's checker (the shapes world: colour, shape and position all
+  right; scenes: GenEval's categories), seen and held-out, with the checkpoint's CFG and without (cfg 1);
+- image -> text: greedy captions (and answers to questions) of fresh examples, exact match;
 - pictures: loss curves and labelled sample grids (matplotlib), because people would rather look than read.
+
+metrics.json names a figure `<prefix><metric>_<group>_cfg<g>`: prefix "" for the run's main world and "clip_" for
+the clips beside it, group "seen" / "heldout" (nothing for a world without held-out combinations).
 """
 
 import math
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from matplotlib.figure import Figure   # a Figure saves itself without pyplot: no global backend is switched
 
 from . import data
 from .pipeline import Pipeline
+from .world import World
 
 
 def psnr(original: np.ndarray, reconstruction: np.ndarray) -> float:
@@ -26,48 +35,133 @@ def psnr(original: np.ndarray, reconstruction: np.ndarray) -> float:
 
 
 @torch.no_grad()
+def encode(vq, pixels: np.ndarray, batch_size: int = 256) -> torch.Tensor:
+    """uint8 images (N, H, W, 3) or clips (N, T, H, W, 3) -> codes, on the CPU, `batch_size` images at a time."""
+    device = next(vq.parameters()).device
+    step = max(1, batch_size // (pixels.shape[1] if pixels.ndim == 5 else 1))
+    return torch.cat([vq.encode(data.to_tensor(pixels[i:i + step]).to(device)).cpu()
+                      for i in range(0, len(pixels), step)])
+
+
+@torch.no_grad()
 def vq_report(vq, images: np.ndarray, batch_size: int = 256) -> dict:
     """Encode and decode uint8 images (N, H, W, 3) or clips (N, T, H, W, 3): PSNR, codebook usage and the
     reconstructions (for the checker)."""
     device = next(vq.parameters()).device
-    codes = torch.cat([vq.encode(data.to_tensor(images[i:i + batch_size]).to(device))
-                       for i in range(0, len(images), batch_size)])
-    recon = np.concatenate([data.from_tensor(vq.decode(codes[i:i + batch_size]))
-                            for i in range(0, len(codes), batch_size)])
+    codes = encode(vq, images, batch_size)
+    step = max(1, batch_size // (images.shape[1] if images.ndim == 5 else 1))
+    recon = np.concatenate([data.from_tensor(vq.decode(codes[i:i + step].to(device)))
+                            for i in range(0, len(codes), step)])
     usage = torch.bincount(codes.flatten(), minlength=vq.cfg.codebook_size).gt(0).float().mean().item()
     return {"psnr": psnr(images, recon), "usage": usage, "recon": recon}
 
 
-def draw(pipe: Pipeline, captions: list[str], batch_size: int = 512, **sampling) -> np.ndarray:
-    """One image per caption, drawn exactly as a user draws them (Pipeline.draw) -> uint8 (N, H, W, 3)."""
+@torch.no_grad()
+def image_nll(pipe: Pipeline, codes: torch.Tensor, captions: list[str], batch_size: int = 64) -> float:
+    """Mean negative log-likelihood of the codes given the captions, nats per image token: the generation string
+    `BOS caption BOI "h*w" IMG rows.. EOI EOS` teacher-forced through the GPT, averaged over the visual codes."""
+    gpt, layout, device = pipe.gpt, pipe.layout, pipe.gpt.lm_head.weight.device
+    total, count = 0.0, 0
+    for i in range(0, len(codes), batch_size):
+        rows = [layout.encode([c, x], pipe.tokenizer, eos=True) for c, x in zip(captions[i:i + batch_size],
+                                                                                 codes[i:i + batch_size])]
+        length = max(map(len, rows))
+        ids = torch.tensor([r + [layout.pad] * (length - len(r)) for r in rows], device=device)
+        logits = gpt(ids[:, :-1])                                                  # (B, T-1, V)
+        targets = ids[:, 1:]
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+        visual = layout.is_visual(targets).flatten()
+        total, count = total + nll[visual].sum().item(), count + int(visual.sum())
+    return total / count
+
+
+def draw(pipe: Pipeline, captions: list[str], batch_size: int = 512, frames: int | None = None,
+         **sampling) -> np.ndarray:
+    """One image (or clip, with frames) per caption, drawn exactly as a user draws them (Pipeline.draw) -> uint8
+    (N, H, W, 3) or (N, T, H, W, 3). Clips go 8x fewer at a time: as many pixels at once."""
+    if frames:
+        clips = pipe.draw(captions, batch_size=max(1, batch_size // frames), frames=frames, **sampling)
+        return np.stack([np.stack([np.asarray(frame) for frame in clip]) for clip in clips])
     return np.stack([np.asarray(image) for image in pipe.draw(captions, batch_size=batch_size, **sampling)])
 
 
-def draw_clips(pipe: Pipeline, captions: list[str], frames: int = data.VIDEO_FRAMES, batch_size: int = 64,
-               **sampling) -> np.ndarray:
-    """One clip per caption, drawn as a user draws them (Pipeline.draw with frames) -> uint8 (N, T, H, W, 3).
-    64 clips of 8 frames decode as many pixels at once as 512 images."""
-    clips = pipe.draw(captions, batch_size=batch_size, frames=frames, **sampling)
-    return np.stack([np.stack([np.asarray(frame) for frame in clip]) for clip in clips])
+def answer(pipe: Pipeline, pixels: np.ndarray, questions: list[str], max_new_tokens: int = 48) -> list[str]:
+    """Greedy answers, one per (image or clip, question), as a user asks for them (Pipeline.answer /
+    answer_clip), one batch per distinct question."""
+    ask = pipe.answer_clip if pixels.ndim == 5 else pipe.answer
+    out = [""] * len(questions)
+    for question in dict.fromkeys(questions):
+        index = [i for i, q in enumerate(questions) if q == question]
+        for i, text in zip(index, ask(list(pixels[index]), question, max_new_tokens=max_new_tokens)):
+            out[i] = text
+    return out
 
 
-def caption_clips(pipe: Pipeline, clips: np.ndarray, max_new_tokens: int = 48) -> list[str]:
-    """Greedy captions of uint8 clips (N, T, H, W, 3), as a user asks for them (Pipeline.answer_clip)."""
-    return pipe.answer_clip(list(clips), max_new_tokens=max_new_tokens)
+def key(world: World, *parts) -> str:
+    return world.prefix + "_".join(str(p) for p in parts if p != "")
 
 
-def caption_images(pipe: Pipeline, images: np.ndarray, max_new_tokens: int = 48) -> list[str]:
-    """Greedy captions of uint8 images (N, H, W, 3), exactly as a user asks for them (Pipeline.answer)."""
-    return pipe.answer(list(images), max_new_tokens=max_new_tokens)
+def evaluate(pipe: Pipeline, world: World, out: Path, seed: int = 0, repeats: int = 7, n: int = 256,
+             columns: int = 6) -> dict:
+    """Every figure of one world (see the module docstring) and its pictures in `out`. repeats: draws per seen
+    prompt (world.draw_tasks); n: examples for the VQ and the answers."""
+    metrics, cfg = {}, pipe.guidance.cfg_scale
+    rng = np.random.default_rng([seed, 4 if world.prefix else 3])
+    examples = world.sample(max(16, n // 2) if world.frames else 2 * n, rng, world.vq_split)   # clips: 8x pixels
+    report = vq_report(pipe.vq, examples.pixels)
+    metrics[key(world, "vq_psnr_db")] = round(report["psnr"], 2)
+    metrics[key(world, "codebook_usage")] = round(report["usage"], 3)
+    if world.checker:
+        metrics[key(world, "vq_recon_checker")] = world.score(report["recon"], examples.targets)["adherence"]
+
+    nll_rng = np.random.default_rng([seed, 6])
+    for split in ("train", "heldout"):
+        examples = world.sample(min(n, 256), nll_rng, split)
+        metrics[key(world, "nll", "seen" if split == "train" else split)] = round(
+            image_nll(pipe, encode(pipe.vq, examples.pixels), examples.captions), 4)
+
+    for group, (captions, targets) in world.draw_tasks(repeats).items():
+        metrics[key(world, "drawn", group)] = len(captions)
+        for g in (cfg, 1.0):
+            scores = world.score(draw(pipe, captions, frames=world.frames, cfg_scale=g, seed=seed), targets)
+            metrics.update({key(world, name, group, f"cfg{g:g}"): value for name, value in scores.items()})
+
+    tasks = world.answer_tasks(n, rng)
+    for group, examples in tasks.items():
+        items = [(i, q, a) for i, pairs in enumerate(examples.answers) for q, a in pairs]
+        pixels = examples.pixels[[i for i, _, _ in items]]
+        predicted = answer(pipe, pixels, [q for _, q, _ in items])
+        rates = world.answer_accuracy(predicted, [a for *_, a in items], [q for _, q, _ in items], pixels)
+        metrics.update({key(world, name, group): value for name, value in rates.items()})
+
+    pictures(pipe, world, out, seed, columns, tasks)
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
 
 
-def adherence(images: np.ndarray, attrs: list) -> float:
-    return data.score(images, attrs)["all"]
-
-
-def caption_accuracy(captions: list[str], attrs: list, video: bool = False) -> float:
-    parse = data.parse_video_caption if video else data.parse_caption
-    return float(np.mean([parse(c) == tuple(a) for c, a in zip(captions, attrs)]))
+def pictures(pipe: Pipeline, world: World, out: Path, seed: int, columns: int, tasks: dict) -> None:
+    """samples.png / samples_cfg1.png (the world's showcase prompts, a row each; the last rows held out),
+    clips.png for clips, and captions.png: greedy captions of fresh images, green where right."""
+    prompts, held = world.showcase()
+    cfg = pipe.guidance.cfg_scale
+    if world.frames:   # one clip per row, its frames across
+        clips = draw(pipe, prompts, frames=world.frames, seed=seed + 1)
+        image_grid(clips.reshape(-1, *clips.shape[2:]), prompts, out / "clips.png", clips.shape[1],
+                   title=f"text -> clip, cfg {cfg:g}: the {clips.shape[1]} frames of one clip per row")
+        return
+    if prompts:
+        note = f" (last {held} prompts held out of training)" if held else ""
+        for g, name in ((cfg, "samples.png"), (1.0, "samples_cfg1.png")):
+            images = draw(pipe, [p for p in prompts for _ in range(columns)], cfg_scale=g, seed=seed + 1)
+            image_grid(images, prompts, out / name, columns, title=f"text -> image, cfg {g:g}{note}")
+    examples = tasks.get("seen") or world.sample(12, np.random.default_rng([seed, 8]), "heldout")
+    pixels = examples.pixels[:12]
+    captions = answer(pipe, pixels, [""] * len(pixels))
+    correct = None
+    if "seen" in tasks:
+        correct = [world.answer_accuracy([c], [e], [""], x[None])["caption_accuracy"] == 1.0
+                   for c, e, x in zip(captions, examples.captions[:12], pixels)]
+    captioned_grid(pixels, captions, correct, out / "captions.png",
+                   title="image -> text (greedy): the GPT's captions of fresh images")
 
 
 def plot_losses(histories: dict[str, list[dict]], path: Path, keys: dict[str, str]) -> None:
@@ -104,9 +198,10 @@ def image_grid(images: np.ndarray, labels: list[str], path: Path, columns: int, 
     fig.savefig(path, dpi=110)
 
 
-def captioned_grid(images: np.ndarray, captions: list[str], correct: list[bool], path: Path, columns: int = 4,
+def captioned_grid(images: np.ndarray, captions: list[str], correct: list[bool] | None, path: Path, columns: int = 4,
                    title: str = "") -> None:
-    """Images with the model's caption under each, green where the checker agrees with it and red where not."""
+    """Images with the model's caption under each, green where it is right and red where not (black: no
+    ground truth to compare with)."""
     rows = math.ceil(len(images) / columns)
     fig = Figure(figsize=(1.9 * columns, 2.25 * rows + (0.4 if title else 0)))
     axes = fig.subplots(rows, columns, squeeze=False)
@@ -116,9 +211,8 @@ def captioned_grid(images: np.ndarray, captions: list[str], correct: list[bool],
             ax.axis("off")
             continue
         ax.imshow(images[k], interpolation="nearest")
-        words = captions[k].split(" ")   # two lines: "a red circle" / "in the top left"
-        ax.set_xlabel(" ".join(words[:3]) + "\n" + " ".join(words[3:]), fontsize=8,
-                      color="tab:green" if correct[k] else "tab:red")
+        ax.set_xlabel("\n".join(textwrap.wrap(captions[k], 18)[:3]), fontsize=8,
+                      color="black" if correct is None else "tab:green" if correct[k] else "tab:red")
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

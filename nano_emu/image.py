@@ -76,19 +76,25 @@ def upright_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(eight.astype(np.uint8), "L")
 
 
-def whiten_transparency(image: Image.Image) -> Image.Image:
-    """Chameleon's reference (`ImageTokenizer._whiten_transparency` in chameleon/inference/image_tokenizer.py):
-    an image with any pixel less than opaque is blended onto white in float64, (1 - a) * 255 + a * rgb with
-    a = alpha / 255, and truncated to uint8; anything else is PIL's plain convert("RGB"). PIL's alpha_composite
-    rounds instead, which moves a half-transparent pixel by one level and with it some of the VQ's codes."""
+def flatten_alpha(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """An image with transparency blended onto a solid background in float64, (1 - a) * background + a * rgb with
+    a = alpha / 255, truncated to uint8; an image without any pixel less than opaque is PIL's plain convert("RGB").
+    Palette and greyscale images with transparency ("P", "PA", "LA") go through RGBA first."""
     if image.mode == "RGB":
         return image
     rgba = np.asarray(image.convert("RGBA"))
     if not (rgba[:, :, 3] < 255).any():
         return image.convert("RGB")
     alpha = rgba[:, :, 3:] / 255.0                                       # (H, W, 1) float64
-    blended = (1 - alpha) * 255 + alpha * rgba[:, :, :3]                 # (H, W, 3) float64
-    return Image.fromarray(blended.astype(np.uint8), "RGB")             # astype truncates, as the reference
+    blended = (1 - alpha) * np.asarray(background, dtype=np.float64) + alpha * rgba[:, :, :3]   # (H, W, 3)
+    return Image.fromarray(blended.astype(np.uint8), "RGB")             # astype truncates
+
+
+def whiten_transparency(image: Image.Image) -> Image.Image:
+    """Chameleon's reference (`ImageTokenizer._whiten_transparency` in chameleon/inference/image_tokenizer.py):
+    transparency blended onto white in float64 and truncated (flatten_alpha). PIL's alpha_composite rounds
+    instead, which moves a half-transparent pixel by one level and with it some of the VQ's codes."""
+    return flatten_alpha(image, (255, 255, 255))
 
 
 def load_clip(path: str | Path) -> list[Image.Image]:

@@ -45,6 +45,30 @@ def make_tokenizer(kind: str, words: list[str] | None = None):
     return WordTokenizer(words), {"words": list(words)}
 
 
+# a word vocabulary larger than this is left to bytes: most of its words would be seen a handful of times, and every
+# new word at sampling time would be refused
+WORD_LIMIT = 1024
+
+
+def choose_tokenizer(kind: str, worlds) -> tuple:
+    """The caption tokenizer for a run's worlds: kind "words", "bytes" or "auto" (words when the language is
+    closed -- the toy worlds list theirs -- or when the captions use at most WORD_LIMIT pieces; bytes otherwise).
+    A word vocabulary is built from the world's captions, plus the meta text's digits and "*"."""
+    listed = [world.words() for world in worlds]
+    if all(words is not None for words in listed):
+        vocab = list(dict.fromkeys(w for words in listed for w in words))
+    else:
+        seen = dict.fromkeys(p for world in worlds for text in world.texts() for p in WordTokenizer.split(text))
+        vocab = list(dict.fromkeys([*seen, *"0123456789*"]))
+    if kind == "auto":
+        kind = "words" if len(vocab) <= WORD_LIMIT else "bytes"
+    return make_tokenizer(kind, vocab)
+
+
+def describe_tokenizer(spec) -> str:
+    return "UTF-8 bytes (256 ids)" if spec == "bytes" else f"whole words ({len(spec['words'])}-piece vocabulary)"
+
+
 def tokenizer_from_spec(spec) -> ByteTokenizer | WordTokenizer:
     """The text tokenizer a tiny checkpoint names in its metadata: "bytes", or {"words": [...]}."""
     if spec == "bytes":

@@ -76,8 +76,13 @@ class WordTokenizer:
             raise ValueError("WordTokenizer: the vocabulary lists a piece twice")
         self.n_vocab = len(self.vocab)
 
+    @staticmethod
+    def split(text: str) -> list[str]:
+        """Words (letter runs), then any other single character (digits, punctuation, "*")."""
+        return re.findall(r"[^\W\d_]+|\S", text)
+
     def encode(self, text: str) -> list[int]:
-        pieces = re.findall(r"[^\W\d_]+|\S", text)   # words (letter runs), then any other single character
+        pieces = self.split(text)
         unknown = [piece for piece in pieces if piece not in self.ids]
         if unknown:
             raise ValueError(f"{unknown[0]!r} is not in this model's vocabulary (text {text!r}); it knows: "

@@ -17,7 +17,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -201,25 +201,37 @@ def train_vq(vq, sample_images: Callable, steps: int, lr: float, ckpt_path: Path
                clip_grad=None, desc="vq", **fit_kwargs)
 
 
-def sequences(layout: Layout, tokenizer, codes: torch.Tensor, captions: list[str], rng: np.random.Generator,
-              p_understand: float = 0.5, p_drop_caption: float = 0.1, visual_weight: float = VISUAL_WEIGHT,
-              understood_image_weight: float = 0.0, answer_weight: float = 1.0):
+class Pool(NamedTuple):
+    """The GPT's training examples of one world, VQ-encoded once: codes (N, h, w) or (N, t, h, w), the caption each
+    is drawn from and the (question, answer) strings each is understood with (("", caption) is captioning)."""
+    codes: torch.Tensor
+    captions: list[str]
+    answers: list[list[tuple[str, str]]]
+    share: float = 1.0        # the chance that a step's batch comes from this pool (the first takes the rest)
+
+
+def sequences(layout: Layout, tokenizer, codes: torch.Tensor, captions: list[str],
+              answers: list[list[tuple[str, str]]], rng: np.random.Generator, p_understand: float = 0.5,
+              p_drop_caption: float = 0.1, visual_weight: float = VISUAL_WEIGHT, understood_image_weight: float = 0.0,
+              answer_weight: float = 1.0):
     """A mixed batch of generation and understanding sequences. codes (B, h, w) or (B, t, h, w).
     Returns inputs (B, T), targets (B, T) and loss weights (B, T) (0 on padding and on prompts).
 
-    understood_image_weight: also put loss on the image block of an understanding sequence, this many times its
-    weight in a generation string (0: the answer only, as Emu3; 1: every token alike, as CM3Leon and Chameleon).
-    `BOS image caption` starts exactly like the unconditional generation string `BOS "" image`, so this trains
-    CFG's unconditional branch on every understanding sequence for free.
-    answer_weight: loss weight of the answer (caption and EOS) of an understanding sequence."""
+    An understanding sequence asks one of the example's (question, answer) pairs, drawn uniformly when it has
+    several. understood_image_weight: also put loss on the image block of an understanding sequence, this many
+    times its weight in a generation string (0: the answer only, as Emu3; 1: every token alike, as CM3Leon and
+    Chameleon). `BOS image caption` starts exactly like the unconditional generation string `BOS "" image`, so this
+    trains CFG's unconditional branch on every understanding sequence for free.
+    answer_weight: loss weight of the answer (and its EOS) of an understanding sequence."""
     def weight(token):
         return visual_weight if layout.first_visual <= token else 1.0
 
     rows = []
-    for item_codes, caption in zip(codes, captions):
+    for item_codes, caption, pairs in zip(codes, captions, answers):
         if rng.random() < p_understand:
-            prompt = layout.understanding_prompt(item_codes, "", tokenizer)
-            answer = tokenizer.encode(caption) + [layout.eos]
+            question, answer = pairs[rng.integers(len(pairs))] if len(pairs) > 1 else pairs[0]
+            prompt = layout.understanding_prompt(item_codes, question, tokenizer)
+            answer = tokenizer.encode(answer) + [layout.eos]
             tokens = prompt + answer
             prompt_weights = [understood_image_weight * weight(t) for t in prompt[1:]]
             weights = prompt_weights + [answer_weight] * len(answer)
@@ -242,26 +254,25 @@ def weighted_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Te
     return (ce * weights.flatten()).sum() / weights.sum()
 
 
-def train_gpt(gpt, layout: Layout, tokenizer, pool_codes: torch.Tensor, pool_captions: list[str], steps: int,
-              batch_size: int, lr: float, ckpt_path: Path, meta: dict, run: Distributed, seed: int = 0,
-              sequence_options: dict | None = None, clip_pool: tuple[torch.Tensor, list[str]] | None = None,
-              p_clip: float = 0.0, **fit_kwargs) -> list:
-    """The GPT stage on a pool of VQ-encoded toy samples: each step draws batch_size of them and writes each
-    as a generation or an understanding sequence. pool_codes (N, h, w) for images or (N, t, h, w) for clips.
-
-    clip_pool: an optional second pool (codes (M, t, h, w), captions); a step draws its whole batch from it with
-    probability p_clip. A batch is all images or all clips because the strings are right-padded to the longest
+def train_gpt(gpt, layout: Layout, tokenizer, pools: list[Pool], steps: int, batch_size: int, lr: float,
+              ckpt_path: Path, meta: dict, run: Distributed, seed: int = 0, sequence_options: dict | None = None,
+              **fit_kwargs) -> list:
+    """The GPT stage: each step draws batch_size examples of one pool and writes each as a generation or an
+    understanding sequence. pools[1:] are drawn with their share's probability (a --video run: clips beside
+    images), pools[0] otherwise. A batch is all of one pool because the strings are right-padded to the longest
     one: a clip of t frames is ~t times an image's length, and one clip in a batch would pad every image to it."""
     device = next(gpt.parameters()).device
 
     def loss_fn(net, step):
         rng = batch_rng(seed, run.rank, step)
-        codes, captions = pool_codes, pool_captions
-        if clip_pool is not None and rng.random() < p_clip:   # no draw without clips: image runs keep their batches
-            codes, captions = clip_pool
-        pick = rng.integers(len(codes), size=batch_size)
-        inputs, targets, weights = sequences(layout, tokenizer, codes[pick], [captions[i] for i in pick],
-                                             rng, **(sequence_options or {}))
+        pool = pools[0]
+        for other in pools[1:]:   # no draw with one pool: image runs keep their batches
+            if rng.random() < other.share:
+                pool = other
+                break
+        pick = rng.integers(len(pool.codes), size=batch_size)
+        inputs, targets, weights = sequences(layout, tokenizer, pool.codes[pick], [pool.captions[i] for i in pick],
+                                             [pool.answers[i] for i in pick], rng, **(sequence_options or {}))
         loss = weighted_loss(net(inputs.to(device)), targets.to(device), weights.to(device))
         return loss, {"loss": loss.detach()}
 

@@ -47,7 +47,7 @@ def test_quick_run_learns_and_writes_everything(quick_run):
 
 def test_refuses_to_overwrite_a_run(quick_run):
     out, _ = quick_run
-    with pytest.raises(SystemExit, match="--resume"):
+    with pytest.raises(train_tiny.UsageError, match="--resume"):
         train_tiny.main(train_tiny.parse_args(["--quick", "--out", str(out)]))
 
 
@@ -94,7 +94,7 @@ def test_quick_video_run_trains_on_clips_draws_and_captions_them(quick_video_run
     Layout, caption the GIF it wrote and a folder of its frames."""
     out, metrics = quick_video_run
     assert metrics["final_gpt_loss"] < 0.8 * metrics["first_gpt_loss"]
-    for key in ("vq_psnr_clips_db", "clip_adherence_cfg2", "clip_direction_cfg2", "clip_caption_accuracy",
+    for key in ("clip_vq_psnr_db", "clip_adherence_cfg2", "clip_direction_cfg2", "clip_caption_accuracy",
                 "adherence_seen_cfg2", "caption_accuracy_seen"):   # clip metrics beside the image ones
         assert key in metrics, key
     assert Image.open(out / "clips.png").size[0] > 300
@@ -196,8 +196,9 @@ def test_understanding_strings_train_the_unconditional_branch():
     codes = torch.randint(0, 64, (1, 3, 3))
     caption = ["a red circle in the top left"]
     # p_understand=1: always image -> caption
-    inputs, targets, weights = sequences(layout, tok, codes, caption, np.random.default_rng(0), p_understand=1.0,
-                                         visual_weight=0.5, understood_image_weight=1.0)
+    answers = [[("", caption[0])]]
+    inputs, targets, weights = sequences(layout, tok, codes, caption, answers, np.random.default_rng(0),
+                                         p_understand=1.0, visual_weight=0.5, understood_image_weight=1.0)
     uncond = layout.encode(["", codes[0]], tok)   # BOS BOI "3*3" IMG rows EOF EOI
     full = torch.cat([inputs[0, :1], targets[0]])
     assert full[:len(uncond)].tolist() == uncond
@@ -206,5 +207,5 @@ def test_understanding_strings_train_the_unconditional_branch():
     answer = len(tok.encode(caption[0])) + 1   # the caption and EOS
     assert (weights[0][-answer:] == 1).all()
     # weight 0: only the answer is learned (Emu3's rule)
-    _, _, weights = sequences(layout, tok, codes, caption, np.random.default_rng(0), p_understand=1.0)
+    _, _, weights = sequences(layout, tok, codes, caption, answers, np.random.default_rng(0), p_understand=1.0)
     assert weights[0].sum() == answer and (weights[0][-answer:] == 1).all()

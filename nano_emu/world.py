@@ -1,0 +1,224 @@
+"""What train_tiny.py trains on: a *world*, behind one interface, so the training loop never asks which one.
+
+A world yields examples (pixels with the texts that go with them) and, when it has a checker, scores drawings.
+The built-in ones are adapters over the modules that define them; a user's own images are folder.Folder:
+
+    Shapes()          one shape on black, "a red circle in the top left"            (data.py)
+    MovingShapes()    8-frame clips of one moving shape, "a red circle moving left"  (data.py)
+    Scenes()          1-4 objects, captions with counts and relations, questions    (scenes.py)
+    Folder(path)      a captioned (imagefolder) or class-folder (ImageFolder) tree   (folder.py)
+
+train.py reads `sample` / `pool` (training) and evaluate.py the rest (metrics through the same Pipeline a user
+samples with). Every method that takes a `split` knows "train" (what training sees) and "heldout" (what it never
+sees: held-out combinations for the toy worlds, held-out files for a folder).
+
+An example is understood through (question, answer) strings: ("", caption) is captioning, Emu3's 'U' mode with an
+empty question; Scenes adds real questions. A drawing is scored against a world-specific *target* (the shapes
+world's (colour, shape, position) triple, a scenes prompt); worlds without a checker have no targets.
+"""
+
+from typing import NamedTuple
+
+import numpy as np
+
+from . import data, scenes
+
+
+class Examples(NamedTuple):
+    pixels: np.ndarray                      # uint8 (N, H, W, 3), or (N, T, H, W, 3) for clips
+    captions: list[str]                     # what each is drawn from (caption -> image strings)
+    answers: list[list[tuple[str, str]]]    # what each is understood with: (question, answer); ("", caption) first
+    targets: list | None = None             # what the checker scores a drawing of each caption against
+
+
+class World:
+    """The interface, with the defaults of a world that has no checker. Subclasses set the class attributes and
+    implement `sample`; a world with a checker also implements `draw_tasks` and `score`."""
+
+    name = "world"
+    image_size = 64                 # square images of this many pixels
+    frames: int | None = None       # pixel frames of an example (clips), None for images
+    prefix = ""                     # of its metric names in metrics.json ("clip_" for clips beside images)
+    checker = False                 # score() reads drawings back (draw_tasks, score)
+    vq_split = "all"                # what the VQ's reconstructions are measured on
+
+    def words(self) -> list[str] | None:
+        """Every word the world's texts use, if its language is closed (a WordTokenizer then covers it); None:
+        build the tokenizer from `texts()`."""
+        return None
+
+    def texts(self) -> list[str]:
+        """Every caption of the world (held-out ones too: the evaluation writes them), for building a tokenizer
+        and for checking that each fits the context."""
+        raise NotImplementedError
+
+    def sample(self, n: int, rng: np.random.Generator, split: str = "train") -> Examples:
+        raise NotImplementedError
+
+    def where(self, text: str) -> str:
+        """Where a text comes from, for error messages ("" for the built-in worlds)."""
+        return ""
+
+    def pool(self, n: int, rng: np.random.Generator) -> Examples:
+        """The GPT's training examples, VQ-encoded once: n fresh ones (a folder: all of its training files)."""
+        return self.sample(n, rng)
+
+    # --- evaluation ------------------------------------------------------------------------------------
+
+    def draw_tasks(self, repeats: int) -> dict[str, tuple[list[str], list]]:
+        """group -> (captions to draw, their targets). Empty without a checker."""
+        return {}
+
+    def score(self, pixels: np.ndarray, targets: list) -> dict[str, float]:
+        """Drawings against their targets -> named rates; "adherence" is the headline (every attribute right)."""
+        raise NotImplementedError
+
+    def answer_tasks(self, n: int, rng: np.random.Generator) -> dict[str, Examples]:
+        """group -> fresh examples to caption / answer about, scored by exact match (answer_accuracy)."""
+        return {"seen": self.sample(n, rng, "train"), "heldout": self.sample(max(12, n // 2), rng, "heldout")}
+
+    def answer_accuracy(self, predicted: list[str], expected: list[str], questions: list[str],
+                        pixels: np.ndarray) -> dict[str, float]:
+        """Answers about `pixels` against the expected ones: {"caption_accuracy": exact match (whitespace
+        trimmed)}; worlds that ask questions add one rate per kind of question."""
+        hits = [p.strip() == e.strip() for p, e in zip(predicted, expected, strict=True)]
+        return {"caption_accuracy": float(np.mean(hits)) if hits else float("nan")}
+
+    def showcase(self) -> tuple[list[str], int]:
+        """Captions for the sample grid, and how many of them (at the end) are held out."""
+        return [], 0
+
+
+class Shapes(World):
+    name = "shapes"
+    checker = True
+    heldout_factor = 8   # only 6 held-out triples: more samples each
+
+    def words(self):
+        return data.vocabulary()
+
+    def texts(self):
+        return [data.caption(*t) for t in data.TRAIN_TRIPLES]
+
+    def sample(self, n, rng, split="train"):
+        images, captions, attrs = data.sample_shapes(n, rng, split=split)
+        return Examples(images, captions, [[("", c)] for c in captions], attrs)
+
+    def draw_tasks(self, repeats):
+        return {split: ([data.caption(*t) for t in triples for _ in range(repeats * factor)],
+                        [t for t in triples for _ in range(repeats * factor)])
+                for split, triples, factor in (("seen", data.TRAIN_TRIPLES, 1),
+                                               ("heldout", data.HELDOUT, self.heldout_factor))}
+
+    def score(self, pixels, targets):
+        rates = data.score(pixels, targets)
+        return {"adherence": rates.pop("all"), **rates}
+
+    # every colour, shape and position, all seen in training; then two held-out triples
+    SHOWCASE = [("red", "circle", "top left"), ("green", "square", "bottom right"), ("blue", "triangle", "center"),
+                ("yellow", "square", "top right"), ("cyan", "triangle", "bottom left"),
+                ("magenta", "square", "center")]
+
+    def showcase(self):
+        return [data.caption(*t) for t in self.SHOWCASE] + [data.caption(*t) for t in data.HELDOUT[:2]], 2
+
+
+class MovingShapes(World):
+    name = "moving shapes"
+    frames = data.VIDEO_FRAMES
+    prefix = "clip_"
+    checker = True
+    TRIPLES = [(c, s, d) for c in data.COLORS for s in data.SHAPES for d in data.DIRECTIONS]
+    # a clip per row in clips.png: every colour, shape and direction
+    SHOWCASE = [("red", "circle", "left"), ("green", "square", "down"), ("blue", "triangle", "right"),
+                ("yellow", "square", "up"), ("cyan", "circle", "right"), ("magenta", "triangle", "left")]
+
+    def words(self):
+        return data.vocabulary()
+
+    def texts(self):
+        return [data.video_caption(*t) for t in self.TRIPLES]
+
+    def sample(self, n, rng, split="train"):   # no held-out combinations: every split is the same world
+        clips, captions, attrs = data.sample_moving_shapes(n, rng)
+        return Examples(clips, captions, [[("", c)] for c in captions], attrs)
+
+    def draw_tasks(self, repeats):   # repeats: clips in all, cycling through every (colour, shape, direction)
+        attrs = [self.TRIPLES[i % len(self.TRIPLES)] for i in range(repeats)]
+        return {"": ([data.video_caption(*t) for t in attrs], attrs)}
+
+    def score(self, pixels, targets):
+        rates = data.score(pixels, targets)
+        return {"adherence": rates.pop("all"), **rates}
+
+    def answer_tasks(self, n, rng):
+        return {"": self.sample(n, rng)}
+
+    def showcase(self):
+        return [data.video_caption(*t) for t in self.SHOWCASE], 0
+
+
+class Scenes(World):
+    """scenes.py: GenEval's six categories, scored per category; captions and questions to understand."""
+
+    name = "scenes"
+    checker = True
+    questions_per_scene = 4
+
+    def words(self):
+        return scenes.vocabulary()
+
+    def texts(self):
+        return [scenes.caption(p) for p in scenes.prompts("train")]
+
+    def sample(self, n, rng, split="train"):
+        images, captions, drawn = scenes.sample_scenes(n, rng, split=split)
+        answers = [[("", c)] + scenes.questions(s, rng, self.questions_per_scene) for c, s in zip(captions, drawn)]
+        return Examples(images, captions, answers, [scenes.parse(c) for c in captions])
+
+    def draw_tasks(self, repeats):
+        """Every category's prompts, seen and held-out, `repeats` x 12 draws per category (12: the number of
+        prompts a category is sampled with, so a category's score is not one prompt's luck)."""
+        rng = np.random.default_rng(12345)   # which prompts: fixed, so every run is scored on the same ones
+        tasks = {}
+        for split in ("seen", "heldout"):
+            prompts = [p for category in scenes.CATEGORIES
+                       for p in self._some(scenes.prompts("train" if split == "seen" else "heldout", category), rng)
+                       for _ in range(repeats)]
+            tasks[split] = ([scenes.caption(p) for p in prompts], prompts)
+        return tasks
+
+    @staticmethod
+    def _some(prompts, rng, k: int = 12):
+        return [prompts[i] for i in rng.choice(len(prompts), size=min(k, len(prompts)), replace=False)] if prompts \
+            else []
+
+    def score(self, pixels, targets):
+        rates = scenes.geneval(pixels, targets)
+        return {"adherence": rates.pop("overall"), **rates}
+
+    def answer_tasks(self, n, rng):
+        return {"seen": self.sample(n, rng, "train"), "heldout": self.sample(max(12, n // 2), rng, "heldout")}
+
+    def answer_accuracy(self, predicted, expected, questions, pixels):
+        """Captions: "caption_accuracy" counts one right when it is a caption of the grammar that is true of the
+        picture and complete (scenes.score strict: every object named), since a scene has several true captions
+        (a category is picked at random); "caption_exact" is the exact match with the drawn caption. Questions:
+        exact match after scenes.normalise_answer, overall and per kind."""
+        result = {}
+        captions = [(p, e, x) for p, e, q, x in zip(predicted, expected, questions, pixels) if not q]
+        if captions:
+            result["caption_accuracy"] = float(np.mean([scenes.parse(p) is not None and scenes.score(x, p, strict=True)
+                                                        for p, _, x in captions]))
+            result["caption_exact"] = float(np.mean([p.strip() == e for p, e, _ in captions]))
+        pairs = [(p, (q, e)) for p, e, q in zip(predicted, expected, questions) if q]
+        if pairs:
+            rates = scenes.qa_score([p for p, _ in pairs], [qa for _, qa in pairs])
+            result.update({"qa_accuracy": rates.pop("all"), **{f"qa_{k}": v for k, v in rates.items()}})
+        return result
+
+    def showcase(self):
+        shown = [scenes.caption(scenes.prompts("train", c)[0]) for c in scenes.CATEGORIES]
+        held = [scenes.caption(scenes.prompts("heldout", c)[0]) for c in scenes.CATEGORIES
+                if scenes.prompts("heldout", c)]
+        return shown + held[:2], min(2, len(held))
