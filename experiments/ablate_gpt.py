@@ -26,6 +26,7 @@ p = argparse.ArgumentParser()
 p.add_argument("--vq", required=True)
 p.add_argument("--tag", default="")
 p.add_argument("--keep", default=None, help="output folder to keep (default: a temporary one)")
+p.add_argument("--results", default="results_gpt.jsonl", help="the jsonl in experiments/ that gets the row")
 ours, rest = sys.argv[1:], []
 if "--" in ours:
     i = ours.index("--")
@@ -51,5 +52,5 @@ eval_s = time.time() - start - gpt_s
 row = dict(tag=mine.tag, flags=" ".join(rest), gpt_s=round(gpt_s, 1), eval_s=round(eval_s, 1),
            final_loss=history[-1]["loss"], **metrics)
 print(json.dumps(row))
-with open(Path(__file__).with_name("results_gpt.jsonl"), "a") as f:
+with open(Path(__file__).with_name(mine.results), "a") as f:
     f.write(json.dumps(row) + "\n")

@@ -153,15 +153,16 @@ def pictures(pipe: Pipeline, world: World, out: Path, seed: int, columns: int, t
         for g, name in ((cfg, "samples.png"), (1.0, "samples_cfg1.png")):
             images = draw(pipe, [p for p in prompts for _ in range(columns)], cfg_scale=g, seed=seed + 1)
             image_grid(images, prompts, out / name, columns, title=f"text -> image, cfg {g:g}{note}")
-    examples = tasks.get("seen") or world.sample(12, np.random.default_rng([seed, 8]), "heldout")
+    group = "heldout" if world.finite else "seen"   # a folder's training images are not fresh: show held-out ones
+    examples = tasks.get(group) or world.sample(12, np.random.default_rng([seed, 8]), "heldout")
     pixels = examples.pixels[:12]
     captions = answer(pipe, pixels, [""] * len(pixels))
     correct = None
-    if "seen" in tasks:
+    if group in tasks:
         correct = [world.answer_accuracy([c], [e], [""], x[None])["caption_accuracy"] == 1.0
                    for c, e, x in zip(captions, examples.captions[:12], pixels)]
-    captioned_grid(pixels, captions, correct, out / "captions.png",
-                   title="image -> text (greedy): the GPT's captions of fresh images")
+    captioned_grid(pixels, captions, correct, out / "captions.png", title="image -> text (greedy): the GPT's "
+                   f"captions of {'held-out' if world.finite else 'fresh'} images")
 
 
 def plot_losses(histories: dict[str, list[dict]], path: Path, keys: dict[str, str]) -> None:

@@ -166,6 +166,7 @@ class Folder(World):
     """A user's folder (see the module docstring). Reads and checks everything in __init__."""
 
     vq_split = "heldout"   # the VQ is measured on images it never trained on
+    finite = True
 
     def __init__(self, root: str | Path, image_size: int = 64, heldout_fraction: float = 0.1, seed: int = 0,
                  strict: bool = False, background: str = "white", caption_column: str = "text", log=print):

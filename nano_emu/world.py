@@ -41,6 +41,7 @@ class World:
     prefix = ""                     # of its metric names in metrics.json ("clip_" for clips beside images)
     checker = False                 # score() reads drawings back (draw_tasks, score)
     vq_split = "all"                # what the VQ's reconstructions are measured on
+    finite = False                  # a fixed set of examples (a folder), not a generator of fresh ones
 
     def words(self) -> list[str] | None:
         """Every word the world's texts use, if its language is closed (a WordTokenizer then covers it); None:
