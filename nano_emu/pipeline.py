@@ -33,7 +33,7 @@ from PIL import Image
 
 from .engine import Engine
 from .gpt import GPT
-from .image import image_to_tensor, load_clip, tensor_to_image
+from .image import MAX_ASPECT_RATIO, image_to_tensor, load_clip, tensor_to_image
 from .layout import Layout
 from .sampler import GREEDY, Guidance, Rows, Sampling, generate_image_stream, generate_text, plain_decode
 from .sjd import jacobi_decode
@@ -54,6 +54,8 @@ class Pipeline:
     negative_prompt: str = ""           # CFG's unconditional branch ("" = the null caption the toys trained with)
     chat_template: str = "{image}{question}"
     resize: dict | None = None          # keyword limits for image.image_to_tensor (None: the released processor's)
+    max_aspect_ratio: float = MAX_ASPECT_RATIO   # the widest ratio it draws (Emu3: its released processor's limit);
+    #                                              1 for models trained on squares only (tiny, LlamaGen, Chameleon)
     guidance: Guidance = Guidance(cfg_scale=3.0)   # the checkpoint's defaults (Emu3-Gen: CFG 3.0 on log-probs)
     sampling: Sampling = Sampling()                # (Emu3-Gen: top_k 2048 at temperature 1)
     compile: bool = False               # torch.compile the decode step (speed only: the same tokens)
@@ -85,11 +87,22 @@ class Pipeline:
 
     def grid(self, ratio: str = "1:1") -> tuple[int, int]:
         """Token grid (h, w) for an aspect ratio "W:H" at the checkpoint's image area (Emu3's rule: the
-        image keeps its area, each side a whole number of VQ codes, Python's rounding)."""
+        image keeps its area, each side a whole number of VQ codes, Python's rounding). A ratio wider than
+        max_aspect_ratio is refused: a model trained on squares draws smeared blobs on other grids."""
         try:
             width, height = (float(x) for x in ratio.split(":"))
         except ValueError:
             raise ValueError(f"ratio must look like '16:9' (width:height), got {ratio!r}") from None
+        if not all(math.isfinite(side) and side > 0 for side in (width, height)):
+            raise ValueError(f"ratio must be two positive numbers width:height, got {ratio!r}")
+        aspect = max(width, height) / min(width, height)
+        if aspect > self.max_aspect_ratio * (1 + 1e-9):
+            if self.max_aspect_ratio == 1:
+                side = math.isqrt(self.image_area)
+                raise ValueError(f"ratio {ratio}: this model draws square images only (it was trained on {side}x"
+                                 f"{side} squares), so other ratios would give grids it never saw; use 1:1")
+            raise ValueError(f"ratio {ratio} is {aspect:.3g}:1, wider than the {self.max_aspect_ratio:g}:1 this "
+                             f"model draws")
         scale = math.sqrt(self.image_area / (width * height))
         factor = self.vq.cfg.spatial_factor
         return max(1, round(height * scale / factor)), max(1, round(width * scale / factor))
