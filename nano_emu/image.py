@@ -10,6 +10,7 @@ which both released processors call, clips those instead: a 50%-grey 16-bit PNG 
 """
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -154,3 +155,20 @@ def tensor_to_image(pixels: Tensor) -> Image.Image:
         raise ValueError(f"expected pixels of shape (3, H, W), got {tuple(pixels.shape)}")
     x = ((pixels.detach().float().cpu() * 0.5 + 0.5) * 255).clamp(0, 255).to(torch.uint8)
     return Image.fromarray(x.permute(1, 2, 0).numpy())  # (H, W, 3)
+
+
+def save_image(image: Image.Image, path: str | Path, **params) -> None:
+    """image.save(path, **params), atomically: written to `<name>.tmp` beside it and renamed over it, so a full disk
+    or a kill mid-write leaves the previous file (or none), never a torn or empty one. The suffix names the format.
+    An OSError (a full disk, no permission) names the file; the unfinished .tmp is removed."""
+    path = Path(path)
+    Image.init()
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        image.save(tmp, format=Image.registered_extensions().get(path.suffix.lower()), **params)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise OSError(f"cannot write {path}: {e.strerror or e}") from e
+        raise

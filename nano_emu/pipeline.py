@@ -213,8 +213,30 @@ class Pipeline:
             frames = load_clip(clip_or_path) if isinstance(clip_or_path, (str, Path)) else clip_or_path
             self.code_frames(len(frames))   # refuses a VQ without a time axis and a length it cannot encode
             pixels.append(torch.stack([self._pixels(frame) for frame in frames]))   # (T, 3, H, W)
+            self._check_clip_fits(pixels[-1], question, max_new_tokens)
         texts = self._answer(pixels, question, 32, max_new_tokens, sampling)   # 32 clips of 8 ~ 256 images
         return texts[0] if one else texts
+
+    def _check_clip_fits(self, clip: torch.Tensor, question: str, max_new_tokens: int) -> None:
+        """A clip's prompt grows by a code frame every temporal_factor frames: refuse one that the context cannot
+        hold with the answer, saying how many frames it can (the engine would only say "shorten the prompt")."""
+        factor, spatial = self.vq.cfg.temporal_factor, self.vq.cfg.spatial_factor
+        h, w, context = clip.shape[-2] // spatial, clip.shape[-1] // spatial, self.gpt.config.max_seq_len
+
+        def prompt_length(t: int) -> int:
+            codes = torch.zeros(t, h, w, dtype=torch.long)
+            return len(self.layout.understanding_prompt(codes, question, self.tokenizer, self.chat_template))
+
+        t = clip.shape[0] // factor
+        if prompt_length(t) + max_new_tokens <= context:
+            return
+        fit = 0
+        while prompt_length(fit + 1) + max_new_tokens <= context:
+            fit += 1
+        raise ValueError(f"the clip is too long for this model: its {clip.shape[0]} frames are {t} code frames, a "
+                         f"prompt of {prompt_length(t)} tokens, which with max_new_tokens={max_new_tokens} for the "
+                         f"answer exceed its context of {context} tokens; it holds clips of at most "
+                         f"{fit * factor} frames" + ("" if fit else " (lower max_new_tokens)"))
 
     def _pixels(self, image: Image.Image | str | Path | np.ndarray) -> torch.Tensor:
         """One image (PIL, path or uint8 (H, W, 3)) -> pixels (3, H, W) in [-1, 1], as the checkpoint resizes."""
