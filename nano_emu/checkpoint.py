@@ -126,6 +126,11 @@ def load_extra(path, device="cpu") -> dict[str, torch.Tensor]:
 # which VQ a GPT belongs to
 
 
+class RunMismatch(ValueError):
+    """Files, or settings, of two different runs: a GPT beside another run's VQ, --resume with other flags (or
+    allowing a change of a flag that does not exist)."""
+
+
 def weights_hash(state: dict[str, torch.Tensor]) -> str:
     """SHA-256 over every tensor's name, dtype, shape and bytes, in name order: the same weights give the same hash
     on any device and in any run; one changed bit gives another. (The tiny VQ's 1 MB take a few milliseconds.)"""
@@ -138,14 +143,14 @@ def weights_hash(state: dict[str, torch.Tensor]) -> str:
 
 
 def check_same_vq(gpt_meta: dict, vq_hash: str, gpt_path, vq_path) -> str | None:
-    """Refuse (ValueError, naming both files) a GPT whose metadata records another VQ than the one of hash `vq_hash`.
+    """Refuse (RunMismatch, naming both files) a GPT whose metadata records another VQ than the one of hash `vq_hash`.
     A GPT checkpoint written before the hash was recorded cannot be checked: returns a note saying so (else None)."""
     recorded = gpt_meta.get(VQ_HASH_KEY)
     if recorded is None:
         return (f"note: {gpt_path} predates the record of its VQ ({VQ_HASH_KEY}), so nothing checks that {vq_path} "
                 f"is the VQ it was trained on; if it draws noise, the two files come from different runs")
     if recorded != vq_hash:
-        raise ValueError(f"{gpt_path} was trained on another VQ than {vq_path} (VQ weights {recorded[:12]} there, "
+        raise RunMismatch(f"{gpt_path} was trained on another VQ than {vq_path} (VQ weights {recorded[:12]} there, "
                          f"{vq_hash[:12]} here): the two files come from different runs, and this GPT would read "
                          f"this VQ's codes as noise; use the vq.safetensors and gpt.safetensors of one run")
     return None
@@ -248,12 +253,15 @@ def _shown(value) -> str:
 def check_resume(folder, asked: dict, names: Iterable[str] = ("vq.safetensors", "gpt.safetensors"),
                  ignore: Iterable[str] = (), allowed: Iterable[str] = (), hint: str = "") -> str:
     """Before --resume trains on: compare the settings stored with each checkpoint in `folder` (SETTINGS_KEY) with
-    the `asked` ones (settings_of(args)). A flag that differs is refused, all of them in one ValueError that names
+    the `asked` ones (settings_of(args)). A flag that differs is refused, all of them in one RunMismatch that names
     each flag and both values, unless it is in `allowed` (a change the user asked for on purpose, e.g. more steps);
     flags in `ignore` are never compared (where the output goes, the device). Returns what to print: that the
     folder holds no checkpoint yet (the run starts fresh), or what is resumed, with the allowed changes. `hint`
     ends the refusal: how the user allows a change on purpose (the caller's flag for it)."""
     folder, asked, ignore, allowed = Path(folder), settings_of(asked), set(ignore), set(allowed)
+    unknown = sorted(allowed - asked.keys())
+    if unknown:
+        raise RunMismatch(f"no flag {', '.join(map(_flag, unknown))} to allow a change of")
     found = [name for name in names if (folder / name).is_file()]
     if not found:
         return f"--resume: {folder} holds no checkpoint yet ({', '.join(names)}), so the run starts fresh"
@@ -273,7 +281,7 @@ def check_resume(folder, asked: dict, names: Iterable[str] = ("vq.safetensors", 
             elif change not in refused:
                 refused.append(change)
     if refused:
-        raise ValueError(f"--resume asks for other settings than the run in {folder} was trained with: "
+        raise RunMismatch(f"--resume asks for other settings than the run in {folder} was trained with: "
                          f"{'; '.join(refused)}. Resume with the run's flags, or start a new run in another --out"
                          + (f"; {hint}" if hint else ""))
     return "; ".join([f"resuming the run in {folder} ({', '.join(found)})"] + notes)

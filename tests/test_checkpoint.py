@@ -167,6 +167,8 @@ def test_resume_with_other_settings_names_every_flag(tmp_path):
     # a change allowed on purpose goes through, and is said
     note = check_resume(folder, {**stored, "gpt_steps": 80}, ignore={"out"}, allowed={"gpt_steps"})
     assert "gpt.safetensors: --gpt-steps 40 there, 80 now (allowed)" in note
+    with pytest.raises(ValueError, match="no flag --gpt-stpes to allow a change of"):   # a typo is not "allowed"
+        check_resume(folder, stored, allowed={"gpt_stpes"})
 
 
 def test_resume_on_an_empty_folder_says_it_starts_fresh(tmp_path):

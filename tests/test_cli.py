@@ -143,7 +143,9 @@ def test_sample_script_still_shows_a_bugs_traceback(ckpt):
                                           (["--cfg", "0"], "--cfg"), (["--seed", "-1"], "--seed"),
                                           (["--gpt-clip-share", "1"], "--gpt-clip-share"),
                                           (["--vq-clip-share", "0.6"], "--vq-clip-share"),
-                                          (["--vq-clip-batch", "0"], "--vq-clip-batch")])
+                                          (["--vq-clip-batch", "0"], "--vq-clip-batch"),
+                                          (["--device", "foo"], "--device"),
+                                          (["--out", str(ROOT / "README.md")], "--out")])   # a file
 def test_train_tiny_refuses_a_bad_number(flags, named, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:
         train_tiny.parse_args(["--out", str(tmp_path / "run")] + flags)

@@ -1,16 +1,22 @@
-"""nano_emu/train.py: a VQ stage killed and resumed trains exactly the weights of one that ran through."""
+"""nano_emu/train.py: a VQ stage killed and resumed trains exactly the weights of one that ran through; and what
+guards train_tiny.py's --out folder: one run at a time, --resume only with the run's settings and its VQ."""
 
+import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+import train_tiny
 from nano_emu import data
-from nano_emu.checkpoint import load_checkpoint
+from nano_emu.checkpoint import LOCK_NAME, SETTINGS_KEY, RunMismatch, load_checkpoint, settings_of
 from nano_emu.train import Distributed, batch_rng, fit, init_vq_for_training, train_vq
 from nano_emu.vq import VQConfig, VQModel
+from tiny_run import write_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,3 +72,71 @@ def test_an_error_is_not_printed_on_the_progress_bars_line(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "ValueError: bad batch" in result.stderr
     assert "\nTraceback (most recent call last)" in result.stderr, result.stderr[:300]
+
+
+# ------------------------------------------------------------------------------------ train_tiny.py's --out folder
+
+
+def quick_args(out, *flags):
+    return train_tiny.parse_args(["--quick", "--out", str(out), "--device", "cpu", *flags])
+
+
+def test_a_second_run_on_the_same_out_is_refused_naming_the_first(tmp_path):
+    """Before: both ran, and the folder ended up with one run's VQ next to the other's GPT."""
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, str(ROOT / "train_tiny.py"), "--quick", "--out", str(out), "--device",
+                              "cpu"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 60
+        while not ((out / LOCK_NAME).is_file() and (out / LOCK_NAME).read_text().strip() == str(first.pid)):
+            assert first.poll() is None and time.time() < deadline
+            time.sleep(0.1)
+        second = subprocess.run([sys.executable, str(ROOT / "train_tiny.py"), "--quick", "--out", str(out),
+                                 "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    finally:
+        first.kill()
+        first.wait()
+    assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
+    assert second.stderr.startswith(f"train_tiny.py: error: {out} is in use by another training run (pid {first.pid},")
+
+
+def settled_run(folder, *flags):
+    """A finished run's folder as train_tiny.py --quick writes it (random weights; the settings it stores)."""
+    args = train_tiny.fill_from_preset(quick_args(folder, *flags))
+    args.out = Path(args.out)
+    write_run(folder, vq_meta={SETTINGS_KEY: settings_of(args)}, gpt_meta={SETTINGS_KEY: settings_of(args)})
+    return folder
+
+
+def test_resume_with_other_settings_is_refused_before_training(tmp_path, monkeypatch):
+    """Before: --resume --video on a finished image run retrained over it (and failed on 52 mismatched keys)."""
+    out = settled_run(tmp_path / "run")
+    monkeypatch.setattr(train_tiny, "vq_stage", lambda *a: pytest.fail("trained"))
+    with pytest.raises(RunMismatch, match=r"--video off there, on now.*add --change FLAG") as error:
+        train_tiny.main(quick_args(out, "--resume", "--video"))
+    assert "--vq-width 4 there, 8 now" in str(error.value)   # what --video changes in the preset, named too
+    with pytest.raises(RunMismatch, match="--gpt-steps 40 there, 80 now"):
+        train_tiny.main(quick_args(out, "--resume", "--gpt-steps", "80"))
+    monkeypatch.setattr(train_tiny, "vq_stage", lambda *a: (_ for _ in ()).throw(RuntimeError("trains")))
+    with pytest.raises(RuntimeError, match="trains"):   # a change asked for on purpose goes through
+        train_tiny.main(quick_args(out, "--resume", "--gpt-steps", "80", "--change", "gpt-steps"))
+    assert not (out / LOCK_NAME).exists()   # released on the way out
+
+
+def test_resume_on_an_empty_folder_says_it_starts_fresh(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train_tiny, "vq_stage", lambda *a: (_ for _ in ()).throw(RuntimeError("stop")))
+    with pytest.raises(RuntimeError, match="stop"):
+        train_tiny.main(quick_args(tmp_path / "new", "--resume"))
+    assert "holds no checkpoint yet (vq.safetensors, gpt.safetensors), so the run starts fresh" in capsys.readouterr().out
+
+
+def test_the_gpt_is_not_resumed_on_another_vq(tmp_path):
+    """A GPT stage checkpoint beside a VQ it was not trained on (another run's, or one trained on with more
+    steps): refused by name before a step is taken. Before: it trained on, reading the new codes as the old."""
+    out = settled_run(tmp_path / "run")
+    other = settled_run(tmp_path / "other")
+    shutil.copy(write_run(tmp_path / "seed1", seed=1) / "vq.safetensors", other)   # another VQ, same settings
+    shutil.copy(other / "vq.safetensors", out)
+    with pytest.raises(RunMismatch, match=r"gpt.safetensors was trained on another VQ than .*vq.safetensors"):
+        train_tiny.main(quick_args(out, "--resume"))
