@@ -280,7 +280,7 @@ def test_an_error_while_drawing_starts_a_line_of_its_own(random_run, tmp_path):
 
 
 def test_a_clip_too_long_for_the_context_says_how_many_frames_fit(tmp_path):
-    """Before: 'prompt of 1862 tokens + 256 new tokens exceeds the model's context of 512 tokens; shorten the
+    """Before: 'prompt of 1835 tokens + 256 new tokens exceeds the model's context of 512 tokens; shorten the
     prompt or generate less' -- for a clip, which has no prompt to shorten."""
     folder = write_run(tmp_path / "video", video=True)
     gif = tmp_path / "long.gif"
