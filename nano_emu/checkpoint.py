@@ -169,24 +169,32 @@ class OutputLock:
 
     The kernel drops a flock when its holder's process ends, however it ends, so a lock file left by a killed run is
     free to take over: only a live holder blocks, and the pid in the file names it. The file is removed on release.
-    On a system without fcntl (Windows) nothing is locked. Use `with output_lock(folder):` (or acquire/release)."""
+    On a system without fcntl (Windows) or a file system without locks nothing is locked, with a note saying so.
+    Use `with output_lock(folder):` (or acquire/release)."""
 
     def __init__(self, folder):
         self.folder, self.path, self.fd = Path(folder), Path(folder) / LOCK_NAME, None
 
     def acquire(self) -> "OutputLock":
-        if fcntl is None or self.fd is not None:
+        if self.fd is not None:
+            return self
+        if fcntl is None:
+            print(f"note: no file locks on this system (no fcntl), so nothing stops a second run in {self.folder}")
             return self
         self.folder.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:   # BlockingIOError: a live process holds it
+            except BlockingIOError:   # a live process holds it
                 holder = os.read(fd, 64).decode(errors="replace").strip()
                 os.close(fd)
                 raise FolderInUse(f"{self.folder} is in use by another training run (pid {holder or 'unknown'}, "
                                   f"lock file {self.path}): wait for it to end, or give another --out") from None
+            except OSError as e:   # a file system without locks (some network mounts)
+                os.close(fd)
+                print(f"note: cannot lock {self.path} ({e.strerror}), so nothing stops a second run there")
+                return self
             try:   # the file may have been released and removed between open and flock: then lock the new one
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:
