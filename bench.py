@@ -27,6 +27,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from nano_emu import cli
 from nano_emu.gpt import GPT, GPTConfig
 from nano_emu.layout import Layout
 from nano_emu.engine import Engine
@@ -83,7 +84,7 @@ def generate_without_cache(model, layout, prompt, negative, h, w, cfg_scale, gen
 
 
 def bench_cache(args):
-    device = torch.device(args.device)
+    device = cli.resolve_device(args.device)
     dtype = getattr(torch, args.dtype)
     layout, tok = Layout.tiny(codebook_size=args.codebook), ByteTokenizer()
     torch.manual_seed(0)
@@ -291,7 +292,7 @@ def bench_emu3(args):
     from nano_emu.image import tensor_to_image
     from nano_emu.vq import VQConfig, VQModel
 
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    device, dtype = cli.resolve_device(args.device), getattr(torch, args.dtype)
     cuda = device.type == "cuda"
     if args.preset == "emu3_8b":
         config, vq_config, layout = GPTConfig.emu3_8b(), VQConfig.emu3(), Layout.emu3()
@@ -366,7 +367,7 @@ def bench_llamagen(args):
     from nano_emu.llamagen import llamagen_pipeline
     from nano_emu.vq import VQConfig, VQModel
 
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    device, dtype = cli.resolve_device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
     gpt = GPT(GPTConfig.llamagen(args.llamagen, grid=args.image_size // 16)).to(device, dtype)
     pipe = llamagen_pipeline(gpt, VQModel(VQConfig.llamagen(16)).to(device))
@@ -398,7 +399,7 @@ def bench_chameleon(args):
     cache makes every step cost the same, bench.py's default mode shows it), plus the full VQGAN decoding 32x32."""
     from nano_emu.vq import VQConfig, VQModel
 
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    device, dtype = cli.resolve_device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
     gpt = GPT(GPTConfig.chameleon("7B", n_layer=args.chameleon_layers)).to(device, dtype).eval()
     vq = VQModel(VQConfig.chameleon()).to(device).eval()
@@ -429,7 +430,7 @@ def bench_chameleon(args):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bench", nargs="?", default="cache", choices=["cache", "transformers", "sjd", "emu3"])
-    parser.add_argument("--device", default="cpu", help="cpu | cuda | mps (cache, emu3)")
+    parser.add_argument("--device", type=cli.device, default="cpu", help="cpu | cuda | mps (cache, emu3)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; transformers: 1)")
     parser.add_argument("--layers", type=int, default=4, help="cache: GPT layers (tiny preset: 4)")

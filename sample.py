@@ -25,12 +25,32 @@ import torch
 from PIL import Image
 
 from nano_emu import cli
-from nano_emu.image import load_clip
+from nano_emu.image import load_clip, save_image
 from nano_emu.pipeline import Pipeline
 from nano_emu.tiny import load_tiny
 from nano_emu.vq import VQConfig
 
 TEMPORAL_FACTOR = VQConfig.emu3().temporal_factor   # frames per code frame: 4 in the released VQ and the tiny one
+
+
+class StatusLine:
+    """The progress line shown while drawing, rewritten in place (\r) on stderr. end() moves below it, so what is
+    printed next -- the summary, an error, a traceback -- starts a line of its own."""
+
+    def __init__(self):
+        self.open = False
+
+    def show(self, text: str) -> None:
+        print(f"\r{text}", end="", file=sys.stderr, flush=True)
+        self.open = True
+
+    def end(self) -> None:
+        if self.open:
+            print(file=sys.stderr, flush=True)
+            self.open = False
+
+
+STATUS = StatusLine()
 
 
 def load(args) -> Pipeline:
@@ -83,8 +103,8 @@ def draw(pipe: Pipeline, args) -> None:
         n_tokens = rows.tokens.size(1)
         elapsed = time.time() - start
         eta = elapsed / rows.rows_done * (rows.rows_total - rows.rows_done)
-        print(f"\r  row {rows.rows_done:4d}/{rows.rows_total}  {n_tokens * len(prompts) / elapsed:8.1f} tokens/s  "
-              f"ETA {eta:6.1f}s", end="", file=sys.stderr, flush=True)
+        STATUS.show(f"  row {rows.rows_done:4d}/{rows.rows_total}  {n_tokens * len(prompts) / elapsed:8.1f} "
+                    f"tokens/s  ETA {eta:6.1f}s")
         if args.progress:   # decode the finished rows and paste them onto a black canvas
             partial = pipe.decode(rows.codes)
             frame = [Image.new("RGB", (w * pipe.vq.cfg.spatial_factor, h * pipe.vq.cfg.spatial_factor))
@@ -93,7 +113,8 @@ def draw(pipe: Pipeline, args) -> None:
                 canvas.paste(image, (0, 0))
             frames.append(grid_image(frame, args.n))
     elapsed = time.time() - start
-    print(f"\n  {n_tokens} tokens per image in {elapsed:.1f}s: {n_tokens * len(prompts) / elapsed:.1f} tokens/s "
+    STATUS.end()
+    print(f"  {n_tokens} tokens per image in {elapsed:.1f}s: {n_tokens * len(prompts) / elapsed:.1f} tokens/s "
           f"({'CFG: 2 rows per image, ' if cfg != 1 else ''}batch {len(prompts)})")
     images = pipe.decode(rows.codes, args.frames)
     out = Path(args.out)
@@ -101,11 +122,11 @@ def draw(pipe: Pipeline, args) -> None:
     if args.frames:
         write_clips(images, args, out)
         return
-    (images[0] if len(images) == 1 else grid_image(images, args.n)).save(out)
+    save_image(images[0] if len(images) == 1 else grid_image(images, args.n), out)
     print(f"wrote {out}" + ("" if len(images) == 1 else f" ({len(args.prompt)} prompts x {args.n}, one row each)"))
     if args.progress:
         frames += [frames[-1]] * 4   # hold the finished image for a moment
-        frames[0].save(args.progress, save_all=True, append_images=frames[1:], duration=120, loop=0)
+        save_image(frames[0], args.progress, save_all=True, append_images=frames[1:], duration=120, loop=0)
         print(f"wrote {args.progress} ({len(frames)} frames)")
 
 
@@ -114,11 +135,11 @@ def write_clips(clips: list[list[Image.Image]], args, out: Path) -> None:
     per clip."""
     if out.suffix.lower() == ".gif":
         frames = [grid_image([clip[k] for clip in clips], args.n) for k in range(len(clips[0]))]
-        frames[0].save(out, save_all=True, append_images=frames[1:], duration=150, loop=0)
+        save_image(frames[0], out, save_all=True, append_images=frames[1:], duration=150, loop=0)
         print(f"wrote {out} ({len(frames)} frames" + ("" if len(clips) == 1 else
               f"; {len(args.prompt)} prompts x {args.n}, one row each") + ")")
     else:
-        grid_image([frame for clip in clips for frame in clip], len(clips[0])).save(out)
+        save_image(grid_image([frame for clip in clips for frame in clip], len(clips[0])), out)
         print(f"wrote {out} ({len(clips)} clip(s), one row of {len(clips[0])} frames each)")
 
 
@@ -131,7 +152,7 @@ def complete(pipe: Pipeline, args) -> None:
                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cdk_k=args.cdk_k)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    grid_image(images, args.n).save(out)
+    save_image(grid_image(images, args.n), out)
     print(f"wrote {out}: {len(images)} completion(s) of {args.complete} from its first {args.keep_rows} rows "
           f"({time.time() - start:.1f}s)")
 
@@ -147,7 +168,8 @@ def answer(pipe: Pipeline, args) -> None:
 
 
 def draw_classes(args) -> None:
-    """LlamaGen: a grid with one row of --n images per --class, each row labelled with its ImageNet class name."""
+    """LlamaGen: a grid with one row of --n images per --class, each row labelled with its ImageNet class name; one
+    image (one --class, --n 1) is written bare."""
     from PIL import ImageDraw
 
     from nano_emu.llamagen import load_llamagen
@@ -165,27 +187,40 @@ def draw_classes(args) -> None:
     start = time.time()
     for rows in pipe.draw_stream(classes, cfg_scale=cfg, seed=args.seed, temperature=args.temperature,
                                  top_k=args.top_k, top_p=args.top_p, cfg_interval=args.cfg_interval):
-        print(f"\r  row {rows.rows_done:4d}/{rows.rows_total}", end="", file=sys.stderr, flush=True)
+        STATUS.show(f"  row {rows.rows_done:4d}/{rows.rows_total}")
     sampled = time.time() - start
+    STATUS.end()
     images = pipe.decode(rows.codes)
-    print(f"\n  {len(classes)} image(s) of {h}x{w} tokens in {sampled:.1f}s (GPT, CFG {cfg}) + "
+    print(f"  {len(classes)} image(s) of {h}x{w} tokens in {sampled:.1f}s (GPT, CFG {cfg}) + "
           f"{time.time() - start - sampled:.1f}s (VQ decode)")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def label(name: str) -> str:   # "207: golden retriever"
+        token = pipe.tokenizer.encode(name)
+        return f"{token[0] - pipe.tokenizer.first_class_id}: {pipe.tokenizer.decode(token)}"
+
+    if len(images) == 1:
+        save_image(images[0], out)
+        print(f"wrote {out} (class {label(args.classes[0])})")
+        return
     grid = grid_image(images, args.n)
     strip = 14   # a label strip above every row
     canvas = Image.new("RGB", (grid.width, grid.height + strip * len(args.classes)), "white")
     draw, side = ImageDraw.Draw(canvas), images[0].height
-    for row, label in enumerate(args.classes):
+    for row, name in enumerate(args.classes):
         canvas.paste(grid.crop((0, row * side, grid.width, (row + 1) * side)), (0, row * (side + strip) + strip))
-        token = pipe.tokenizer.encode(label)
-        draw.text((2, row * (side + strip) + 1), f"{token[0] - pipe.tokenizer.first_class_id}: "
-                                                 f"{pipe.tokenizer.decode(token)}", fill="black")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(out)
+        draw.text((2, row * (side + strip) + 1), label(name), fill="black")
+    save_image(canvas, out)
     print(f"wrote {out} ({len(args.classes)} classes x {args.n})")
 
 
 def main(args):
+    for path in (args.out, args.progress):   # what a write killed mid-way left (image.save_image's .tmp)
+        stale = Path(f"{path}.tmp") if path else None
+        if stale is not None and stale.is_file():
+            stale.unlink()
+            print(f"note: removed {stale}, left by a write that was killed before it finished")
     if args.llamagen:   # LlamaGen's class-to-image weights
         return draw_classes(args)
     pipe = load(args)
@@ -213,8 +248,7 @@ def build_parser() -> cli.ArgumentParser:
     gen.add_argument("--n", type=cli.at_least(1), default=1, help="images per prompt (one grid row per prompt)")
     gen.add_argument("--negative", default=None, help="negative prompt for CFG (default: the checkpoint's)")
     # g = 1 is unguided; g < 1 weakens the prompt, g = 0 ignores it (draws the negative prompt), g < 0 steers away
-    gen.add_argument("--cfg", type=cli.above(0, note="1 = no guidance, more follows the prompt harder; "
-                                                     "0 would ignore the prompt"), default=None,
+    gen.add_argument("--cfg", type=cli.cfg_scale, default=None,
                      help="classifier-free guidance scale, 1 = off (default: the checkpoint's; Emu3-Gen: 3.0)")
     gen.add_argument("--frames", type=cli.checked(int, lambda n: n > 0 and n % TEMPORAL_FACTOR == 0,
                                                   f"a positive multiple of {TEMPORAL_FACTOR} (the VQ's temporal "
@@ -223,15 +257,16 @@ def build_parser() -> cli.ArgumentParser:
                                         "--out .gif plays it, other formats show its frames in a row")
     gen.add_argument("--ratio", type=cli.ratio, default="1:1",
                      help="aspect ratio width:height (area fixed by the checkpoint)")
-    gen.add_argument("--temperature", type=cli.at_least(0, float, note="0 = greedy"), default=None,
+    gen.add_argument("--temperature", type=cli.temperature, default=None,
                      help="0 = greedy (default: the checkpoint's)")
-    gen.add_argument("--top-k", type=cli.at_least(1), default=None, help="sample from the k most likely tokens "
+    gen.add_argument("--top-k", type=cli.top_k, default=None, help="sample from the k most likely tokens "
                      "(default: the checkpoint's; Emu3-Gen: 2048)")
-    gen.add_argument("--top-p", type=cli.checked(float, lambda p: 0 < p <= 1, "in (0, 1] (1 = off)"), default=None,
+    gen.add_argument("--top-p", type=cli.top_p, default=None,
                      help="nucleus sampling (default: off)")
     # torch.Generator takes any seed in [0, 2**64)
     gen.add_argument("--seed", type=cli.checked(int, lambda s: 0 <= s < 2**64, "in [0, 2**64)"), default=0)
-    gen.add_argument("--out", type=cli.output_file(cli.image_suffixes(), "an image format PIL writes (.png, .jpg)"),
+    gen.add_argument("--out", type=cli.output_file(cli.image_suffixes(), "an image format PIL writes (.png, .jpg)",
+                                                   probe=cli.writes_rgb),
                      default="sample.png", help="output image (.png, .jpg, ...)")
     gen.add_argument("--progress", type=cli.output_file({".gif"}, "a GIF (.gif)"), default=None,
                      help="also write a GIF (.gif) of the image filling in row by row")
@@ -252,7 +287,7 @@ def build_parser() -> cli.ArgumentParser:
     cham.add_argument("--tokenizer-dir", type=cli.existing_folder, default=None,
                       help="the original layout's tokenizer/ folder (default: inside --chameleon or ../../tokenizer)")
     extra = p.add_argument_group("decoding extras (every family)")
-    extra.add_argument("--cdk-k", type=cli.at_least(1), default=None,
+    extra.add_argument("--cdk-k", type=cli.cdk_k, default=None,
                        help="CM3Leon's contrastive decoding with top-K instead of the CFG mix: candidates within "
                             "0.1x of the k-th likeliest conditional token, ranked by log p(cond) - log p(uncond)")
     extra.add_argument("--complete", type=cli.image_file, default=None,
@@ -271,7 +306,7 @@ def build_parser() -> cli.ArgumentParser:
                        nargs="?", const=16, default=0, metavar="WINDOW",
                        help="speculative Jacobi decoding: verify WINDOW drafted tokens per forward (default 16 when "
                             "given; same distribution, fewer forwards)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--device", type=cli.device, default="auto", help="auto | cpu | cuda[:N] | mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="GPT weights and activations (auto: float32 for --ckpt, bfloat16 for --weights; "
                         "the VQ stays float32)")
@@ -290,6 +325,9 @@ def parse_args(argv=None):
                 "--chameleon (a Chameleon / Anole folder)")
     if args.vq and not args.weights:
         p.error("--vq goes with --weights or --llamagen (the released VQ of an original-layout Emu3 folder)")
+    if args.progress and Path(args.progress).resolve() == Path(args.out).resolve():
+        p.error(f"--progress and --out name the same file {args.out}: the GIF would replace the image; give "
+                f"--progress a name of its own")
     if args.frames and args.progress:
         p.error("--progress shows an image filling in row by row; it is not available with --frames")
     if args.frames and args.complete:
@@ -304,14 +342,18 @@ def parse_args(argv=None):
 
 
 # What the library raises for bad input that only shows once the model is there: a checkpoint folder that lacks
-# a file or holds a corrupt one, an image too small for the VQ, a prompt longer than the context. Any other error
-# is a bug and keeps its traceback. (A bug that raises ValueError is printed as one line too; main() itself lets
-# everything through, so the tests and `python -c "import sample; ..."` still see the traceback.)
-USER_INPUT_ERRORS = (FileNotFoundError, ValueError)
+# a file or holds a corrupt one, files of two runs, an image too small for the VQ, a prompt longer than the context,
+# more images at once than memory holds; and what the system refuses (OSError: a full disk, no permission). Any
+# other error is a bug and keeps its traceback. (A bug that raises ValueError is printed as one line too; main()
+# itself lets everything through, so the tests and `python -c "import sample; ..."` still see the traceback.)
+USER_INPUT_ERRORS = (OSError, ValueError)
 
 if __name__ == "__main__":
     arguments = parse_args()
     try:
-        main(arguments)
+        try:
+            main(arguments)
+        finally:
+            STATUS.end()   # an error or a traceback starts below the progress line
     except USER_INPUT_ERRORS as e:
         build_parser().error(str(e))

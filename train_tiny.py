@@ -20,6 +20,7 @@ A folder is read and checked before anything trains: a problem with it is one li
 
 import argparse
 import json
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -31,6 +32,8 @@ import torch
 
 from nano_emu import cli, data
 from nano_emu import evaluate as ev
+from nano_emu.checkpoint import (SETTINGS_KEY, VQ_HASH_KEY, FolderInUse, RunMismatch, check_resume, check_same_vq,
+                                 output_lock, read_meta, settings_of, weights_hash)
 from nano_emu.gpt import GPT, GPTConfig
 from nano_emu.layout import Layout
 from nano_emu.folder import BACKGROUNDS, Folder, FolderError
@@ -90,6 +93,11 @@ def fill_from_preset(args):
 
 class UsageError(ValueError):
     """A problem with what the user asked for (flags, folder, captions), found before any training step."""
+
+
+# flags --resume does not compare with the run's: where it writes and runs, how often it saves, what it evaluates with
+RESUME_IGNORES = ("out", "resume", "change", "device", "ckpt_every", "eval_per_triple", "eval_images", "eval_clips",
+                  "cfg", "temperature", "top_k")
 
 
 def check_output_folder(out: Path, resume: bool) -> None:
@@ -156,8 +164,8 @@ def vq_stage(args, worlds, cfg, device, run, autocast):
 
     with autocast:
         history = train_vq(vq, sample_images, args.vq_steps, args.vq_lr, args.out / "vq.safetensors",
-                           {"kind": "vq", "config": asdict(cfg)}, run, resume=args.resume,
-                           ckpt_every=args.ckpt_every)
+                           {"kind": "vq", "config": asdict(cfg), SETTINGS_KEY: settings_of(args)}, run,
+                           resume=args.resume, ckpt_every=args.ckpt_every)
     return vq.eval(), history
 
 
@@ -175,7 +183,11 @@ def gpt_stage(args, worlds, tokenizer, tokenizer_spec, layout, vq, device, run, 
                    understood_image_weight=args.understood_image_weight, answer_weight=args.answer_weight)
     meta = {"kind": "gpt", "config": asdict(config), "layout": asdict(layout), "tokenizer": tokenizer_spec,
             "image_size": worlds[0].image_size, "world": worlds[0].name, "sequence_options": options,
-            "sampling": {"cfg_scale": args.cfg, "temperature": args.temperature, "top_k": args.top_k}}
+            "sampling": {"cfg_scale": args.cfg, "temperature": args.temperature, "top_k": args.top_k},
+            VQ_HASH_KEY: weights_hash(vq.state_dict()), SETTINGS_KEY: settings_of(args)}
+    if args.resume and (args.out / "gpt.safetensors").is_file():   # a GPT half-trained on another VQ is not resumed
+        check_same_vq(read_meta(args.out / "gpt.safetensors"), meta[VQ_HASH_KEY], args.out / "gpt.safetensors",
+                      args.out / "vq.safetensors")
     with autocast:
         history = train_gpt(gpt, layout, tokenizer, pools, args.gpt_steps, args.gpt_batch, args.gpt_lr,
                             args.out / "gpt.safetensors", meta, run, seed=args.seed, resume=args.resume,
@@ -219,6 +231,12 @@ def prepare(args) -> Plan:
 
 def main(args):
     args.out = Path(args.out)
+    # one run per --out (rank 0 holds it for all ranks): a second is refused, naming this one's pid
+    with output_lock(args.out) if int(os.environ.get("RANK", 0)) == 0 else nullcontext():
+        return train(args)
+
+
+def train(args):
     fill_from_preset(args)
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out} is a file, not a folder")
@@ -230,6 +248,9 @@ def main(args):
         torch.set_num_threads(max(1, (torch.get_num_threads()) // run.world))
     if run.main:
         check_output_folder(args.out, args.resume)
+        if args.resume:   # the run in --out, with its settings (but those --change names); or a fresh one
+            print(check_resume(args.out, settings_of(args), ignore=RESUME_IGNORES, allowed=args.change,
+                               hint="to change a flag on purpose, add --change FLAG (e.g. --change gpt-steps)"))
         args.out.mkdir(parents=True, exist_ok=True)
         print(f"captions: {describe_tokenizer(tokenizer_spec)}")
     dtype = getattr(torch, args.dtype)
@@ -258,13 +279,16 @@ def main(args):
 def parse_args(argv=None):
     count, rate = cli.at_least(1), cli.above(0)   # steps, sizes and learning rates are all positive
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="out/tiny", help="output folder (checkpoints, metrics, pictures)")
+    p.add_argument("--out", type=cli.output_folder, default="out/tiny",
+                   help="output folder (checkpoints, metrics, pictures)")
     p.add_argument("--preset", default="tiny", choices=[k for k in PRESETS if k != "quick"],
                    help="model sizes and step counts: tiny = ~7 min on 2 CPU cores; small = for a GPU")
     p.add_argument("--quick", action="store_true", help="a smoke run in about a minute (CI): tiny models, few steps")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    p.add_argument("--change", action="append", default=[], type=lambda flag: flag.removeprefix("--").replace("-", "_"),
+                   metavar="FLAG", help="with --resume: a flag that may differ from the run's (e.g. gpt-steps)")
     p.add_argument("--video", action="store_true", help="also train on 8-frame moving-shapes clips")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--device", type=cli.device, default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="autocast dtype for training (float32 = no autocast)")
     p.add_argument("--seed", type=cli.at_least(0), default=0)
@@ -330,5 +354,6 @@ if __name__ == "__main__":
     arguments = parse_args()
     try:
         main(arguments)
-    except (UsageError, FolderError) as e:   # the user's data or flags: one line, exit 2, before any training
+    # the user's data or flags, another run holding --out, --resume of another run: one line, exit 2
+    except (UsageError, FolderError, FolderInUse, RunMismatch) as e:
         cli.ArgumentParser(prog="train_tiny.py").error(str(e))

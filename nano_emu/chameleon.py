@@ -271,8 +271,8 @@ def chameleon_pipeline(gpt: GPT, vq: VQModel, tokenizer, layout: Layout,
     """A Chameleon-style GPT and VQ (loaded, or random for benchmarks) with the release's conventions."""
     template = CHAMELEON_CHAT_TEMPLATE if "<reserved08706>" in getattr(tokenizer, "vocab", {}) else "{question}{image}"
     return Pipeline(gpt.eval(), vq.eval(), tokenizer, layout, image_area=image_size * image_size,
-                    chat_template=template, resize={"square": image_size}, sampling=CHAMELEON_SAMPLING,
-                    guidance=CHAMELEON_GUIDANCE)
+                    chat_template=template, resize={"square": image_size}, max_aspect_ratio=1.0,
+                    sampling=CHAMELEON_SAMPLING, guidance=CHAMELEON_GUIDANCE)
 
 
 def _require(path: Path, layout: str) -> Path:

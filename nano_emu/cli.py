@@ -4,13 +4,16 @@ front, and what --device auto means.
 A flag the library would choke on deep inside (`--temperature -1` surfaced as "codes must lie in [0, 512)",
 `--top-k 0` as a tensor size mismatch) is refused while parsing, in one line that names the flag and the rule:
 
-    sample.py: error: argument --top-k: must be >= 1, got 0
+    sample.py: error: argument --top-k: top_k must be an integer >= 1 (or None for off), got 0
 
 Each type is a plain function of the flag's text, so argparse reports its ArgumentTypeError with the flag's name.
-Only user mistakes are turned into one line and exit code 2 (argparse's); bugs keep their traceback.
+The sampling flags are checked by the library's own rule (`option_of`: sampler.Sampling / Guidance), so the
+command line and the Python API refuse the same values. Only user mistakes are turned into one line and exit code
+2 (argparse's); bugs keep their traceback.
 """
 
 import argparse
+import io
 import math
 import os
 from pathlib import Path
@@ -21,6 +24,7 @@ from PIL import Image
 
 from .hub import parse_id
 from .image import load_clip, load_image
+from .sampler import Guidance, Sampling
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -53,6 +57,36 @@ def above(low: int | float, kind: type = float, note: str = "") -> Callable[[str
     return checked(kind, lambda value: value > low, f"> {low}" + (f" ({note})" if note else ""))
 
 
+def option_of(options: type, name: str, kind: type, ok: Callable | None = None, rule: str = "") -> Callable:
+    """An argparse type for a sampling option: the text as `kind`, checked by `options(**{name: value})`
+    (sampler.Sampling or Guidance, whose checks the Python API runs), and by ok(value) where the command line is
+    stricter than the API (`rule` says why)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        try:
+            options(**{name: value})
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        if ok is not None and not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+    return parse
+
+
+temperature = option_of(Sampling, "temperature", float)       # >= 0, finite; 0 = greedy
+top_k = option_of(Sampling, "top_k", int)                     # >= 1
+top_p = option_of(Sampling, "top_p", float)                   # (0, 1]
+cdk_k = option_of(Guidance, "cdk_k", int)                     # >= 1
+# the API takes any finite scale (0 draws the negative prompt, < 0 steers away from the prompt); a user typing
+# --cfg 0 has made a mistake far more often than an experiment
+cfg_scale = option_of(Guidance, "cfg_scale", float, lambda g: g > 0,
+                      "> 0 (1 = no guidance, more follows the prompt harder; 0 would ignore the prompt)")
+
+
 def ratio(text: str) -> str:
     """An aspect ratio "W:H" of two positive numbers; returned as text, which Pipeline.grid reads."""
     parts = text.split(":")
@@ -70,6 +104,30 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     return torch.device(name)
+
+
+def device(text: str) -> str:
+    """--device: auto, or a device this PyTorch build has (checked here: torch would fail at the first tensor, after
+    the checkpoint loads, with "Torch not compiled with CUDA enabled" or a list of every device type it knows)."""
+    if text == "auto":
+        return text
+    try:
+        name = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}: auto, cpu, cuda, cuda:N or mps") from None
+    if name.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this PyTorch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise argparse.ArgumentTypeError(f"{text}: {why} (torch {torch.__version__}); use --device cpu or auto")
+        if name.index is not None and name.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text}: there are {torch.cuda.device_count()} CUDA device(s), "
+                                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif name.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise argparse.ArgumentTypeError(f"{text}: Apple's MPS is not available on this machine or build")
+    elif name.type != "cpu":
+        raise argparse.ArgumentTypeError(f"{text}: nano_emu runs on cpu, cuda or mps")
+    return text
 
 
 def existing_folder(text: str) -> str:
@@ -131,27 +189,55 @@ def image_or_clip(text: str) -> str:
     return text
 
 
-def output_file(suffixes: set[str], what: str) -> Callable[[str], str]:
-    """An argparse type for a file to write: its suffix is one of `suffixes` and its folder exists or can be made,
-    checked before any work is done (a typo in --out should not cost the minutes of drawing before it)."""
+def output_file(suffixes: set[str], what: str, probe: Callable[[Path], str | None] | None = None
+                ) -> Callable[[str], str]:
+    """An argparse type for a file to write: its suffix is one of `suffixes`, probe(path) (optional) finds nothing
+    wrong with it, and its folder exists or can be made, all checked before any work is done (a typo in --out should
+    not cost the minutes of drawing before it)."""
     def parse(text: str) -> str:
         path = Path(text)
         if path.suffix.lower() not in suffixes:
             raise argparse.ArgumentTypeError(f"{text!r} needs the suffix of {what}")
         if path.is_dir():
             raise argparse.ArgumentTypeError(f"{text} is a folder, not a file name")
-        folder = path.parent
-        while not folder.exists():   # the nearest folder that exists decides whether the rest can be made
-            folder = folder.parent
-        if not folder.is_dir():
-            raise argparse.ArgumentTypeError(f"cannot write {text}: {folder} is a file, not a folder")
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise argparse.ArgumentTypeError(f"cannot write {text}: no permission to write in {folder}")
+        problem = probe(path) if probe is not None else None
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        _writable(text, path.parent)
         return text
     return parse
+
+
+def output_folder(text: str) -> str:
+    """An argparse type for a folder to write into (train_tiny.py --out): a folder, or a path one can be made at."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
+    _writable(text, path)
+    return text
+
+
+def _writable(text: str, folder: Path) -> None:
+    while not folder.exists():   # the nearest folder that exists decides whether the rest can be made
+        folder = folder.parent
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {text}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {text}: no permission to write in {folder}")
 
 
 def image_suffixes() -> set[str]:
     """The suffixes PIL can save to (.png, .jpg, .gif, .webp, ...)."""
     Image.init()
     return {suffix for suffix, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
+
+
+def writes_rgb(path: Path) -> str | None:
+    """What is wrong with saving an RGB image as `path`'s format, or None: some formats PIL lists as writable take
+    other modes only (XBM: 1-bit) or are stubs without a writer (HDF5, BUFR, GRIB)."""
+    fmt = Image.registered_extensions()[path.suffix.lower()]
+    try:
+        Image.new("RGB", (8, 8)).save(io.BytesIO(), format=fmt)
+    except Exception as e:   # each plugin fails its own way: OSError, KeyError, ValueError, ...
+        return f"cannot write {path}: PIL does not write RGB images as {fmt} ({e}); use .png or .jpg"
+    return None

@@ -208,6 +208,14 @@ class KVCache:
         self.sin = torch.zeros_like(self.cos)
         self.start()
 
+    @staticmethod
+    def nbytes(config: "GPTConfig", batch_size: int, max_len: int, dtype=torch.float32) -> int:
+        """What __init__ allocates, in bytes, before allocating it: keys and values, rotary tables, the masks."""
+        element = torch.empty((), dtype=dtype).element_size()
+        floats = 2 * config.n_layer * batch_size * config.n_kv_head * max_len * config.head_dim   # k, v
+        floats += 2 * batch_size * max_len * config.head_dim                                         # cos, sin
+        return floats * element + batch_size * max_len + 8 * max_len                                 # is_token, slots
+
     def start(self, prompt_mask: torch.Tensor | None = None) -> None:
         """Begin new sequences. prompt_mask (B, L): 1 on the prompt's tokens, 0 on its left padding, for the
         first L slots; every later slot will hold a generated token. Positions count real tokens only, so they
@@ -337,6 +345,10 @@ class GPT(nn.Module):
         """A KV cache for `batch_size` rows of up to `max_len` tokens (prompt + generation), in the model's dtype
         and on its device. The caller owns it."""
         return KVCache(self.config, batch_size, max_len, self.lm_head.weight.dtype, self.lm_head.weight.device)
+
+    def cache_nbytes(self, batch_size: int, max_len: int) -> int:
+        """The bytes new_cache(batch_size, max_len) would allocate (the engine checks them against free memory)."""
+        return KVCache.nbytes(self.config, batch_size, max_len, self.lm_head.weight.dtype)
 
     def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
                 input_pos: torch.Tensor | None = None, every_position: bool = False) -> torch.Tensor:

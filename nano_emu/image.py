@@ -10,6 +10,7 @@ which both released processors call, clips those instead: a 50%-grey 16-bit PNG 
 """
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +19,14 @@ from PIL import Image, ImageOps
 from torch import Tensor
 
 MIN_PIXELS, MAX_PIXELS = 512 * 512, 1024 * 1024  # the released preprocessor_config.json
+MAX_ASPECT_RATIO = 5.0  # the original processor's limit (transformers' port allows 200)
 
 
 def smart_resize(height: int, width: int, factor: int = 8, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
-                 max_aspect_ratio: float = 5.0) -> tuple[int, int]:
+                 max_aspect_ratio: float = MAX_ASPECT_RATIO) -> tuple[int, int]:
     """The released rule: round each side to a multiple of `factor`; if the area leaves [min_pixels, max_pixels],
     rescale both sides by one factor (rounding down when shrinking, up when growing) to get back inside.
-    The original processor allows aspect ratios up to 5 (transformers' port up to 200)."""
+    The original processor allows aspect ratios up to MAX_ASPECT_RATIO."""
     if height < factor or width < factor:
         raise ValueError(f"image of {height}x{width} is too small: both sides must be at least {factor} pixels")
     if max(height, width) / min(height, width) > max_aspect_ratio:
@@ -133,7 +135,8 @@ def square_crop(image: Image.Image, side: int) -> Image.Image:
 
 
 def image_to_tensor(image: Image.Image | str | Path, factor: int = 8, min_pixels: int = MIN_PIXELS,
-                    max_pixels: int = MAX_PIXELS, max_aspect_ratio: float = 5.0, square: int | None = None) -> Tensor:
+                    max_pixels: int = MAX_PIXELS, max_aspect_ratio: float = MAX_ASPECT_RATIO,
+                    square: int | None = None) -> Tensor:
     """A PIL image (any mode: RGBA, L, P, ...) or a path -> float32 pixels (3, H, W) in [-1, 1], smart-resized;
     or, with `square` (Chameleon), square_crop'ed to square x square."""
     if not isinstance(image, Image.Image):
@@ -158,3 +161,20 @@ def tensor_to_image(pixels: Tensor) -> Image.Image:
         raise ValueError(f"expected pixels of shape (3, H, W), got {tuple(pixels.shape)}")
     x = ((pixels.detach().float().cpu() * 0.5 + 0.5) * 255).clamp(0, 255).to(torch.uint8)
     return Image.fromarray(x.permute(1, 2, 0).numpy())  # (H, W, 3)
+
+
+def save_image(image: Image.Image, path: str | Path, **params) -> None:
+    """image.save(path, **params), atomically: written to `<name>.tmp` beside it and renamed over it, so a full disk
+    or a kill mid-write leaves the previous file (or none), never a torn or empty one. The suffix names the format.
+    An OSError (a full disk, no permission) names the file; the unfinished .tmp is removed."""
+    path = Path(path)
+    Image.init()
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        image.save(tmp, format=Image.registered_extensions().get(path.suffix.lower()), **params)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise OSError(f"cannot write {path}: {e.strerror or e}") from e
+        raise

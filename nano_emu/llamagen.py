@@ -242,4 +242,5 @@ def llamagen_pipeline(gpt: GPT, vq: VQModel) -> Pipeline:
     """A class-to-image GPT and its VQ (loaded, or random for benchmarks) with the demo's conventions."""
     cfg, side = gpt.config, gpt.config.rope_2d_grid * vq.cfg.spatial_factor
     return Pipeline(gpt.eval(), vq.eval(), ClassLabels(cfg.vocab_size, cfg.num_classes), Layout.llamagen(cfg.vocab_size),
-                    image_area=side * side, sampling=LLAMAGEN_SAMPLING, guidance=LLAMAGEN_GUIDANCE)
+                    image_area=side * side, max_aspect_ratio=1.0, sampling=LLAMAGEN_SAMPLING,
+                    guidance=LLAMAGEN_GUIDANCE)

@@ -33,7 +33,7 @@ from PIL import Image
 
 from .engine import Engine
 from .gpt import GPT
-from .image import image_to_tensor, load_clip, tensor_to_image
+from .image import MAX_ASPECT_RATIO, image_to_tensor, load_clip, tensor_to_image
 from .layout import Layout
 from .sampler import GREEDY, Guidance, Rows, Sampling, generate_image_stream, generate_text, plain_decode
 from .sjd import jacobi_decode
@@ -54,6 +54,8 @@ class Pipeline:
     negative_prompt: str = ""           # CFG's unconditional branch ("" = the null caption the toys trained with)
     chat_template: str = "{image}{question}"
     resize: dict | None = None          # keyword limits for image.image_to_tensor (None: the released processor's)
+    max_aspect_ratio: float = MAX_ASPECT_RATIO   # the widest ratio it draws (Emu3: its released processor's limit);
+    #                                              1 for models trained on squares only (tiny, LlamaGen, Chameleon)
     guidance: Guidance = Guidance(cfg_scale=3.0)   # the checkpoint's defaults (Emu3-Gen: CFG 3.0 on log-probs)
     sampling: Sampling = Sampling()                # (Emu3-Gen: top_k 2048 at temperature 1)
     compile: bool = False               # torch.compile the decode step (speed only: the same tokens)
@@ -85,11 +87,22 @@ class Pipeline:
 
     def grid(self, ratio: str = "1:1") -> tuple[int, int]:
         """Token grid (h, w) for an aspect ratio "W:H" at the checkpoint's image area (Emu3's rule: the
-        image keeps its area, each side a whole number of VQ codes, Python's rounding)."""
+        image keeps its area, each side a whole number of VQ codes, Python's rounding). A ratio wider than
+        max_aspect_ratio is refused: a model trained on squares draws smeared blobs on other grids."""
         try:
             width, height = (float(x) for x in ratio.split(":"))
         except ValueError:
             raise ValueError(f"ratio must look like '16:9' (width:height), got {ratio!r}") from None
+        if not all(math.isfinite(side) and side > 0 for side in (width, height)):
+            raise ValueError(f"ratio must be two positive numbers width:height, got {ratio!r}")
+        aspect = max(width, height) / min(width, height)
+        if aspect > self.max_aspect_ratio * (1 + 1e-9):
+            if self.max_aspect_ratio == 1:
+                side = math.isqrt(self.image_area)
+                raise ValueError(f"ratio {ratio}: this model draws square images only (it was trained on {side}x"
+                                 f"{side} squares), so other ratios would give grids it never saw; use 1:1")
+            raise ValueError(f"ratio {ratio} is {aspect:.3g}:1, wider than the {self.max_aspect_ratio:g}:1 this "
+                             f"model draws")
         scale = math.sqrt(self.image_area / (width * height))
         factor = self.vq.cfg.spatial_factor
         return max(1, round(height * scale / factor)), max(1, round(width * scale / factor))
@@ -200,8 +213,30 @@ class Pipeline:
             frames = load_clip(clip_or_path) if isinstance(clip_or_path, (str, Path)) else clip_or_path
             self.code_frames(len(frames))   # refuses a VQ without a time axis and a length it cannot encode
             pixels.append(torch.stack([self._pixels(frame) for frame in frames]))   # (T, 3, H, W)
+            self._check_clip_fits(pixels[-1], question, max_new_tokens)
         texts = self._answer(pixels, question, 32, max_new_tokens, sampling)   # 32 clips of 8 ~ 256 images
         return texts[0] if one else texts
+
+    def _check_clip_fits(self, clip: torch.Tensor, question: str, max_new_tokens: int) -> None:
+        """A clip's prompt grows by a code frame every temporal_factor frames: refuse one that the context cannot
+        hold with the answer, saying how many frames it can (the engine would only say "shorten the prompt")."""
+        factor, spatial = self.vq.cfg.temporal_factor, self.vq.cfg.spatial_factor
+        h, w, context = clip.shape[-2] // spatial, clip.shape[-1] // spatial, self.gpt.config.max_seq_len
+
+        def prompt_length(t: int) -> int:
+            codes = torch.zeros(t, h, w, dtype=torch.long)
+            return len(self.layout.understanding_prompt(codes, question, self.tokenizer, self.chat_template))
+
+        t = clip.shape[0] // factor
+        if prompt_length(t) + max_new_tokens <= context:
+            return
+        fit = 0
+        while prompt_length(fit + 1) + max_new_tokens <= context:
+            fit += 1
+        raise ValueError(f"the clip is too long for this model: its {clip.shape[0]} frames are {t} code frames, a "
+                         f"prompt of {prompt_length(t)} tokens, which with max_new_tokens={max_new_tokens} for the "
+                         f"answer exceed its context of {context} tokens; it holds clips of at most "
+                         f"{fit * factor} frames" + ("" if fit else " (lower max_new_tokens)"))
 
     def _pixels(self, image: Image.Image | str | Path | np.ndarray) -> torch.Tensor:
         """One image (PIL, path or uint8 (H, W, 3)) -> pixels (3, H, W) in [-1, 1], as the checkpoint resizes."""

@@ -7,8 +7,9 @@ modules' (`VQConfig.tiny()`, `GPTConfig.tiny()`, `Layout.tiny()`); this file hol
 
 - the caption tokenizer and how a checkpoint names it (`make_tokenizer` writes the spec, `tokenizer_from_spec`
   reads it back): whole words for the toy worlds' small languages, or UTF-8 bytes;
-- the prompt conventions (`tiny_pipeline`): square images of `image_size` pixels taken as they are, no prompt
-  suffix, the empty caption as CFG's unconditional branch, and the sampling defaults below;
+- the prompt conventions (`tiny_pipeline`): square images of `image_size` pixels taken as they are (other ratios
+  are refused: the toys never saw them), no prompt suffix, the empty caption as CFG's unconditional branch, and the
+  sampling defaults below;
 - `load_tiny(folder)`, the loader sample.py and the notebooks call.
 
     pipe = load_tiny("out/tiny")
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_checkpoint
+from .checkpoint import check_same_vq, load_checkpoint, weights_hash
 from .gpt import GPT, GPTConfig
 from .layout import Layout
 from .pipeline import Pipeline
@@ -87,26 +88,51 @@ def tiny_pipeline(gpt: GPT, vq: VQModel, tokenizer, layout: Layout, image_size: 
     given = {k: v for k, v in (sampling or {}).items() if v is not None}
     side = image_size
     return Pipeline(gpt, vq, tokenizer, layout, image_area=side * side,
-                    resize=dict(min_pixels=side * side, max_pixels=side * side),
+                    resize=dict(min_pixels=side * side, max_pixels=side * side), max_aspect_ratio=1.0,
                     guidance=Guidance(cfg_scale=given.pop("cfg_scale", TINY_CFG_SCALE)),
                     sampling=Sampling(**{"temperature": TINY_TEMPERATURE, **given}))
 
 
 def load_tiny(folder: str | Path, device="cpu", dtype=torch.float32) -> Pipeline:
-    """The checkpoints train_tiny.py writes: vq.safetensors and gpt.safetensors (weights + JSON config)."""
+    """The checkpoints train_tiny.py writes: vq.safetensors and gpt.safetensors (weights + JSON config), which must
+    come from one run: the GPT records the hash of the VQ it was trained on (checkpoint.check_same_vq)."""
     folder = Path(folder)
-    for name in ("vq.safetensors", "gpt.safetensors"):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder / name} is missing: point --ckpt at the --out folder of a finished "
+    vq_path, gpt_path = folder / "vq.safetensors", folder / "gpt.safetensors"
+    for path in (vq_path, gpt_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: point --ckpt at the --out folder of a finished "
                                     f"train_tiny.py run (it writes vq.safetensors and gpt.safetensors)")
-    state, meta, _ = load_checkpoint(folder / "vq.safetensors")
-    vq = VQModel(VQConfig(**meta["config"]))
-    load_state_dict_strict(vq, state, source=str(folder / "vq.safetensors"))
-    state, meta, _ = load_checkpoint(folder / "gpt.safetensors")
-    if meta.get("step") != meta.get("steps"):
-        print(f"note: {folder / 'gpt.safetensors'} is a mid-training checkpoint (step {meta.get('step')} of "
-              f"{meta.get('steps')})")
-    gpt = GPT(GPTConfig(**meta["config"]))
-    load_state_dict_strict(gpt, state, source=str(folder / "gpt.safetensors"))
-    return tiny_pipeline(gpt.to(device, dtype).eval(), vq.to(device).eval(), tokenizer_from_spec(meta["tokenizer"]),
-                         Layout(**meta["layout"]), image_size=meta.get("image_size", 64), sampling=meta.get("sampling"))
+    vq_state, vq_meta, _ = load_checkpoint(vq_path)
+    gpt_state, gpt_meta, _ = load_checkpoint(gpt_path)
+    vq = VQModel(_config(VQConfig, "vq", vq_path, vq_meta, gpt_path))
+    load_state_dict_strict(vq, vq_state, source=str(vq_path))
+    note = check_same_vq(gpt_meta, weights_hash(vq_state), gpt_path, vq_path)
+    if note:
+        print(note)
+    if gpt_meta.get("step") != gpt_meta.get("steps"):
+        print(f"note: {gpt_path} is a mid-training checkpoint (step {gpt_meta.get('step')} of "
+              f"{gpt_meta.get('steps')})")
+    gpt = GPT(_config(GPTConfig, "gpt", gpt_path, gpt_meta, vq_path))
+    load_state_dict_strict(gpt, gpt_state, source=str(gpt_path))
+    for key in ("tokenizer", "layout"):
+        if key not in gpt_meta:
+            raise ValueError(f"{gpt_path}: its metadata has no {key!r} entry (it has {', '.join(gpt_meta)}): not a "
+                             f"GPT checkpoint as train_tiny.py writes them")
+    return tiny_pipeline(gpt.to(device, dtype).eval(), vq.to(device).eval(), tokenizer_from_spec(gpt_meta["tokenizer"]),
+                         Layout(**gpt_meta["layout"]), image_size=gpt_meta.get("image_size", 64),
+                         sampling=gpt_meta.get("sampling"))
+
+
+def _config(kind: type, name: str, path: Path, meta: dict, other: Path):
+    """The VQConfig / GPTConfig a checkpoint's metadata holds, or a ValueError that says what the file is instead."""
+    if meta.get("kind", name) != name:
+        swapped = " (the two files look swapped)" if meta.get("kind") in ("vq", "gpt") else ""
+        raise ValueError(f"{path} holds a {meta['kind']!r} checkpoint, not the {name.upper()}{swapped}: "
+                         f"{path.name} and {other.name} of one run are what --ckpt reads")
+    if not isinstance(meta.get("config"), dict):
+        raise ValueError(f"{path}: its metadata has no 'config' entry (it has {', '.join(meta) or 'nothing'}): not "
+                         f"a {name.upper()} checkpoint as train_tiny.py writes them")
+    try:
+        return kind(**meta["config"])
+    except (TypeError, ValueError, AssertionError) as e:
+        raise ValueError(f"{path}: its 'config' is not a {kind.__name__} ({e})") from None

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, load_extra, save_checkpoint
 from .layout import Layout
 from .vq import AttnBlock, CausalConv3d, ResnetBlock, TemporalResnetBlock, VectorQuantizer
 from .weights import load_state_dict_strict
@@ -116,19 +116,41 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))   # cosine down to 10%
 
 
+def _rng_state(device: torch.device) -> torch.Tensor:
+    """The torch RNG that random draws on `device` use (the VQ's dead-code restarts), as a tensor to checkpoint."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
 def fit(model: torch.nn.Module, loss_fn: Callable, steps: int, lr: float, ckpt_path: Path, meta: dict,
         run: Distributed, ckpt_every: int = 250, resume: bool = False, warmup: int = 20, betas=(0.9, 0.95),
         clip_grad: float | None = 1.0, after_step: Callable | None = None, desc: str = "train",
-        log_every: int = 10) -> list:
+        log_every: int = 10, extra: dict[str, torch.Tensor] | None = None) -> list:
     """Train `model` for `steps` steps of `loss_fn(net, step) -> (loss, logs)`; `net` is the model, DDP-wrapped
-    when distributed. Checkpoints to ckpt_path (with `meta`, e.g. the config). Returns the logged history."""
+    when distributed. Checkpoints to ckpt_path (with `meta`, e.g. the config). Returns the logged history.
+    extra: tensors of training state that loss_fn / after_step update in place (the VQ's code-usage counters);
+    they are checkpointed with the weights and restored in place on resume, as is the torch RNG of the model's
+    device, so that a resumed run takes the steps the uninterrupted one takes."""
+    device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=0.0)
-    done, history = 0, []
+    done, history, extra = 0, [], extra or {}
     if resume and ckpt_path.exists():
-        state, saved, opt_state = load_checkpoint(ckpt_path, device=next(model.parameters()).device)
+        state, saved, opt_state = load_checkpoint(ckpt_path, device=device)
         load_state_dict_strict(model, state, source=str(ckpt_path))
         if opt_state is not None:
             optimizer.load_state_dict(opt_state)
+        saved_extra = load_extra(ckpt_path, device=device)
+        for name, tensor in extra.items():
+            if name in saved_extra:   # a checkpoint from before they were saved resumes as it used to
+                tensor.copy_(saved_extra[name])
+        if "rng" in saved_extra:
+            _set_rng_state(device, saved_extra["rng"].cpu())
         done, history = saved["step"], saved["history"]
         if run.main:
             print(f"resuming {desc} from {ckpt_path} at step {done}/{steps}")
@@ -136,8 +158,8 @@ def fit(model: torch.nn.Module, loss_fn: Callable, steps: int, lr: float, ckpt_p
 
     def save():
         if run.main:
-            save_checkpoint(ckpt_path, model.state_dict(),
-                            {**meta, "step": done, "steps": steps, "history": history}, optimizer.state_dict())
+            save_checkpoint(ckpt_path, model.state_dict(), {**meta, "step": done, "steps": steps, "history": history},
+                            optimizer.state_dict(), extra={**extra, "rng": _rng_state(device)})
 
     bar = tqdm(total=steps, initial=done, desc=desc, disable=not run.main, dynamic_ncols=True)
     try:
@@ -165,7 +187,8 @@ def fit(model: torch.nn.Module, loss_fn: Callable, steps: int, lr: float, ckpt_p
         if run.main:
             print(f"\ninterrupted: saved {ckpt_path} at step {done}; rerun with --resume to continue")
         raise
-    bar.close()
+    finally:
+        bar.close()   # an error is printed below the bar, not on its line
     save()
     return history
 
@@ -174,6 +197,7 @@ def train_vq(vq, sample_images: Callable, steps: int, lr: float, ckpt_path: Path
              restart_every: int = 20, **fit_kwargs) -> list:
     """The VQ stage: reconstruction + codebook + commitment losses (vq.py), with dead codes restarted every
     `restart_every` steps during the first 80% of training. sample_images(step) -> pixels in [-1, 1]."""
+    # uses of each code since the last restart: training state, checkpointed beside the weights (fit's extra)
     counts = torch.zeros(vq.cfg.codebook_size, device=next(vq.parameters()).device)
     last = {}
 
@@ -198,7 +222,7 @@ def train_vq(vq, sample_images: Callable, steps: int, lr: float, ckpt_path: Path
 
     # plain Adam without clipping: on the toy VQ, clipping at 1.0 cost ~5 dB PSNR at the same step count
     return fit(vq, loss_fn, steps, lr, ckpt_path, meta, run, after_step=restart, betas=(0.9, 0.999),
-               clip_grad=None, desc="vq", **fit_kwargs)
+               clip_grad=None, desc="vq", extra={"code_counts": counts}, **fit_kwargs)
 
 
 class Pool(NamedTuple):

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import sample
+from nano_emu import engine as engine_module
 from nano_emu.engine import Engine
-from nano_emu.gpt import GPT, GPTConfig
+from nano_emu.gpt import GPT, GPTConfig, KVCache
 from nano_emu.layout import Layout
 from nano_emu.pipeline import Pipeline
 from nano_emu.sampler import GREEDY, Guidance, generate_image, generate_image_stream
@@ -140,3 +141,24 @@ def test_pipeline_and_sample_py_options(tmp_path):
     with pytest.raises(SystemExit) as refused:   # a window of 1 verifies nothing: refused in one line, exit 2
         sample.parse_args([*draw, "--sjd", "1"])
     assert refused.value.code == 2
+
+
+def test_the_cache_estimate_is_what_the_cache_allocates():
+    config = GPTConfig.tiny(300, dim=64, n_layer=2, n_head=4, n_kv_head=2)
+    for dtype in (torch.float32, torch.bfloat16):
+        cache = KVCache(config, 3, 40, dtype=dtype)
+        tensors = (cache.k, cache.v, cache.slots, cache.is_token, cache.cos, cache.sin)
+        assert KVCache.nbytes(config, 3, 40, dtype) == sum(t.numel() * t.element_size() for t in tensors)
+
+
+def test_a_cache_bigger_than_free_memory_is_refused_before_it_is_allocated(monkeypatch):
+    model = GPT(GPTConfig.tiny(300, dim=64, n_layer=2, n_head=4, n_kv_head=2)).eval()
+    free = engine_module.free_memory(torch.device("cpu"))
+    assert free is None or 0 < free < 2**50   # what the system says, e.g. Linux's MemAvailable
+    monkeypatch.setattr(engine_module, "free_memory", lambda device: 2**20)   # 1 MiB free
+    engine = Engine(model)
+    engine.prefill([[1, 2, 3]], 0, 10)   # a cache of 128 slots for one row: 82 kB
+    with pytest.raises(ValueError, match=r"a KV cache for 100 rows of 128 tokens .* needs 7.8 MiB, more than the "
+                                         r"1.0 MiB free on cpu"):
+        engine.prefill([[1, 2, 3]] * 100, 0, 10)   # 8 MB
+    assert engine.cache is None   # the old one was freed, no new one was made

@@ -298,3 +298,13 @@ def test_sample_py_draws_a_labelled_grid(tmp_path, monkeypatch, capsys):
     assert Image.open(out).size == (3 * 16, 2 * (16 + 14))   # 3 columns, 2 labelled rows
     printed = capsys.readouterr().out
     assert "6 image(s) of 4x4 tokens" in printed and f"wrote {out} (2 classes x 3)" in printed
+
+
+def test_sample_py_writes_one_image_bare(tmp_path, monkeypatch, capsys):
+    """--class X --n 1: the picture alone (before: a 14-pixel label strip above it, 16x30 here, 256x270 released)."""
+    monkeypatch.setitem(LLAMAGEN_SIZES, "GPT-tiny", (2, 4, 80))
+    out = tmp_path / "one.png"
+    sample.main(sample.parse_args(["--llamagen", str(FIXTURE / "gpt.pt"), "--vq", str(FIXTURE / "vq.pt"),
+                                   "--image-size", "16", "--class", "7", "--device", "cpu", "--out", str(out)]))
+    assert Image.open(out).size == (16, 16)
+    assert f"wrote {out} (class 7: 7)" in capsys.readouterr().out   # the fixture's 10 classes have no names

@@ -31,6 +31,9 @@ class AdversarialLogits(nn.Module):
     def new_cache(self, batch_size, max_len):
         return SimpleNamespace(batch_size=batch_size, max_len=max_len, start=lambda prompt_mask=None: None)
 
+    def cache_nbytes(self, batch_size, max_len):
+        return 0   # its cache holds nothing
+
     def forward(self, idx, cache=None, input_pos=None, every_position=False):
         logits = 4 * torch.randn(idx.size(0), idx.size(1) if every_position else 1, L.vocab_size,
                                  generator=self.rng)
