@@ -262,5 +262,5 @@ class Pipeline:
                             f"{', '.join(SAMPLING_OPTIONS)} (greedy by default)")
         sampling = replace(GREEDY, **{k: v for k, v in sampling.items() if v is not None})
         answers = generate_text(self.gpt, self.layout, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
-                                engine=self.engine)
+                                allowed=allowed, engine=self.engine)
         return [self.tokenizer.decode(a) for a in answers]

@@ -397,7 +397,8 @@ def test_answers_forbid_what_the_reference_forbids(tmp_path):
     assert not expected[[vocab["<unk>"], vocab["<image>"], vocab["<reserved08706>"], vocab["<reserved08123>"]]].any()
     assert expected[vocab["<"]] and expected[vocab["</s>"]]
 
-    pixels = torch.rand(1, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    image = torch.randint(0, 256, (IMAGE, IMAGE, 3), generator=torch.Generator().manual_seed(4), dtype=torch.uint8)
+    pixels = pipe._pixels(image.numpy())[None]   # as Pipeline.answer reads it
     prompt = pipe.layout.understanding_prompt(pipe.vq.encode(pixels)[0], "what is it?", pipe.tokenizer,
                                               pipe.chat_template)
     before = replace(pipe.layout, answer_forbidden=()).answer_mask(V)   # the mask of the earlier code
@@ -407,6 +408,7 @@ def test_answers_forbid_what_the_reference_forbids(tmp_path):
     ours = generate_text(pipe.gpt, pipe.layout, [prompt], max_new_tokens=24, allowed=pipe.layout.answer_mask(V))[0]
     reference = generate_text(pipe.gpt, pipe.layout, [prompt], max_new_tokens=24, allowed=expected)[0]
     assert ours == reference and not reserved & set(ours) and len(ours) > 0
+    assert pipe.answer(image.numpy(), "what is it?", max_new_tokens=24) == pipe.tokenizer.decode(reference)
 
 
 # --- by Hub id -------------------------------------------------------------------------------------------------
