@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, load_extra, save_checkpoint
 from .layout import Layout
-from .vq import AttnBlock, CausalConv3d, ResnetBlock, TemporalResnetBlock, VectorQuantizer
+from .vq import VectorQuantizer
+from .vq_blocks import AttnBlock, CausalConv3d, ResnetBlock, TemporalResnetBlock
 from .weights import load_state_dict_strict
 
 VISUAL_WEIGHT = 0.5   # Emu3 weights the loss on vision tokens by 0.5 relative to text
