@@ -35,14 +35,19 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def number(kind: type, text: str) -> int | float:
+    """The text as `kind` (int or float), or argparse's error saying which was expected."""
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                         f"got {text!r}") from None
+
+
 def checked(kind: type, ok: Callable, rule: str) -> Callable[[str], int | float]:
     """An argparse type: the text as `kind` (int or float, finite), refused unless ok(value); `rule` says why."""
     def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
-                                             f"got {text!r}") from None
+        value = number(kind, text)
         if (kind is float and not math.isfinite(value)) or not ok(value):
             raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
         return value
@@ -62,11 +67,7 @@ def option_of(options: type, name: str, kind: type, ok: Callable | None = None, 
     (sampler.Sampling or Guidance, whose checks the Python API runs), and by ok(value) where the command line is
     stricter than the API (`rule` says why)."""
     def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
-                                             f"got {text!r}") from None
+        value = number(kind, text)
         try:
             options(**{name: value})
         except ValueError as e:
