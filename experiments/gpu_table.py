@@ -143,7 +143,7 @@ def llamagen(device, dtype, size: str = "GPT-B", image_size: int = 256, images: 
         vq = VQModel(VQConfig.tiny(codebook_size=16384, temporal_factor=1))
     else:
         config, vq = GPTConfig.llamagen(size, grid=image_size // 16), VQModel(VQConfig.llamagen(16))
-    gpt = GPT(config).to(device, dtype)
+    gpt = random_model(config, device, dtype)   # made on the device: no fp32 copy on the host first
     pipe = llamagen_pipeline(gpt, vq.to(device))
     pipe.compile = compile
     h, w = pipe.grid()
@@ -183,7 +183,7 @@ def chameleon(device, dtype, layers: int = 32, steps: int = 16, compile: bool = 
         vq, side = VQModel(VQConfig.tiny(codebook_size=8192, temporal_factor=1)), 4
     else:
         config, vq, side = GPTConfig.chameleon("7B", n_layer=layers), VQModel(VQConfig.chameleon()), 32
-    gpt = GPT(config).to(device, dtype).eval()
+    gpt = random_model(config, device, dtype)   # a 7B never exists in fp32 on the host
     vq = vq.to(device).eval()
     print(f"Anole-shaped GPT, {config.n_layer} of 32 layers{' (tiny dims)' if tiny else ''} "
           f"({gpt.num_params() / 1e9:.2f}B, {dtype}) + VQGAN ({sum(p.numel() for p in vq.parameters()) / 1e6:.0f}M, "
