@@ -256,8 +256,11 @@ def bench_sjd(args):
           f"thread(s); {len(captions)} images ({args.per_triple} per seen triple), batch {args.batch}, CFG "
           f"{pipe.guidance.cfg_scale}, sampling {pipe.sampling}; grid {pipe.grid()}{'; compiled' if args.compile else ''}")
     rows = []
-    for name, sjd in (("plain", 0), (f"sjd {args.window}", args.window)):
-        pipe.sjd = sjd
+    variants = [("plain", 0, False), (f"sjd {args.window}", args.window, False)]
+    if args.coupled:
+        variants.append((f"sjd {args.window} coupled", args.window, True))
+    for name, sjd, coupled in variants:
+        pipe.sjd, pipe.sjd_coupled = sjd, coupled
         pipe.draw(captions[:args.batch], seed=0)   # warm-up (allocates the cache)
         before, images, t_tokens, t_vq = pipe.engine.forwards, [], 0.0, 0.0
         for i in range(0, len(captions), args.batch):
@@ -277,9 +280,10 @@ def bench_sjd(args):
     for name, n_forwards, t_tokens, t_vq, s in rows:
         print(f"| {name} | {n_forwards:.1f} | {t_tokens:.2f} | {t_vq:.2f} | {len(captions) / (t_tokens + t_vq):.1f} | "
               f"{s['all']:.1%} | {s['color']:.1%} | {s['shape']:.1%} | {s['position']:.1%} | {s['unreadable']:.1%} |")
-    (_, f0, t0, v0, _), (_, f1, t1, v1, _) = rows
-    print(f"\nSJD: {f0 / f1:.2f}x fewer forwards; text -> codes {t0 / t1:.2f}x faster, text -> image "
-          f"{(t0 + v0) / (t1 + v1):.2f}x faster")
+    _, f0, t0, v0, _ = rows[0]
+    for name, f1, t1, v1, _ in rows[1:]:
+        print(f"\n{name}: {f0 / f1:.2f}x fewer forwards than plain; text -> codes {t0 / t1:.2f}x faster, text -> "
+              f"image {(t0 + v0) / (t1 + v1):.2f}x faster")
 
 
 # ------------------------------------------------------------------------------------ the released shapes
@@ -369,14 +373,15 @@ def parser() -> argparse.ArgumentParser:
                    help=f"nano_emu variants, of {','.join(TRANSFORMERS_VARIANTS)}")
 
     p = command("sjd", bench_sjd, "sjd: speculative Jacobi decoding on a trained tiny model (train_tiny.py's --out): "
-                "forwards per image, text -> codes and VQ seconds, images/s and drawing adherence, plain against SJD, "
-                "same seeds")
+                "forwards per image, text -> codes and VQ seconds, images/s and drawing adherence, plain against SJD "
+                "(and coupled SJD with --coupled), same seeds")
     p.add_argument("--ckpt", required=True, help="a train_tiny.py output folder")
     p.add_argument("--window", type=int, default=16, help="SJD window (tokens verified per forward)")
     p.add_argument("--per-triple", type=int, default=2, help="images per seen (colour, shape, position)")
     p.add_argument("--batch", type=int, default=1, help="images per draw call")
     p.add_argument("--max-images", type=int, default=None, help="draw only the first N of them (a quick look)")
     p.add_argument("--compile", action="store_true", help="compile the decode step")
+    p.add_argument("--coupled", action="store_true", help="add a row for coupled SJD (MC-SJD, sjd.couple)")
     p.add_argument("--seed", type=int, default=0)
 
     p = command("emu3", bench_emu3, "emu3: Emu3-Gen's shapes (8.5B, random weights made on the device) drawing one "

@@ -36,8 +36,8 @@ def test_transformers(capsys):
 def test_sjd(capsys, tmp_path):
     from tiny_run import write_run   # a random run's folder, as train_tiny.py writes it
     out = run(capsys, "sjd", "--ckpt", str(write_run(tmp_path)), "--per-triple", "1", "--max-images", "2",
-              "--window", "3")
-    assert "| decoding | forwards per draw" in out and "SJD:" in out
+              "--window", "3", "--coupled")
+    assert "| decoding | forwards per draw" in out and "sjd 3 coupled:" in out
 
 
 def test_emu3(capsys):
