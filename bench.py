@@ -308,11 +308,9 @@ def bench_gpu(args):
     device = cli.resolve_device("cpu" if args.dry_run else args.device)
     dtype = torch.float32 if args.dry_run else getattr(torch, args.dtype)
     h, w = (4, 4) if args.dry_run else (args.h, args.w)
-    table = gpu_table.gpu_table(device, dtype, args.peak_gbps, h, w, args.window, tiny=args.dry_run)
+    table = gpu_table.gpu_table(device, dtype, args.peak_gbps, h, w, args.window, tiny=args.dry_run, out=args.out)
     print("\n" + table, end="")
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(table)
         print(f"wrote {args.out}")
 
 

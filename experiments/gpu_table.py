@@ -58,11 +58,13 @@ EMU3_VARIANTS = ("plain", "compiled", "sjd", "sjd-compiled")
 
 
 def emu3(device, dtype, h: int = 90, w: int = 90, window: int = 16, top_k: int = 2048,
-         variants=EMU3_VARIANTS, tiny: bool = False, peak_gbps: float | None = None) -> list[dict]:
+         variants=EMU3_VARIANTS, tiny: bool = False, peak_gbps: float = float("nan"), rows_to: list | None = None,
+         on_row=None) -> list[dict]:
     """Emu3-Gen (GPTConfig.emu3_8b, VQConfig.emu3; 90x90 codes = 720x720 px) text -> PNG-ready image with CFG 3 and
     Emu3's top-k, per decoding variant: prefill s, decode ms per forward and per token, s per image, achieved GB/s
     (a decode step reads every weight but the embedding table and the whole static cache of both CFG rows) and
-    peak memory of the whole path. Prints a row per variant as it finishes; returns them."""
+    peak memory of the whole path. Prints a row per variant as it finishes; returns them. With rows_to (a list of
+    markdown lines, gpu_table's) each row is also appended there as a table line, then on_row() is called."""
     from nano_emu.image import tensor_to_image
     from nano_emu.vq import VQConfig, VQModel
 
@@ -122,6 +124,11 @@ def emu3(device, dtype, h: int = 90, w: int = 90, window: int = 16, top_k: int =
         rows.append(row)
         print(f"| {name} | {prefill:.3f} | {forwards} | {row['ms_forward']:.2f} | {row['ms_token']:.2f} | "
               f"{row['s_image']:.1f} | {row['gbps']:.0f} | {vq_seconds:.2f} | {row['peak']:.1f} |", flush=True)
+        if rows_to is not None:
+            rows_to.append(f"| Emu3-Gen {h}x{w} CFG 3 | {name} | {prefill:.3f} | {forwards} | {row['ms_forward']:.2f} "
+                           f"| {row['s_image']:.1f} | {row['gbps']:.0f} | {100 * row['gbps'] / peak_gbps:.0f}% | "
+                           f"{row['peak']:.1f} |")
+            on_row and on_row()
         decoder.release()
     return rows
 
@@ -222,25 +229,33 @@ def free(device):
 
 
 def gpu_table(device, dtype, peak_gbps: float, h: int = 90, w: int = 90, window: int = 16,
-              tiny: bool = False) -> str:
-    """Everything above in one run, as one markdown table (returned; bench.py gpu writes it to --out)."""
+              tiny: bool = False, out: str | None = None) -> str:
+    """Everything above in one run, as one markdown table: returned, and rewritten to `out` after every row, so a
+    run cut short by a time limit still leaves the rows it finished."""
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device} (dry run: numbers mean nothing)"
     lines = [f"Measured on {card}, torch {torch.__version__}, {dtype}; random weights of the released shapes"
              f"{' (TINY dims: a dry run)' if tiny else ''}. GB/s: bytes a decode step reads / its time; "
              f"peak {peak_gbps:.0f} GB/s given by --peak-gbps.", "",
              "| model | decoding | prefill (s) | forwards | ms/step | s/image | GB/s | % of peak | peak memory (GB) |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in emu3(device, dtype, h, w, window, variants=("plain", "compiled", "sjd"), tiny=tiny):
-        lines.append(f"| Emu3-Gen {h}x{w} CFG 3 | {r['name']} | {r['prefill']:.3f} | {r['forwards']} | "
-                     f"{r['ms_forward']:.2f} | {r['s_image']:.1f} | {r['gbps']:.0f} | {100 * r['gbps'] / peak_gbps:.0f}% "
-                     f"| {r['peak']:.1f} |")
+
+    def write():
+        if out:
+            with open(out, "w") as f:
+                f.write("\n".join(lines) + "\n")
+
+    write()
+    emu3(device, dtype, h, w, window, variants=("plain", "compiled", "sjd"), tiny=tiny, peak_gbps=peak_gbps,
+         rows_to=lines, on_row=write)
     free(device)
     r = llamagen(device, dtype, "GPT-XL", 256, compile=True, tiny=tiny)
-    lines.append(f"| LlamaGen GPT-XL {'tiny' if tiny else '256px'} CFG 4 | compiled | | {r['steps']} | {r['ms_step']:.2f} | {r['s_image']:.1f} | | | "
-                 f"{r['peak']:.1f} |")
+    lines.append(f"| LlamaGen GPT-XL {'tiny' if tiny else '256px'} CFG 4 | compiled | | {r['steps']} | "
+                 f"{r['ms_step']:.2f} | {r['s_image']:.1f} | | | {r['peak']:.1f} |")
+    write()
     free(device)
     r = chameleon(device, dtype, 32, compile=True, tiny=tiny)
-    lines.append(f"| Chameleon-7B 512px CFG (2 rows) | compiled, {1025} steps extrapolated | | 1025 | {r['ms_step']:.2f} "
+    lines.append(f"| Chameleon-7B 512px CFG (2 rows) | compiled, 1025 steps extrapolated | | 1025 | {r['ms_step']:.2f} "
                  f"| {r['s_image']:.1f} | | | {r['peak']:.1f} |")
+    write()
     free(device)
     return "\n".join(lines) + "\n"
