@@ -426,7 +426,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None):
     top = parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help")):
+    if argv and not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:
+        top.error(f"unknown benchmark {argv[0]!r}; choose from {', '.join(SUBCOMMANDS)}")
+    if not argv or argv[0] not in (*SUBCOMMANDS, "-h", "--help"):
         argv = ["cache", *argv]   # `python bench.py [--flags]`: the cache benchmark, as the README calls it
     args = top.parse_args(argv)
     if args.bench == "gpu" and not args.dry_run and cli.resolve_device(args.device).type != "cuda":

@@ -69,3 +69,9 @@ def test_gpu_without_cuda_is_one_line_and_exit_2(capsys):
     with pytest.raises(SystemExit) as exit:
         bench.main(["gpu", "--device", "cpu"])
     assert exit.value.code == 2 and "gpu needs a CUDA device" in capsys.readouterr().err
+
+
+def test_an_unknown_benchmark_is_one_line_and_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit:
+        bench.main(["emu4"])
+    assert exit.value.code == 2 and "unknown benchmark 'emu4'" in capsys.readouterr().err
