@@ -1,13 +1,16 @@
 """Decode benchmarks, each in one process so every figure is a ratio against a peer measured beside it.
 
-    python bench.py                          # cache: cached decode vs no-cache recompute, at n and 2n tokens
+    python bench.py                          # cache (the default): cached decode vs no-cache recompute
     python bench.py transformers             # against transformers' generate() on the same weights (CPU)
     python bench.py sjd --ckpt out/tiny      # speculative Jacobi decoding on a trained tiny model: forwards,
                                              #   wall time and drawing adherence, with and without SJD
-    python bench.py emu3 --device cuda       # Emu3-8B shapes with random bf16 weights, a 90x90 image with CFG
+    python bench.py emu3 --device cuda       # Emu3-Gen shapes with random bf16 weights, a 90x90 image with CFG
+    python bench.py llamagen GPT-B           # s per 256x256 image: LlamaGen GPT-B + VQ-16, random weights, with CFG
+    python bench.py chameleon --layers 2     # s per 512x512 Anole-shaped image: 7B width and vocabulary, 2 of 32 layers
+    python bench.py gpu --out gpu.md         # the whole GPU table (Emu3, LlamaGen-XL, Chameleon-7B) as markdown
+    python bench.py gpu --dry-run            # the same code path at tiny sizes on a CPU, in seconds
 
-    python bench.py --llamagen GPT-B         # s per 256x256 image: LlamaGen GPT-B + VQ-16, random weights, with CFG
-    python bench.py --chameleon-layers 2     # s per 512x512 Anole-shaped image: 7B width and vocabulary, 2 of 32 layers
+`python bench.py SUBCOMMAND --help` says what each one measures and lists its own flags.
 
 `cache`: a tiny random GPT draws an image with CFG (doubled batch) and the grid constraint; the peer recomputes
 the whole sequence every step. With the cache the cost per token should stay flat as the sequence doubles.
@@ -21,6 +24,7 @@ must be identical. Variants of nano_emu: plain, --compile, SJD, SJD + compile. T
 
 import argparse
 import statistics
+import sys
 import time
 from functools import partial
 
@@ -31,16 +35,15 @@ from nano_emu import cli
 from nano_emu.gpt import GPT, GPTConfig
 from nano_emu.layout import Layout
 from nano_emu.engine import Engine
-from nano_emu.sampler import GREEDY, GridConstraint, Guidance, Sampling, cfg_mix, generate_image, plain_decode, sample
+from nano_emu.sampler import GREEDY, GridConstraint, Guidance, cfg_mix, generate_image, sample
 from nano_emu.sjd import jacobi_decode
 from nano_emu.tokenizer import ByteTokenizer
 
 PROMPT = "a red circle in the top left"
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+from experiments import gpu_table
+from experiments.gpu_table import sync
 
 
 def timed(fn, device, repeats):
@@ -122,9 +125,9 @@ def bench_cache(args):
 # ------------------------------------------------------------------------------------ against transformers
 
 
-def tiny_emu3(codebook: int):
+def tiny_emu3(codebook: int, dim: int = 64, n_layer: int = 2):
     """A random transformers Emu3ForConditionalGeneration on nano_emu's tiny layout, and nano_emu's GPT holding the
-    same decoder weights. Sizes as tests/test_emu3.py (dim 64, 2 layers, GQA 4/2)."""
+    same decoder weights. Default sizes as tests/test_emu3.py (dim 64, 2 layers, GQA 4/2, SwiGLU width 1.5 dim)."""
     import transformers
     from nano_emu.emu3 import KEY_LAYOUTS
     from nano_emu.weights import load_state_dict_strict
@@ -136,7 +139,7 @@ def tiny_emu3(codebook: int):
                   | {f"<|visual token {c:06d}|>": layout.first_visual + c for c in range(codebook)}
                   | {"<image>": layout.vocab_size})   # the placeholder transformers' processor needs, never generated
     vocab_size = layout.vocab_size + 1
-    text = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    text = dict(vocab_size=vocab_size, hidden_size=dim, intermediate_size=3 * dim // 2, num_hidden_layers=n_layer,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-5,
                 pad_token_id=layout.pad, bos_token_id=layout.bos, eos_token_id=layout.eos,
                 rope_parameters={"rope_type": "default", "rope_theta": 5e5})
@@ -151,7 +154,8 @@ def tiny_emu3(codebook: int):
     names = KEY_LAYOUTS["transformers"]
     state = {k.removeprefix(names["decoder"]): v for k, v in ref.state_dict().items() if k.startswith(names["decoder"])}
     state["lm_head.weight"] = ref.state_dict()[names["head"]]
-    gpt = GPT(GPTConfig(vocab_size=vocab_size, n_layer=2, n_head=4, n_kv_head=2, dim=64, intermediate_size=96,
+    gpt = GPT(GPTConfig(vocab_size=vocab_size, n_layer=n_layer, n_head=4, n_kv_head=2, dim=dim,
+                        intermediate_size=3 * dim // 2,
                         norm_eps=1e-5, rope_theta=5e5, max_seq_len=4096)).eval()
     load_state_dict_strict(gpt, state, source="transformers Emu3ForConditionalGeneration")
     return ref, gpt, layout
@@ -171,18 +175,24 @@ def emu3_allowed_tokens(layout: Layout, h: int, w: int, img_index: int):
     return allowed
 
 
+TRANSFORMERS_VARIANTS = ("plain", "compiled", "sjd", "sjd-compiled")
+
+
 def bench_transformers(args):
     device = torch.device("cpu")
-    ref, gpt, layout = tiny_emu3(args.codebook)
+    ref, gpt, layout = tiny_emu3(args.codebook, args.dim, args.layers)
     tok = ByteTokenizer()
     print(f"same weights: transformers Emu3ForConditionalGeneration and nano_emu GPT, {gpt.num_params() / 1e6:.2f}M "
-          f"params (dim 64, 2 layers), float32, CPU, {torch.get_num_threads()} thread(s), torch {torch.__version__}; "
+          f"params (dim {args.dim}, {args.layers} layers), float32, CPU, {torch.get_num_threads()} thread(s), torch {torch.__version__}; "
           f"greedy, CFG 3 (nano_emu: one [cond; uncond] batch of 2 rows), grid constraint; best of {args.repeats}")
     plain, compiled = Engine(gpt), Engine(gpt, compile=True)
     jacobi = partial(jacobi_decode, window=args.window)
     variants = {"nano_emu": dict(engine=plain), "nano_emu --compile": dict(engine=compiled),
                 f"nano_emu --sjd {args.window}": dict(engine=plain, loop=jacobi),
                 f"nano_emu --sjd {args.window} --compile": dict(engine=compiled, loop=jacobi)}
+    wanted = args.variants.split(",")
+    variants = {name: kw for name, kw, short in zip(variants, variants.values(), TRANSFORMERS_VARIANTS)
+                if short in wanted}
     table = []
     for h, w in ((args.h, args.w), (args.h, 2 * args.w), (2 * args.h, 2 * args.w)):
         cond = layout.generation_prompt(PROMPT, h, w, tok)
@@ -240,13 +250,17 @@ def bench_sjd(args):
     pipe = load_tiny(args.ckpt)
     pipe.compile = args.compile
     triples = [t for t in data.TRAIN_TRIPLES for _ in range(args.per_triple)]
+    triples = triples[:args.max_images]
     captions = [data.caption(*t) for t in triples]
     print(f"{args.ckpt}: {pipe.gpt.num_params() / 1e6:.2f}M-param GPT, float32, CPU, {torch.get_num_threads()} "
           f"thread(s); {len(captions)} images ({args.per_triple} per seen triple), batch {args.batch}, CFG "
           f"{pipe.guidance.cfg_scale}, sampling {pipe.sampling}; grid {pipe.grid()}{'; compiled' if args.compile else ''}")
     rows = []
-    for name, sjd in (("plain", 0), (f"sjd {args.window}", args.window)):
-        pipe.sjd = sjd
+    variants = [("plain", 0, False), (f"sjd {args.window}", args.window, False)]
+    if args.coupled:
+        variants.append((f"sjd {args.window} coupled", args.window, True))
+    for name, sjd, coupled in variants:
+        pipe.sjd, pipe.sjd_coupled = sjd, coupled
         pipe.draw(captions[:args.batch], seed=0)   # warm-up (allocates the cache)
         before, images, t_tokens, t_vq = pipe.engine.forwards, [], 0.0, 0.0
         for i in range(0, len(captions), args.batch):
@@ -266,207 +280,164 @@ def bench_sjd(args):
     for name, n_forwards, t_tokens, t_vq, s in rows:
         print(f"| {name} | {n_forwards:.1f} | {t_tokens:.2f} | {t_vq:.2f} | {len(captions) / (t_tokens + t_vq):.1f} | "
               f"{s['all']:.1%} | {s['color']:.1%} | {s['shape']:.1%} | {s['position']:.1%} | {s['unreadable']:.1%} |")
-    (_, f0, t0, v0, _), (_, f1, t1, v1, _) = rows
-    print(f"\nSJD: {f0 / f1:.2f}x fewer forwards; text -> codes {t0 / t1:.2f}x faster, text -> image "
-          f"{(t0 + v0) / (t1 + v1):.2f}x faster")
+    _, f0, t0, v0, _ = rows[0]
+    for name, f1, t1, v1, _ in rows[1:]:
+        print(f"\n{name}: {f0 / f1:.2f}x fewer forwards than plain; text -> codes {t0 / t1:.2f}x faster, text -> "
+              f"image {(t0 + v0) / (t1 + v1):.2f}x faster")
 
 
-# ------------------------------------------------------------------------------------ Emu3-8B shapes on a GPU
-
-
-def random_model(config: GPTConfig, device, dtype) -> GPT:
-    """A GPT with random weights made directly on the device in `dtype` (built on meta: never in fp32)."""
-    with torch.device("meta"):
-        model = GPT(config)
-    model = model.to(dtype).to_empty(device=device)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02)
-    return model.eval()
+# ------------------------------------------------------------------------------------ the released shapes
 
 
 def bench_emu3(args):
-    from nano_emu.image import tensor_to_image
-    from nano_emu.vq import VQConfig, VQModel
-
-    device, dtype = cli.resolve_device(args.device), getattr(torch, args.dtype)
-    cuda = device.type == "cuda"
-    if args.preset == "emu3_8b":
-        config, vq_config, layout = GPTConfig.emu3_8b(), VQConfig.emu3(), Layout.emu3()
-    else:   # a smoke test of this code path on any machine
-        layout = Layout.tiny(codebook_size=512)
-        config, vq_config = GPTConfig.tiny(layout.vocab_size, max_seq_len=4096), VQConfig.tiny()
-    gpt = random_model(config, device, dtype)
-    vq = VQModel(vq_config).to(device).eval()   # the VQ runs in float32, as Emu3's demos do
-    h, w = args.h, args.w
-    n_new = len(layout.grid_schedule(h, w))
-    g = torch.Generator().manual_seed(0)
-    prompt = [layout.bos] + torch.randint(0, 256, (40,), generator=g).tolist() + [layout.boi, layout.img]
-    negative = [layout.bos] + torch.randint(0, 256, (60,), generator=g).tolist() + [layout.boi, layout.img]
-    weight_bytes = sum(p.numel() * p.element_size() for n, p in gpt.named_parameters() if n != "embed_tokens.weight")
-    # a decode step reads every weight but the embedding table, and the whole static cache of both CFG rows
-    kv_bytes = (2 * config.n_layer * 2 * config.n_kv_head * (len(negative) + n_new) * config.head_dim
-                * gpt.lm_head.weight.element_size())
-    print(f"{args.preset}: {gpt.num_params() / 1e9:.2f}B params, {args.dtype}, {device}"
-          f"{' (' + torch.cuda.get_device_name(device) + ')' if cuda else ''}; {h}x{w} image = {n_new} tokens, "
-          f"CFG 3 (2 rows), top-k {args.top_k}; bytes per decode step: weights {weight_bytes / 1e9:.2f} GB + "
-          f"full KV cache {kv_bytes / 1e9:.2f} GB")
-    print("| decoding | prefill (s) | forwards | decode ms/forward | ms/token | s/image | GB/s | VQ decode (s) | "
-          "peak memory (GB) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    wanted = args.variants.split(",")
-    for name, compile_, sjd in (("plain", False, 0), ("compiled", True, 0), ("sjd", False, args.window),
-                                ("sjd-compiled", True, args.window)):
-        if name not in wanted:
-            continue
-        decoder = Engine(gpt, compile=compile_)
-        kw = dict(negative_prompts=[negative], guidance=Guidance(cfg_scale=3.0), sampling=Sampling(top_k=args.top_k),
-                  engine=decoder, loop=partial(jacobi_decode, window=sjd) if sjd else plain_decode,
-                  generator=torch.Generator(device).manual_seed(0))
-        if compile_:   # compile (and record CUDA graphs) outside the timed run
-            generate_image(gpt, layout, [prompt], h, w, **kw)
-        sync(device)
-        start = time.perf_counter()
-        decoder.prefill([prompt, negative], layout.pad, n_new)
-        sync(device)
-        prefill = time.perf_counter() - start
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        before = decoder.forwards
-        sync(device)
-        start = time.perf_counter()
-        _, codes = generate_image(gpt, layout, [prompt], h, w, **kw)
-        sync(device)
-        generate = time.perf_counter() - start
-        start = time.perf_counter()
-        with torch.no_grad():
-            pixels = vq.decode(codes.to(device))
-        image = tensor_to_image(pixels[0].float())   # the PNG-ready image: the whole text -> image path
-        sync(device)
-        vq_seconds = time.perf_counter() - start
-        peak = torch.cuda.max_memory_allocated(device) / 1e9 if cuda else float("nan")
-        forwards = decoder.forwards - before - 1
-        step = (generate - prefill) / forwards
-        print(f"| {name} | {prefill:.3f} | {forwards} | {1e3 * step:.2f} | {1e3 * (generate - prefill) / n_new:.2f} | "
-              f"{generate + vq_seconds:.1f} | {(weight_bytes + kv_bytes) / step / 1e9:.0f} | {vq_seconds:.2f} | "
-              f"{peak:.1f} |", flush=True)
-        decoder.release()
-        del image
+    gpu_table.emu3(cli.resolve_device(args.device), getattr(torch, args.dtype), args.h, args.w, args.window,
+                   args.top_k, args.variants.split(","), tiny=args.preset == "tiny")
 
 
-# ------------------------------------------------------------------------------------ LlamaGen, Chameleon
-
-
-@torch.no_grad()
 def bench_llamagen(args):
-    """Seconds per image for a released LlamaGen size with random weights (speed does not depend on them):
-    the demo's sampling (CFG 4 on a doubled batch, top-k 2000) through the shared sampler, then VQ-16 decoding."""
-    from nano_emu.llamagen import llamagen_pipeline
-    from nano_emu.vq import VQConfig, VQModel
-
-    device, dtype = cli.resolve_device(args.device), getattr(torch, args.dtype)
-    torch.manual_seed(0)
-    gpt = GPT(GPTConfig.llamagen(args.llamagen, grid=args.image_size // 16)).to(device, dtype)
-    pipe = llamagen_pipeline(gpt, VQModel(VQConfig.llamagen(16)).to(device))
-    pipe.compile = args.compile
-    h, w = pipe.grid()
-    print(f"LlamaGen {args.llamagen} ({gpt.num_params() / 1e6:.0f}M, {args.dtype}) + VQ-16 "
-          f"({sum(p.numel() for p in pipe.vq.parameters()) / 1e6:.0f}M, float32) on {device}, "
-          f"{torch.get_num_threads()} threads: {args.images} image(s) of {h}x{w} tokens, CFG {pipe.guidance.cfg_scale} "
-          f"(batch {2 * args.images})")
-    sync(device)
-    start = time.perf_counter()
-    for rows in pipe.draw_stream(["207"] * args.images, seed=0):
-        pass
-    sync(device)
-    sampled = time.perf_counter() - start
-    pipe.decode(rows.codes)
-    sync(device)
-    decoded = time.perf_counter() - start - sampled
-    n = h * w
-    print(f"GPT: {sampled:.1f}s for {n} steps ({1e3 * sampled / n:.0f} ms/step, {args.images * n / sampled:.1f} "
-          f"image tokens/s); VQ decode: {decoded:.1f}s; {(sampled + decoded) / args.images:.1f} s per image")
+    gpu_table.llamagen(cli.resolve_device(args.device), getattr(torch, args.dtype), args.size, args.image_size,
+                       args.images, args.compile, tiny=args.tiny)
 
 
-@torch.no_grad()
 def bench_chameleon(args):
-    """Seconds per 512x512 image for an Anole-shaped model cut to --chameleon-layers layers (random weights): the
-    7B's width, heads and 65536-token head, the CFG batch of 2 (3-way CFG on a text prompt is 2-way, chameleon.py),
-    --steps decode steps timed through the sampler's Engine and extrapolated to the 1025 of an image (the
-    cache makes every step cost the same, bench.py's default mode shows it), plus the full VQGAN decoding 32x32."""
-    from nano_emu.vq import VQConfig, VQModel
+    gpu_table.chameleon(cli.resolve_device(args.device), getattr(torch, args.dtype), args.layers, args.steps,
+                        args.compile, tiny=args.tiny)
 
-    device, dtype = cli.resolve_device(args.device), getattr(torch, args.dtype)
-    torch.manual_seed(0)
-    gpt = GPT(GPTConfig.chameleon("7B", n_layer=args.chameleon_layers)).to(device, dtype).eval()
-    vq = VQModel(VQConfig.chameleon()).to(device).eval()
-    print(f"Anole-shaped GPT, {args.chameleon_layers} of 32 layers ({gpt.num_params() / 1e9:.2f}B, {args.dtype}) + "
-          f"VQGAN ({sum(p.numel() for p in vq.parameters()) / 1e6:.0f}M, float32) on {device}, "
-          f"{torch.get_num_threads()} threads, CFG batch 2")
-    prompt = [0] + list(range(100, 120)) + [8197]
-    decoder = Engine(gpt, compile=args.compile)
-    logits, length = decoder.prefill([prompt, [0, 8197]], 1, 1025)
-    token = logits.argmax(-1)[:, None]                                          # (2, 1)
-    input_pos = torch.tensor([length], device=device)
-    decoder.step(token, input_pos)   # warm-up (and the compile, with --compile)
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        input_pos += 1
-        decoder.step(token, input_pos)
-    sync(device)
-    per_step = (time.perf_counter() - start) / args.steps
-    start = time.perf_counter()
-    vq.decode(torch.randint(0, 8192, (1, 32, 32), device=device))
-    sync(device)
-    decoded = time.perf_counter() - start
-    print(f"GPT: {1e3 * per_step:.0f} ms/step over {args.steps} steps -> {1025 * per_step:.0f}s for 1024 codes + EOI; "
-          f"VQ decode 512x512: {decoded:.1f}s; {1025 * per_step + decoded:.0f} s per image")
+
+def bench_gpu(args):
+    device = cli.resolve_device("cpu" if args.dry_run else args.device)
+    dtype = torch.float32 if args.dry_run else getattr(torch, args.dtype)
+    h, w = (4, 4) if args.dry_run else (args.h, args.w)
+    table = gpu_table.gpu_table(device, dtype, args.peak_gbps, h, w, args.window, tiny=args.dry_run, out=args.out)
+    print("\n" + table, end="")
+    if args.out:
+        print(f"wrote {args.out}")
+
+
+# ------------------------------------------------------------------------------------ command line
+
+
+SUBCOMMANDS = ("cache", "transformers", "sjd", "emu3", "llamagen", "chameleon", "gpu")
+
+
+SHORT = dict(cache="decode tokens/s with the KV cache vs recomputing (default)",
+             transformers="against transformers' generate() on the same weights, tokens checked",
+             sjd="speculative Jacobi decoding on a trained tiny model: forwards, time, adherence",
+             emu3="Emu3-Gen shapes, random weights: s/image, ms/step, GB/s, peak memory",
+             llamagen="s per image of a LlamaGen size, random weights",
+             chameleon="s per image of an Anole-shaped model cut to a few layers",
+             gpu="the whole GPU table (Emu3, LlamaGen-XL, Chameleon-7B) as markdown; --dry-run on a CPU")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = top.add_subparsers(dest="bench", metavar="{" + ",".join(SUBCOMMANDS) + "}")
+
+    def command(name, fn, help):
+        p = sub.add_parser(name, help=SHORT[name], description=help)
+        p.set_defaults(run=fn)
+        p.add_argument("--threads", type=int, default=None, help="torch threads (default: 1, see below)")
+        return p
+
+    def grid(p, h, w):
+        p.add_argument("--h", type=int, default=h, help="grid rows")
+        p.add_argument("--w", type=int, default=w, help="grid columns")
+
+    def device(p, dtype="float32", default="cpu"):
+        p.add_argument("--device", type=cli.device, default=default, help="cpu | cuda | mps | auto")
+        p.add_argument("--dtype", default=dtype, choices=["float32", "bfloat16", "float16"])
+
+    p = command("cache", bench_cache, "cache: tokens/s of a tiny random GPT drawing one image with CFG (doubled "
+                "batch) and the grid constraint, with the static KV cache against a peer that recomputes the whole "
+                "sequence every step, at --w and 2x --w columns (the cost per token with the cache stays about flat)")
+    device(p)
+    grid(p, 16, 16)
+    p.add_argument("--layers", type=int, default=4, help="GPT layers (tiny preset: 4)")
+    p.add_argument("--dim", type=int, default=256, help="GPT width (tiny preset: 256)")
+    p.add_argument("--codebook", type=int, default=1024, help="VQ codebook size (visual vocabulary)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per setting (median)")
+    p.add_argument("--skip-peer", action="store_true", help="skip the slow no-cache peer run")
+
+    p = command("transformers", bench_transformers, "transformers: tokens/s of transformers' Emu3 generate() against "
+                "nano_emu on the same random weights (CPU, float32), greedy CFG 3 + grid constraint, at three grids; "
+                "the tokens of every run are checked identical to transformers'")
+    grid(p, 16, 16)
+    p.add_argument("--dim", type=int, default=64, help="model width (4 query / 2 kv heads)")
+    p.add_argument("--layers", type=int, default=2, help="decoder layers")
+    p.add_argument("--codebook", type=int, default=1024, help="visual vocabulary")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per implementation, taken in turn (best)")
+    p.add_argument("--window", type=int, default=16, help="SJD window (tokens verified per forward)")
+    p.add_argument("--variants", default=",".join(TRANSFORMERS_VARIANTS),
+                   help=f"nano_emu variants, of {','.join(TRANSFORMERS_VARIANTS)}")
+
+    p = command("sjd", bench_sjd, "sjd: speculative Jacobi decoding on a trained tiny model (train_tiny.py's --out): "
+                "forwards per image, text -> codes and VQ seconds, images/s and drawing adherence, plain against SJD "
+                "(and coupled SJD with --coupled), same seeds")
+    p.add_argument("--ckpt", required=True, help="a train_tiny.py output folder")
+    p.add_argument("--window", type=int, default=16, help="SJD window (tokens verified per forward)")
+    p.add_argument("--per-triple", type=int, default=2, help="images per seen (colour, shape, position)")
+    p.add_argument("--batch", type=int, default=1, help="images per draw call")
+    p.add_argument("--max-images", type=int, default=None, help="draw only the first N of them (a quick look)")
+    p.add_argument("--compile", action="store_true", help="compile the decode step")
+    p.add_argument("--coupled", action="store_true", help="add a row for coupled SJD (MC-SJD, sjd.couple)")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = command("emu3", bench_emu3, "emu3: Emu3-Gen's shapes (8.5B, random weights made on the device) drawing one "
+                "image with CFG 3 and top-k: prefill s, decode ms per forward and per token, s per image, achieved "
+                "GB/s, VQ decode s and peak memory of text -> image, per decoding variant")
+    device(p, "bfloat16", "auto")
+    grid(p, 90, 90)
+    p.add_argument("--preset", default="emu3_8b", choices=["emu3_8b", "tiny"], help="model shapes (tiny: smoke test)")
+    p.add_argument("--window", type=int, default=16, help="SJD window")
+    p.add_argument("--top-k", type=int, default=2048, help="Emu3-Gen's top-k")
+    p.add_argument("--variants", default=",".join(gpu_table.EMU3_VARIANTS),
+                   help=f"which of {','.join(gpu_table.EMU3_VARIANTS)} to run")
+
+    p = command("llamagen", bench_llamagen, "llamagen: seconds per image of a released LlamaGen size (random weights "
+                "of its shapes) + VQ-16, the demo's sampling (CFG 4, top-k 2000)")
+    device(p)
+    p.add_argument("size", nargs="?", default="GPT-B", help="GPT-B, GPT-L, GPT-XL, GPT-XXL, GPT-3B")
+    p.add_argument("--image-size", type=int, default=256, help="256 or 384")
+    p.add_argument("--images", type=int, default=1, help="images drawn as one batch")
+    p.add_argument("--compile", action="store_true", help="compile the decode step")
+    p.add_argument("--tiny", action="store_true", help="tiny dims (smoke test)")
+
+    p = command("chameleon", bench_chameleon, "chameleon: seconds per 512x512 image of an Anole-shaped GPT (7B width "
+                "and vocabulary, random weights) cut to --layers layers: --steps decode steps timed and extrapolated "
+                "to an image's 1025, plus Chameleon's VQGAN decoding")
+    device(p)
+    p.add_argument("--layers", type=int, default=2, help="layers of the 7B's 32")
+    p.add_argument("--steps", type=int, default=16, help="decode steps timed")
+    p.add_argument("--compile", action="store_true", help="compile the decode step")
+    p.add_argument("--tiny", action="store_true", help="tiny dims (smoke test)")
+
+    p = command("gpu", bench_gpu, "gpu: the whole GPU table in one run, written as markdown to --out: Emu3-Gen "
+                "(random bf16 weights) 90x90 = 720x720 px with CFG plain, compiled and SJD (prefill s, ms/step, "
+                "s/image, GB/s and its share of --peak-gbps, peak memory), a LlamaGen-XL image, a Chameleon-7B step")
+    device(p, "bfloat16", "auto")
+    grid(p, 90, 90)
+    p.add_argument("--window", type=int, default=16, help="SJD window")
+    p.add_argument("--peak-gbps", type=float, default=3350.0, help="the card's peak memory bandwidth (H100 SXM: 3350)")
+    p.add_argument("--out", help="markdown file to write the table to")
+    p.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU in seconds: checks the code path")
+    return top
+
+
+def main(argv=None):
+    top = parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-") and argv[0] not in SUBCOMMANDS:
+        top.error(f"unknown benchmark {argv[0]!r}; choose from {', '.join(SUBCOMMANDS)}")
+    if not argv or argv[0] not in (*SUBCOMMANDS, "-h", "--help"):
+        argv = ["cache", *argv]   # `python bench.py [--flags]`: the cache benchmark, as the README calls it
+    args = top.parse_args(argv)
+    if args.bench == "gpu" and not args.dry_run and cli.resolve_device(args.device).type != "cuda":
+        top.error("gpu needs a CUDA device (an 8B model on a CPU would take hours); --dry-run runs it tiny on the CPU")
+    # one thread by default: a small model gains nothing from two, and OpenMP threads waiting on each other make
+    # timings on a shared 2-core machine swing by 10x; --threads N says otherwise
+    torch.set_num_threads(args.threads or 1)
+    args.run(args)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("bench", nargs="?", default="cache", choices=["cache", "transformers", "sjd", "emu3"])
-    parser.add_argument("--device", type=cli.device, default="cpu", help="cpu | cuda | mps (cache, emu3)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; transformers: 1)")
-    parser.add_argument("--layers", type=int, default=4, help="cache: GPT layers (tiny preset: 4)")
-    parser.add_argument("--dim", type=int, default=256, help="cache: GPT width (tiny preset: 256)")
-    parser.add_argument("--codebook", type=int, default=1024, help="VQ codebook size (visual vocabulary)")
-    parser.add_argument("--h", type=int, default=16, help="grid rows")
-    parser.add_argument("--w", type=int, default=16, help="grid columns at 1x (2x doubles them)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per setting")
-    parser.add_argument("--skip-peer", action="store_true", help="cache: skip the slow no-cache peer run")
-    parser.add_argument("--window", type=int, default=16, help="SJD window (tokens verified per forward)")
-    parser.add_argument("--ckpt", help="sjd: a train_tiny.py output folder")
-    parser.add_argument("--per-triple", type=int, default=2, help="sjd: images per seen (colour, shape, position)")
-    parser.add_argument("--batch", type=int, default=1, help="sjd: images per draw call")
-    parser.add_argument("--compile", action="store_true", help="sjd, --llamagen, --chameleon-layers: compile the decode step")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--preset", default="emu3_8b", choices=["emu3_8b", "tiny"], help="emu3: model shapes")
-    parser.add_argument("--top-k", type=int, default=2048, help="emu3: Emu3-Gen's top-k")
-    parser.add_argument("--variants", default="plain,compiled,sjd,sjd-compiled",
-                        help="emu3: which of plain,compiled,sjd,sjd-compiled to run")
-    parser.add_argument("--llamagen", default=None, help="instead: s/image of a LlamaGen size (GPT-B, ...) + VQ-16, "
-                        "random weights of the released shapes, the demo's sampling")
-    parser.add_argument("--chameleon-layers", type=int, default=0, help="instead: s per 512x512 image of an "
-                        "Anole-shaped GPT with this many layers (7B width and vocabulary) + Chameleon's VQGAN")
-    parser.add_argument("--steps", type=int, default=16, help="with --chameleon-layers: decode steps timed")
-    parser.add_argument("--image-size", type=int, default=256, help="with --llamagen: 256 or 384")
-    parser.add_argument("--images", type=int, default=1, help="with --llamagen: images drawn as one batch")
-    args = parser.parse_args()
-    if args.llamagen or args.chameleon_layers:
-        args.bench = "llamagen" if args.llamagen else "chameleon"
-    if args.ckpt and args.bench == "cache":
-        args.bench = "sjd"
-    if args.bench == "sjd" and not args.ckpt:
-        parser.error("sjd needs --ckpt (a train_tiny.py output folder)")
-    if args.threads or args.bench in ("transformers", "sjd"):
-        # one thread: a model this small gains nothing from two, and OpenMP threads waiting on each other make
-        # timings on a shared 2-core machine swing by 10x
-        torch.set_num_threads(args.threads or 1)
-        {"cache": bench_cache, "transformers": bench_transformers, "sjd": bench_sjd, "emu3": bench_emu3,
-     "llamagen": bench_llamagen, "chameleon": bench_chameleon}[args.bench](args)
+    main()

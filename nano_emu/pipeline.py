@@ -60,6 +60,7 @@ class Pipeline:
     sampling: Sampling = Sampling()                # (Emu3-Gen: top_k 2048 at temperature 1)
     compile: bool = False               # torch.compile the decode step (speed only: the same tokens)
     sjd: int = 0                        # speculative Jacobi decoding window for draw (0: off; sjd.py)
+    sjd_coupled: bool = False           # with sjd: coupled draft redraws (MC-SJD, sjd.couple); still exact
     _engine: Engine | None = field(default=None, init=False, repr=False)   # owns the KV cache between calls
 
     @property
@@ -138,7 +139,7 @@ class Pipeline:
         uncond = [self.layout.generation_prompt(negative, h, w, self.tokenizer, t)] * len(prompts)
         generator = torch.Generator(self.gpt.lm_head.weight.device).manual_seed(seed)
         window = self.sjd if sjd is None else sjd
-        loop = partial(jacobi_decode, window=window) if window else plain_decode
+        loop = partial(jacobi_decode, window=window, coupled=self.sjd_coupled) if window else plain_decode
         yield from generate_image_stream(self.gpt, self.layout, cond, h, w, t, negative_prompts=uncond,
                                          guidance=guidance, sampling=sampling, generator=generator,
                                          constrain=constrain, keep=keep, engine=self.engine, loop=loop)

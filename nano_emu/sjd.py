@@ -36,6 +36,12 @@ How it composes with the rest of nano_emu:
   next window overwrites them, and the causal mask hides them meanwhile. The window always has the same length
   (near the end it slides back over settled tokens, rewriting their keys with the same values), so one
   compiled step serves the whole image.
+- Coupled drafts (MC-SJD, arXiv 2510.24211): plain SJD redraws every draft past the settled prefix independently
+  from the new forward's q', so a draft that was right moves away by chance. With coupled=True the old draft x
+  (drawn from the old q) is kept with probability min(1, q'(x) / q(x)), else the draft is drawn from
+  norm(max(0, q' - q)): a maximal coupling, so the new draft is still distributed exactly as q' (the same rule as
+  verification, applied between iterations) and the drafts stay put where the distributions barely moved. What
+  verification needs, a draft drawn from the q it is tested against, is unchanged: the output is still exact.
 - Cost: one host sync per forward (the settled length decides where the next window starts), against one
   forward per token without SJD.
 """
@@ -59,10 +65,22 @@ def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return (p - q).clamp(min=0)
 
 
-def jacobi_decode(job: ImageJob, window: int = 16) -> Iterator[tuple[torch.Tensor, int]]:
+def couple(old: torch.Tensor, q_old: torch.Tensor, q_new: torch.Tensor, generator=None) -> torch.Tensor:
+    """A draw from q_new (..., V) that keeps `old` (...), a draw from q_old, as often as any such draw can: keep it
+    where u < q_new(old) / q_old(old), else draw from norm(max(0, q_new - q_old)). Its own function so a test can
+    swap in a wrong rule and see the distribution test fail."""
+    keep = accept(q_new.gather(-1, old[..., None])[..., 0], q_old.gather(-1, old[..., None])[..., 0],
+                  torch.rand(old.shape, generator=generator, device=old.device))
+    rest = residual(q_new, q_old)
+    # where q_new == q_old the residual is empty, and the old draft is always kept: draw from anything non-zero
+    rest = torch.where(rest.sum(-1, keepdim=True) > 0, rest, q_new)
+    return torch.where(keep, old, sample_from(rest, generator))
+
+
+def jacobi_decode(job: ImageJob, window: int = 16, coupled: bool = False) -> Iterator[tuple[torch.Tensor, int]]:
     """sampler.plain_decode's contract with a window of `window` tokens per forward: yields (tokens so far (B, n),
     rows done) whenever rows were finished. Pass it to generate_image_stream as
-    `loop=functools.partial(jacobi_decode, window=n)`."""
+    `loop=functools.partial(jacobi_decode, window=n)`; coupled=True redraws drafts by couple() (MC-SJD)."""
     engine, constraint, row_ends, generator = job.engine, job.constraint, job.row_ends, job.generator
     n_new, start, batch = len(constraint), job.kept.size(1), job.kept.size(0)
     window = min(window, n_new - 1)   # tokens fed per forward; the last token is never fed, as in plain_decode
@@ -70,17 +88,23 @@ def jacobi_decode(job: ImageJob, window: int = 16) -> Iterator[tuple[torch.Tenso
         raise ValueError(f"speculative Jacobi decoding needs a window of at least 2 tokens, got {window}")
     device = engine.device
 
-    def propose(reuse: torch.Tensor, last_logits: torch.Tensor) -> torch.Tensor:
+    def propose(reuse: torch.Tensor, last_logits: torch.Tensor, q_old: torch.Tensor | None = None) -> torch.Tensor:
         """Draw the drafts of the next window, tokens settled .. settled+window-2 (never the last token alone):
         from this forward's distributions past the settled prefix (reuse (B, r, V)), and where no output reached
-        yet from the last output's logits (rows, 1, V) under each position's own rules. Returns their q."""
+        yet from the last output's logits (rows, 1, V) under each position's own rules. Returns their q. With
+        q_old (the q of the drafts now at settled.., coupled decoding) those drafts are redrawn by couple()."""
         n_next = max(0, min(window - 1, n_new - 1 - settled))
         q = reuse[:, :n_next]
         if n_next > q.size(1):
             last = last_logits.expand(-1, n_next - q.size(1), -1)
             q = torch.cat([q, job.distribution(last, settled + q.size(1))], dim=1)      # (B, n_next, V)
         if n_next:
-            tokens[:, settled:settled + n_next] = sample_from(q, generator)
+            drafts = sample_from(q, generator)                                  # (B, n_next)
+            n_old = 0 if q_old is None else min(q_old.size(1), n_next)
+            if n_old:
+                drafts[:, :n_old] = couple(tokens[:, settled:settled + n_old], q_old[:, :n_old], q[:, :n_old],
+                                           generator)
+            tokens[:, settled:settled + n_next] = drafts
         return q
 
     logits, length = engine.prefill(job.prompts, job.pad, n_new - start)
@@ -117,7 +141,7 @@ def jacobi_decode(job: ImageJob, window: int = 16) -> Iterator[tuple[torch.Tenso
             fresh = torch.where(run > k, drafts[:, k], fresh)   # images that accepted token k keep it
         tokens[:, settled + k] = fresh
         settled += n_settle
-        q = propose(p[:, n_settle:], logits[:, -1:])
+        q = propose(p[:, n_settle:], logits[:, -1:], q[:, n_settle:] if coupled else None)
 
         finished = [end for end in row_ends if end < settled]
         if len(finished) > rows_done:

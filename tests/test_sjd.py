@@ -3,6 +3,7 @@ distribution of plain sampling (checked against the exact distribution of a tiny
 wrong acceptance rules fail the same check)."""
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -81,14 +82,15 @@ def exact_marginals(model, cond, uncond):
     return torch.stack(marginals)[visual][:, SMALL.first_visual:]
 
 
-def code_counts(model, cond, uncond, window, calls, batch, seed=0):
+def code_counts(model, cond, uncond, window, calls, batch, seed=0, coupled=False):
     """Counts (4 positions, 4 codes) of calls x batch images; and forwards per call."""
+    loop = partial(sjd.jacobi_decode, window=window, coupled=coupled) if window else plain_decode
     counts, engine = torch.zeros(H * W, SMALL.codebook_size, dtype=torch.float64), Engine(model)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(calls):
         _, codes = generate_image(model, SMALL, [cond] * batch, H, W, negative_prompts=[uncond] * batch,
                                   guidance=Guidance(cfg_scale=G), sampling=Sampling(TEMPERATURE, top_k=TOP_K),
-                                  loop=jacobi(window) if window else plain_decode, generator=generator, engine=engine)
+                                  loop=loop, generator=generator, engine=engine)
         counts += F.one_hot(codes.view(batch, H * W), SMALL.codebook_size).sum(0)
     return counts, engine.forwards / calls
 
@@ -149,6 +151,37 @@ def test_sjd_samples_the_distribution_of_plain_sampling(monkeypatch):
         statistic, threshold = chi_square(counts, exact)
         assert statistic > threshold, f"{name}: chi2 {statistic:.1f} < {threshold:.1f}, the check is too weak"
         monkeypatch.undo()
+
+
+def test_coupled_sjd_samples_the_distribution_of_plain_sampling(monkeypatch):
+    """MC-SJD's coupled redraw of drafts keeps the output exact: the same chi-square check as above, and two wrong
+    couplings (keeping every old draft; redrawing a changed one from q' instead of norm(max(0, q' - q))) fail it."""
+    model = tiny_gpt(SMALL, seed=0, scale=30.0)
+    cond, uncond = prompts("a red circle", h=H, w=W, layout=SMALL)[0], prompts("", h=H, w=W, layout=SMALL)[0]
+    exact = exact_marginals(model, cond, uncond)
+    for batch, calls in ((2, 400), (6, 150)):
+        counts, _ = code_counts(model, cond, uncond, 4, calls=calls, batch=batch, seed=batch, coupled=True)
+        statistic, threshold = chi_square(counts, exact)
+        assert statistic < threshold, f"coupled SJD, batch {batch}: chi2 {statistic:.1f} >= {threshold:.1f}"
+    wrong_rules = {"always keep": lambda old, q_old, q_new, generator=None: old,
+                   "redraw from q'": lambda old, q_old, q_new, generator=None: torch.where(
+                       torch.rand(old.shape, generator=generator) < 0.5, old, sjd.sample_from(q_new, generator))}
+    for name, wrong in wrong_rules.items():
+        monkeypatch.setattr(sjd, "couple", wrong)
+        counts, _ = code_counts(model, cond, uncond, 4, calls=300, batch=2, seed=1, coupled=True)
+        statistic, threshold = chi_square(counts, exact)
+        assert statistic > threshold, f"{name}: chi2 {statistic:.1f} < {threshold:.1f}, the check is too weak"
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("window", [2, 5, 16])
+def test_coupled_sjd_greedy_gives_the_tokens_of_greedy_decoding(window):
+    model = tiny_gpt(seed=2)
+    p, n = prompts("a red circle", "a blue square", t=2), prompts("", "", t=2)
+    kw = dict(t=2, negative_prompts=n, guidance=CFG3, sampling=GREEDY)
+    plain, _ = generate_image(model, L, p, 3, 4, **kw)
+    fast, _ = generate_image(model, L, p, 3, 4, loop=partial(sjd.jacobi_decode, window=window, coupled=True), **kw)
+    assert torch.equal(fast, plain)
 
 
 # ------------------------------------------------------------------------------------ other families' options

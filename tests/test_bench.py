@@ -1,0 +1,77 @@
+"""bench.py: every subcommand runs to its table on a tiny model in seconds (a benchmark that prints nothing, or
+dies after a GPU's minutes of setup, is found here instead), and `gpu --dry-run` writes the whole GPU table."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # bench.py and experiments/ sit at the repo root
+import bench  # noqa: E402
+
+
+def run(capsys, *argv) -> str:
+    bench.main(list(argv))
+    return capsys.readouterr().out
+
+
+def test_no_subcommand_is_cache(capsys):
+    out = run(capsys, "--layers", "1", "--dim", "64", "--h", "2", "--w", "2", "--repeats", "1")
+    assert "| cache tok/s" in out and "cost per token at 2x" in out
+
+
+def test_cache(capsys):
+    out = run(capsys, "cache", "--layers", "1", "--dim", "64", "--h", "2", "--w", "2", "--repeats", "1", "--skip-peer")
+    assert "| cache tok/s" in out
+
+
+def test_transformers(capsys):
+    pytest.importorskip("transformers")
+    out = run(capsys, "transformers", "--h", "2", "--w", "2", "--repeats", "1", "--variants", "plain,sjd",
+              "--window", "3", "--codebook", "64")
+    assert "| grid | tokens | implementation |" in out and "tokens identical" in out
+    assert "| nano_emu --sjd 3 |" in out and "--compile" not in out
+
+
+def test_sjd(capsys, tmp_path):
+    from tiny_run import write_run   # a random run's folder, as train_tiny.py writes it
+    out = run(capsys, "sjd", "--ckpt", str(write_run(tmp_path)), "--per-triple", "1", "--max-images", "2",
+              "--window", "3", "--coupled")
+    assert "| decoding | forwards per draw" in out and "sjd 3 coupled:" in out
+
+
+def test_emu3(capsys):
+    out = run(capsys, "emu3", "--preset", "tiny", "--device", "cpu", "--dtype", "float32", "--h", "3", "--w", "3",
+              "--variants", "plain,sjd", "--window", "4")
+    assert "| decoding | prefill (s) |" in out and "| plain |" in out and "| sjd |" in out
+
+
+def test_llamagen(capsys):
+    assert "s per image" in run(capsys, "llamagen", "GPT-B", "--tiny")
+
+
+def test_chameleon(capsys):
+    assert "s per image" in run(capsys, "chameleon", "--tiny", "--steps", "2")
+
+
+def test_gpu_dry_run_writes_the_whole_table(capsys, tmp_path):
+    out = tmp_path / "gpu.md"
+    run(capsys, "gpu", "--dry-run", "--out", str(out))
+    table = out.read_text()
+    for row in ("| Emu3-Gen 4x4 CFG 3 | plain |", "| compiled |", "| sjd |", "LlamaGen GPT-XL", "Chameleon-7B"):
+        assert row in table
+
+
+def test_gpu_without_cuda_is_one_line_and_exit_2(capsys):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("there is a GPU")
+    with pytest.raises(SystemExit) as exit:
+        bench.main(["gpu", "--device", "cpu"])
+    assert exit.value.code == 2 and "gpu needs a CUDA device" in capsys.readouterr().err
+
+
+def test_an_unknown_benchmark_is_one_line_and_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit:
+        bench.main(["emu4"])
+    assert exit.value.code == 2 and "unknown benchmark 'emu4'" in capsys.readouterr().err
