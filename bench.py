@@ -226,7 +226,7 @@ def bench_transformers(args):
             table.append((f"{h}x{w}", n_new, name, seconds, forwards[name], warm[name]))
         print(f"  {h}x{w}: tokens identical across all {len(runs)} runs", flush=True)
 
-    print(f"\n| grid | tokens | implementation | tok/s | ms/token | forwards | vs transformers | first run (s) |")
+    print("\n| grid | tokens | implementation | tok/s | ms/token | forwards | vs transformers | first run (s) |")
     print("|---|---:|---|---:|---:|---:|---:|---:|")
     reference = {grid: seconds for grid, _, name, seconds, _, _ in table if name == "transformers generate"}
     for grid, n, name, seconds, forwards, warm in table:
