@@ -278,6 +278,31 @@ def _read_shape(blob: np.ndarray, grid: np.ndarray = _GRID) -> tuple[str, float]
     return shape, iou[shape]
 
 
+# how much of its bounding box a crisp shape fills: a rendered square 1, a circle ~pi/4, a triangle ~1/2. The
+# checker's IoU forgives a rounded corner; this does not, so it tells a crisp square from a lumpy one.
+FILL_RANGES = {"square": (0.92, 1.0), "circle": (0.72, 0.84), "triangle": (0.45, 0.60)}
+
+
+def fill(image: np.ndarray) -> float | None:
+    """The fraction of its bounding box the largest shape of an image (64, 64, 3) fills, or None without one."""
+    blob = _largest_blob(image)
+    if blob is None:
+        return None
+    ys, xs = np.nonzero(blob)
+    return float(blob.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1)))
+
+
+def fill_in_range(images: np.ndarray, shapes: list[str]) -> dict[str, float]:
+    """Per shape, the share of images (n, 64, 64, 3) meant to show it whose fill lies in FILL_RANGES[shape]
+    ("<shape>_fill"; an image without a shape counts as outside)."""
+    result = {}
+    for name, (low, high) in FILL_RANGES.items():
+        fills = [fill(x) for x, s in zip(images, shapes, strict=True) if s == name]
+        if fills:
+            result[f"{name}_fill"] = float(np.mean([f is not None and low <= f <= high for f in fills]))
+    return result
+
+
 def classify(image: np.ndarray) -> tuple[str, str, str] | None:
     """Read a shapes image (64, 64, 3) uint8 back to (color, shape, position), or None if it has no shape."""
     blob = _largest_blob(image)

@@ -240,3 +240,20 @@ def test_score():
     videos, _, vattrs = data.sample_moving_shapes(10, 5)
     assert data.score(videos, vattrs) == {"all": 1.0, "color": 1.0, "shape": 1.0, "direction": 1.0,
                                           "unreadable": 0.0}
+
+
+def test_rendered_shapes_fill_their_box_as_geometry_says_and_a_rounded_square_does_not():
+    for shape in data.SHAPES:
+        images = np.stack([data.render(c, shape, p, size=s) for c in data.COLORS for p in data.POSITIONS
+                           for s in data.SIZES])
+        assert data.fill_in_range(images, [shape] * len(images)) == {f"{shape}_fill": 1.0}
+    square = data.render("red", "square", "center", size=10)
+    assert data.fill(square) == 1.0
+    rounded = square.copy()
+    ys, xs = np.nonzero(square.any(axis=2))
+    for y0, x0 in [(ys.min(), xs.min()), (ys.min(), xs.max() - 3), (ys.max() - 3, xs.min()), (ys.max() - 3, xs.max() - 3)]:
+        rounded[y0:y0 + 4, x0:x0 + 4] = 0   # cut 4x4 corners: 64 of 400 pixels
+    assert 0.8 < data.fill(rounded) < 0.92
+    blank = np.zeros_like(square)
+    assert data.fill(blank) is None
+    assert data.fill_in_range(np.stack([rounded, blank, square]), ["square"] * 3) == {"square_fill": 1 / 3}
