@@ -296,7 +296,8 @@ def build_parser() -> cli.ArgumentParser:
     und = p.add_argument_group("image -> text")
     und.add_argument("--caption", type=cli.image_or_clip,
                      help="image, animated GIF or folder of frames to caption (tiny models)")
-    und.add_argument("--image", type=cli.image_file, help="image to ask about (Emu3-Chat)")
+    und.add_argument("--image", type=cli.image_file, help="image to ask about (a tiny checkpoint, e.g. of --world scenes, or "
+                     "Emu3-Chat)")
     und.add_argument("--question", default="", help="question about --image")
     und.add_argument("--max-new-tokens", type=cli.at_least(1), default=256)
     speed = p.add_argument_group("speed (same results, fewer seconds)")

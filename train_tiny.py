@@ -50,6 +50,13 @@ PRESETS = {
     "quick": dict(vq_steps=40, vq_batch=4, vq_lr=1e-3, pool=256, gpt_steps=40, gpt_batch=8, gpt_lr=2e-3,
                   gpt_dim=64, gpt_layers=2, eval_per_triple=1, eval_images=16, tokenizer="auto",
                   vq_width=4, p_drop_caption=0.0, visual_weight=1.0, understood_image_weight=1.0, answer_weight=1.0),
+    # --world scenes: tiny's VQ (the objects are the shapes world's sprites), a GPT trained longer on a larger pool
+    # (captions are sentences, and each scene also brings four questions to answer), and 9 draws per prompt so
+    # that 648 seen images are scored (12 prompts x 6 categories x 9)
+    "scenes": dict(vq_steps=1750, vq_batch=8, vq_lr=1e-3, pool=12000, gpt_steps=3000, gpt_batch=24, gpt_lr=3e-3,
+                   gpt_dim=128, gpt_layers=4, eval_per_triple=9, eval_images=256, tokenizer="auto",
+                   vq_width=4, p_drop_caption=0.1, visual_weight=0.5, understood_image_weight=0.0,
+                   answer_weight=2.0),
     "small": dict(vq_steps=6000, vq_batch=16, vq_lr=1e-3, pool=40000, gpt_steps=6000, gpt_batch=64, gpt_lr=1e-3,
                   gpt_dim=384, gpt_layers=8, eval_per_triple=8, eval_images=1024, tokenizer="auto",
                   vq_width=4, p_drop_caption=0.0, visual_weight=1.0, understood_image_weight=1.0, answer_weight=1.0),
@@ -75,8 +82,8 @@ def preset(args) -> dict:
     """The values the run's preset gives to every flag left unset (with --video, the clip knobs too)."""
     name = "quick" if args.quick else args.preset
     values = dict(PRESETS[name])
-    if args.video:
-        values.update(VIDEO[name])
+    if args.video:   # (--video does not go with --world scenes: make_worlds refuses it)
+        values.update(VIDEO.get(name, VIDEO["tiny"]))
         values["vq_steps"] *= 2
         share = values["gpt_clip_share"] if args.gpt_clip_share is None else args.gpt_clip_share
         values["gpt_steps"] = round(values["gpt_steps"] / (1 - share))
@@ -85,6 +92,8 @@ def preset(args) -> dict:
 
 def fill_from_preset(args):
     """Give every flag left unset its preset's value (main, and the experiments/ scripts that reuse the stages)."""
+    if args.preset is None:   # the world's own preset unless one is named
+        args.preset = "scenes" if args.world == "scenes" else "tiny"
     for key, value in preset(args).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -281,8 +290,9 @@ def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=cli.output_folder, default="out/tiny",
                    help="output folder (checkpoints, metrics, pictures)")
-    p.add_argument("--preset", default="tiny", choices=[k for k in PRESETS if k != "quick"],
-                   help="model sizes and step counts: tiny = ~7 min on 2 CPU cores; small = for a GPU")
+    p.add_argument("--preset", default=None, choices=[k for k in PRESETS if k != "quick"],
+                   help="model sizes and step counts: tiny = ~7 min on 2 CPU cores (the default); scenes = the "
+                        "default with --world scenes; small = for a GPU")
     p.add_argument("--quick", action="store_true", help="a smoke run in about a minute (CI): tiny models, few steps")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     p.add_argument("--change", action="append", default=[], type=lambda flag: flag.removeprefix("--").replace("-", "_"),

@@ -209,3 +209,39 @@ def test_understanding_strings_train_the_unconditional_branch():
     # weight 0: only the answer is learned (Emu3's rule)
     _, _, weights = sequences(layout, tok, codes, caption, answers, np.random.default_rng(0), p_understand=1.0)
     assert weights[0].sum() == answer and (weights[0][-answer:] == 1).all()
+
+
+@pytest.fixture(scope="module")
+def quick_scenes_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quick_scenes")
+    torch.set_num_threads(2)
+    metrics = train_tiny.main(train_tiny.parse_args(["--world", "scenes", "--quick", "--eval-images", "8",
+                                                     "--out", str(out), "--device", "cpu"]))
+    return out, metrics
+
+
+def test_quick_scenes_run_trains_draws_answers_and_captions(quick_scenes_run, tmp_path, capsys):
+    from nano_emu import scenes
+    out, metrics = quick_scenes_run
+    assert metrics["final_gpt_loss"] < 0.8 * metrics["first_gpt_loss"]
+    for name in ("adherence_seen_cfg2", "adherence_heldout_cfg2", "position_seen_cfg2", "counting_heldout_cfg2",
+                 "qa_accuracy_seen", "qa_accuracy_heldout", "caption_exact_seen", "caption_accuracy_seen"):
+        assert 0.0 <= metrics[name] <= 1.0, name
+    for name in ("samples.png", "captions.png"):
+        assert Image.open(out / name).size[0] > 200
+    _, meta, _ = load_checkpoint(out / "gpt.safetensors")
+    assert meta["world"] == "scenes"
+    image, caption, _ = scenes.sample_scenes(1, np.random.default_rng(3))
+    Image.fromarray(image[0]).save(tmp_path / "x.png")
+    sample.main(sample.parse_args(["--ckpt", str(out), "--image", str(tmp_path / "x.png"),
+                                   "--question", "how many circles?", "--device", "cpu"]))
+    printed = capsys.readouterr().out
+    assert f"{tmp_path / 'x.png'}: " in printed   # an answer (from a 40-step model: any words of the world)
+
+
+def test_world_scenes_picks_its_preset():
+    args = train_tiny.fill_from_preset(train_tiny.parse_args(["--world", "scenes"]))
+    assert args.preset == "scenes" and args.gpt_steps == train_tiny.PRESETS["scenes"]["gpt_steps"]
+    assert train_tiny.fill_from_preset(train_tiny.parse_args([])).preset == "tiny"
+    args = train_tiny.fill_from_preset(train_tiny.parse_args(["--world", "scenes", "--preset", "tiny"]))
+    assert args.gpt_steps == train_tiny.PRESETS["tiny"]["gpt_steps"]
