@@ -278,6 +278,34 @@ def _read_shape(blob: np.ndarray, grid: np.ndarray = _GRID) -> tuple[str, float]
     return shape, iou[shape]
 
 
+def fill(image: np.ndarray) -> float | None:
+    """Fraction of its bounding box the largest bright blob of a shapes image (64, 64, 3) fills, or None if
+    there is none: a rendered square fills 1, a circle ~pi/4, a triangle ~1/2. Rounded corners or wavy edges
+    of a drawn square show here long before classify calls it something else."""
+    blob = _largest_blob(image)
+    if blob is None:
+        return None
+    ys, xs = np.nonzero(blob)
+    return float(blob.sum() / ((xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1)))
+
+
+# per shape the fill range a crisp drawing stays in (rendered: square 1.0, circle ~0.785, triangle ~0.5)
+FILL_RANGES = {"square": (0.92, 1.0), "circle": (0.72, 0.84), "triangle": (0.45, 0.60)}
+
+
+def fill_report(images: np.ndarray, shapes: list[str]) -> dict[str, float]:
+    """Per asked-for shape the share of drawings whose fill lies in FILL_RANGES (an unreadable one counts as
+    outside), and its median fill; images (n, 64, 64, 3), shapes the shape each was asked to be."""
+    fills = np.array([np.nan if f is None else f for f in map(fill, images)])
+    result = {}
+    for name, (lo, hi) in FILL_RANGES.items():
+        mine = fills[[s == name for s in shapes]]
+        if len(mine):
+            result[f"fill_{name}_in_range"] = float(np.mean((mine >= lo) & (mine <= hi)))
+            result[f"fill_{name}_median"] = float(np.nanmedian(mine)) if np.isfinite(mine).any() else 0.0
+    return result
+
+
 def classify(image: np.ndarray) -> tuple[str, str, str] | None:
     """Read a shapes image (64, 64, 3) uint8 back to (color, shape, position), or None if it has no shape."""
     blob = _largest_blob(image)

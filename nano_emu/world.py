@@ -113,7 +113,7 @@ class Shapes(World):
 
     def score(self, pixels, targets):
         rates = data.score(pixels, targets)
-        return {"adherence": rates.pop("all"), **rates}
+        return {"adherence": rates.pop("all"), **rates, **data.fill_report(pixels, [t[1] for t in targets])}
 
     # every colour, shape and position, all seen in training; then two held-out triples
     SHOWCASE = [("red", "circle", "top left"), ("green", "square", "bottom right"), ("blue", "triangle", "center"),

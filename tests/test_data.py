@@ -240,3 +240,16 @@ def test_score():
     videos, _, vattrs = data.sample_moving_shapes(10, 5)
     assert data.score(videos, vattrs) == {"all": 1.0, "color": 1.0, "shape": 1.0, "direction": 1.0,
                                           "unreadable": 0.0}
+
+
+def test_fill_is_what_geometry_says():
+    # a rendered square fills its box, a circle ~pi/4, the upright triangle ~1/2 (its apex rows are rounded up)
+    for size in data.SIZES:
+        assert data.fill(data.render("red", "square", "center", size)) == 1.0
+        assert abs(data.fill(data.render("green", "circle", "top left", size)) - np.pi / 4) < 0.03
+        assert 0.5 <= data.fill(data.render("blue", "triangle", "bottom right", size)) < 0.57
+    assert data.fill(np.zeros((64, 64, 3), np.uint8)) is None
+    images, _, attrs = data.sample_shapes(60, 0)
+    report = data.fill_report(images, [a[1] for a in attrs])
+    assert all(report[f"fill_{s}_in_range"] == 1.0 for s in data.SHAPES)
+    assert data.fill_report(np.zeros((2, 64, 64, 3), np.uint8), ["square", "circle"])["fill_square_in_range"] == 0
