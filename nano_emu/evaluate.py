@@ -123,7 +123,10 @@ def evaluate(pipe: Pipeline, world: World, out: Path, seed: int = 0, repeats: in
     for group, (captions, targets) in world.draw_tasks(repeats).items():
         metrics[key(world, "drawn", group)] = len(captions)
         for g in (cfg, 1.0):
-            scores = world.score(draw(pipe, captions, frames=world.frames, cfg_scale=g, seed=seed), targets)
+            drawn = draw(pipe, captions, frames=world.frames, cfg_scale=g, seed=seed)
+            scores = world.score(drawn, targets)
+            if world.name == "shapes" and group == "seen" and g == cfg:
+                fill_histogram(drawn, [t[1] for t in targets], out / "fill.png", seed, cfg)
             metrics.update({key(world, name, group, f"cfg{g:g}"): value for name, value in scores.items()})
 
     tasks = world.answer_tasks(n, rng)
@@ -163,6 +166,25 @@ def pictures(pipe: Pipeline, world: World, out: Path, seed: int, columns: int, t
                    for c, e, x in zip(captions, examples.captions[:12], pixels)]
     captioned_grid(pixels, captions, correct, out / "captions.png", title="image -> text (greedy): the GPT's "
                    f"captions of {'held-out' if world.finite else 'fresh'} images")
+
+
+def fill_histogram(drawn: np.ndarray, shapes: list[str], path: Path, seed: int, cfg: float) -> None:
+    """fill.png: per shape, how much of its bounding box a drawn shape fills (data.fill) next to the same
+    number of freshly rendered ones, with data.FILL_RANGES shaded: crisp drawings pile up where renders do."""
+    rendered, _, attrs = data.sample_shapes(len(drawn), np.random.default_rng([seed, 9]))
+    fig = Figure(figsize=(12, 3.2))
+    bins = np.linspace(0.3, 1.0, 36)
+    for ax, name in zip(fig.subplots(1, len(data.FILL_RANGES)), data.FILL_RANGES):
+        lo, hi = data.FILL_RANGES[name]
+        ax.axvspan(lo, hi, color="tab:green", alpha=0.12)
+        for images, kinds, label in ((rendered, [a[1] for a in attrs], "rendered"), (drawn, shapes, "drawn")):
+            fills = [f for x, k in zip(images, kinds) if k == name and (f := data.fill(x)) is not None]
+            ax.hist(np.clip(fills, bins[0], bins[-1]), bins=bins, alpha=0.6, label=f"{label} ({len(fills)})")
+        ax.set(title=f"{name}s", xlabel="fill of bounding box")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"text -> image fill, cfg {cfg:g} (shaded: the crisp range)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def plot_losses(histories: dict[str, list[dict]], path: Path, keys: dict[str, str]) -> None:
