@@ -6,15 +6,12 @@
 A rendered square fills all of its box, a circle ~pi/4, a triangle ~1/2 (data.fill); a square drawn with rounded
 corners fills less and reads as a circle to any stricter reader than the project's checker. Draws --per-triple
 images per seen (colour, shape, position) with seed 1000+ (train_tiny.py's evaluation uses seed 0), at each
---temperature with the checkpoint's CFG, prints the share of each shape inside data.FILL_RANGES, and plots the
-fill histograms of the first temperature's drawings over those of as many rendered images of the same prompts.
+--temperature with the checkpoint's CFG, prints the share of each shape inside data.FILL_RANGES, and with --out draws evaluate.fill_histogram's
+picture of the first temperature's drawings against as many rendered images.
 """
 import argparse
 import json
 import time
-
-import numpy as np
-from matplotlib.figure import Figure
 
 from nano_emu import data
 from nano_emu import evaluate as ev
@@ -31,8 +28,6 @@ args = p.parse_args()
 pipe = load_tiny(args.ckpt)
 attrs = [t for t in data.TRAIN_TRIPLES for _ in range(args.per_triple)]
 shapes = [t[1] for t in attrs]
-rendered, _, rendered_attrs = data.sample_shapes(len(attrs), np.random.default_rng(1000))   # the world's sizes, jitter
-rendered_shapes = [a[1] for a in rendered_attrs]
 drawn_by_t = {}
 for temperature in args.temperature:
     start = time.perf_counter()
@@ -46,22 +41,6 @@ for temperature in args.temperature:
     if args.results:
         with open(args.results, "a") as f:
             f.write(json.dumps(row) + "\n")
-print(json.dumps(dict(rendered=True, **{k: round(v, 4) for k, v in
-                                        data.fill_in_range(rendered, rendered_shapes).items()})))
-
-if args.out:
-    images = drawn_by_t[args.temperature[0]]
-    fig = Figure(figsize=(12, 3.2))
-    bins = np.linspace(0.3, 1.0, 36)
-    for ax, name in zip(fig.subplots(1, 3), data.SHAPES):
-        drawn = [f for f in (data.fill(x) for x, s in zip(images, shapes) if s == name) if f is not None]
-        world = [f for f in (data.fill(x) for x, s in zip(rendered, rendered_shapes) if s == name) if f is not None]
-        ax.hist(world, bins=bins, alpha=0.6, label="rendered")
-        ax.hist(drawn, bins=bins, alpha=0.6, label=f"drawn (T {args.temperature[0]:g})")
-        ax.axvspan(*data.FILL_RANGES[name], color="green", alpha=0.08)
-        ax.set_title(f"{name}: fill of its bounding box")
-        ax.set_xlabel("fill")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(args.out, dpi=100)
+if args.out:   # the same picture the evaluation writes as fill.png, of the first temperature's drawings
+    ev.fill_histogram(drawn_by_t[args.temperature[0]], shapes, args.out, 1000, pipe.guidance.cfg_scale)
     print(f"wrote {args.out}")
