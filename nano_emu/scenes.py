@@ -37,11 +37,13 @@ Each part is seen: three squares, two and four triangles; red circles and blue s
 triangles above squares, squares above circles, circles above triangles. The "heldout" split holds the prompts
 that name one of these (counting, color_attr and position prompts); tests check the coverage and the stream.
 
+A picture is captioned (image -> text) by describe(): the most specific true and complete caption of the grammar,
+so a caption has one right answer ("a circle" is drawn from; "a small red circle" is what the picture says).
 Questions are (question, answer) strings the picture answers uniquely: "how many circles?" -> "two", "what colour
 is the square?" -> "blue" (only with exactly one square), "what is left of the green square?" -> "a red circle"
 (only when exactly one object is even loosely left of it, and that one clearly).
 
-At ~500 lines this is over the house budget of ~400: grammar, sampler, checker and questions are four readers of
+At ~510 lines this is over the house budget of ~400: grammar, sampler, checker and questions are four readers of
 one geometry (sprites, centroids, the relation cones, the held-out rules), and splitting them would put those
 rules in two places. The sections below follow that order.
 """
@@ -118,6 +120,22 @@ def caption(prompt: Prompt) -> str:
         return _phrase(prompt.things[0])
     link = "and" if prompt.relation is None else prompt.relation
     return f"{_phrase(prompt.things[0])} {link} {_phrase(prompt.things[1])}"
+
+
+def describe(objects) -> str:
+    """The one caption a picture gets in the image -> text direction: the grammar's most specific true and complete
+    caption of these objects (every word it can say), so that a caption has one right answer. One object: "a small
+    red circle"; two different ones: both in full, left one first ("a small red circle and a large blue square");
+    two or more of one colour and shape: "three red triangles"; more of one shape: "three triangles"."""
+    objects = sorted(objects, key=lambda o: (o.x, o.y))
+    kinds = {(o.color, o.shape) for o in objects}
+    if len(objects) == 1 or (len(objects) == 2 and len(kinds) == 2):
+        return caption(Prompt("colors" if len(objects) == 1 else "color_attr",
+                              tuple(Thing(o.shape, o.color, o.size) for o in objects)))
+    if len({o.shape for o in objects}) == 1 and len(objects) <= MAX_OBJECTS:
+        color = objects[0].color if len(kinds) == 1 else None
+        return caption(Prompt("counting", (Thing(objects[0].shape, color),), len(objects)))
+    raise ValueError(f"no caption of the grammar describes {len(objects)} objects of different shapes: {objects}")
 
 
 @cache
@@ -390,7 +408,8 @@ def read_scene(image: np.ndarray) -> list[Obj]:
     return _read(image)[0]
 
 
-def _fits(obj: Obj, thing: Thing) -> bool:
+def fits(obj: Obj, thing: Thing) -> bool:
+    """Whether a read-back object is what a caption says of one object (a word it leaves out fits any value)."""
     return obj.shape == thing.shape and thing.color in (None, obj.color) and thing.size in (None, obj.size)
 
 
@@ -401,7 +420,7 @@ def score(image: np.ndarray, prompt: Prompt | str, strict: bool = False) -> bool
     objects, junk = _read(image)
     if strict and (junk or len(objects) != p.count * len(p.things)):
         return False
-    found = [[o for o in objects if _fits(o, t)] for t in p.things]  # disjoint: two things differ in their words
+    found = [[o for o in objects if fits(o, t)] for t in p.things]  # disjoint: two things differ in their words
     if p.category == "counting":
         return len(found[0]) == p.count
     if not all(found):

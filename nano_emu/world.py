@@ -74,6 +74,14 @@ class World:
         """Drawings against their targets -> named rates; "adherence" is the headline (every attribute right)."""
         raise NotImplementedError
 
+    def judge(self, pixels: np.ndarray, targets: list) -> list[bool]:
+        """Each drawing right or wrong by the checker (the picture of checked drawings)."""
+        raise NotImplementedError
+
+    def category(self, target) -> str:
+        """The row a drawing of `target` sits in, in the picture of checked drawings."""
+        return ""
+
     def answer_tasks(self, n: int, rng: np.random.Generator) -> dict[str, Examples]:
         """group -> fresh examples to caption / answer about, scored by exact match (answer_accuracy)."""
         return {"seen": self.sample(n, rng, "train"), "heldout": self.sample(max(12, n // 2), rng, "heldout")}
@@ -114,6 +122,12 @@ class Shapes(World):
     def score(self, pixels, targets):
         rates = data.score(pixels, targets)
         return {"adherence": rates.pop("all"), **rates, **data.fill_in_range(pixels, [t[1] for t in targets])}
+
+    def judge(self, pixels, targets):
+        return [data.classify(x) == tuple(t) for x, t in zip(pixels, targets)]
+
+    def category(self, target):
+        return target[1]   # the shape
 
     # every colour, shape and position, all seen in training; then two held-out triples
     SHOWCASE = [("red", "circle", "top left"), ("green", "square", "bottom right"), ("blue", "triangle", "center"),
@@ -174,7 +188,8 @@ class Scenes(World):
 
     def sample(self, n, rng, split="train"):
         images, captions, drawn = scenes.sample_scenes(n, rng, split=split)
-        answers = [[("", c)] + scenes.questions(s, rng, self.questions_per_scene) for c, s in zip(captions, drawn)]
+        answers = [[("", scenes.describe(s.objects))] + scenes.questions(s, rng, self.questions_per_scene)
+                   for s in drawn]   # drawn from any caption of the grammar; captioned with the one that says most
         return Examples(images, captions, answers, [scenes.parse(c) for c in captions])
 
     def draw_tasks(self, repeats):
@@ -198,13 +213,19 @@ class Scenes(World):
         rates = scenes.geneval(pixels, targets)
         return {"adherence": rates.pop("overall"), **rates}
 
+    def judge(self, pixels, targets):
+        return [scenes.score(x, p) for x, p in zip(pixels, targets)]
+
+    def category(self, target):
+        return target.category
+
     def answer_tasks(self, n, rng):
         return {"seen": self.sample(n, rng, "train"), "heldout": self.sample(max(12, n // 2), rng, "heldout")}
 
     def answer_accuracy(self, predicted, expected, questions, pixels):
-        """Captions: "caption_accuracy" counts one right when it is a caption of the grammar that is true of the
-        picture and complete (scenes.score strict: every object named), since a scene has several true captions
-        (a category is picked at random); "caption_exact" is the exact match with the drawn caption. Questions:
+        """Captions: "caption_exact" is the exact match with the picture's one caption (scenes.describe: the most
+        specific true and complete one); "caption_accuracy" counts any caption of the grammar that is true of the
+        picture and complete (scenes.score strict: every object named), however little it says. Questions:
         exact match after scenes.normalise_answer, overall and per kind."""
         result = {}
         captions = [(p, e, x) for p, e, q, x in zip(predicted, expected, questions, pixels) if not q]

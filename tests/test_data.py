@@ -257,3 +257,14 @@ def test_rendered_shapes_fill_their_box_as_geometry_says_and_a_rounded_square_do
     blank = np.zeros_like(square)
     assert data.fill(blank) is None
     assert data.fill_in_range(np.stack([rounded, blank, square]), ["square"] * 3) == {"square_fill": 1 / 3}
+
+
+def test_shapes_world_judges_each_drawing_as_it_scores_them():
+    from nano_emu.world import Shapes
+    world = Shapes()
+    images, _, attrs = data.sample_shapes(60, np.random.default_rng(2))
+    images[::3] = 0   # a third drawn blank
+    right = world.judge(images, attrs)
+    assert right == [i % 3 != 0 for i in range(60)]
+    assert world.score(images, attrs)["adherence"] == pytest.approx(np.mean(right))
+    assert {world.category(t) for t in attrs} <= set(data.SHAPES)

@@ -342,6 +342,38 @@ def test_geneval_summary():
     assert set(scenes.geneval(images, captions)) == {"counting", "color_attr", "position", "overall"}
 
 
+@pytest.mark.parametrize("split", ["train", "heldout"])
+def test_every_scene_has_one_caption_that_says_most(split):
+    """scenes.describe: the image -> text target. It is a caption of the grammar, true and complete of the picture,
+    read back the same from the pixels, and says at least as much as the caption the scene was drawn from."""
+    images, captions, drawn = scenes.sample_scenes(400, 11, split=split)
+    for image, drawn_from, scene in zip(images, captions, drawn):
+        text = scenes.describe(scene.objects)
+        assert scenes.parse(text) is not None, text
+        assert scenes.score(image, text, strict=True), (text, drawn_from)
+        assert scenes.describe(scenes.read_scene(image)) == text
+        assert len(text.split()) >= len(drawn_from.split()) or scenes.parse(drawn_from).category == "position"
+    assert scenes.describe([Obj("red", "circle", "small", 40, 10), Obj("blue", "square", "large", 12, 30)]) == \
+        "a large blue square and a small red circle"
+    assert scenes.describe([Obj("red", "circle", "small", 40, 10), Obj("red", "circle", "large", 12, 30)]) == \
+        "two red circles"
+
+
+def test_world_judges_each_drawing_as_geneval_scores_them():
+    """checked.png's borders (World.judge, a row per World.category) agree with the per-category rates."""
+    from nano_emu.world import Scenes
+    world = Scenes()
+    images, captions, _ = scenes.sample_scenes(120, 7)
+    targets = [scenes.parse(c) for c in captions]
+    images[::4] = 0   # a quarter drawn blank
+    right = world.judge(images, targets)
+    assert right == [i % 4 != 0 for i in range(len(images))]
+    rates = world.score(images, targets)
+    for category in CATEGORIES:
+        mine = [r for r, t in zip(right, targets) if world.category(t) == category]
+        assert rates[category] == pytest.approx(np.mean(mine))
+
+
 # -----------------------------------------------------------------------------
 # questions and answers
 
