@@ -178,7 +178,7 @@ def draw_classes(args) -> None:
     start = time.time()
     pipe = load_llamagen(args.llamagen, args.vq, gpt_model=args.gpt_model, image_size=args.image_size,
                          device=device, dtype=dtype)
-    pipe.compile, pipe.sjd = args.compile, args.sjd
+    pipe.compile, pipe.sjd, pipe.sjd_coupled = args.compile, args.sjd, args.coupled
     print(f"loaded a {pipe.gpt.num_params() / 1e6:.1f}M-parameter GPT and a {pipe.vq.cfg.spatial_factor}x VQ "
           f"in {time.time() - start:.1f}s")
     classes = [c for c in args.classes for _ in range(args.n)]
@@ -224,7 +224,7 @@ def main(args):
     if args.llamagen:   # LlamaGen's class-to-image weights
         return draw_classes(args)
     pipe = load(args)
-    pipe.compile, pipe.sjd = args.compile, args.sjd
+    pipe.compile, pipe.sjd, pipe.sjd_coupled = args.compile, args.sjd, args.coupled
     if args.complete:
         complete(pipe, args)
     elif args.prompt:
@@ -307,6 +307,8 @@ def build_parser() -> cli.ArgumentParser:
                        nargs="?", const=16, default=0, metavar="WINDOW",
                        help="speculative Jacobi decoding: verify WINDOW drafted tokens per forward (default 16 when "
                             "given; same distribution, fewer forwards)")
+    speed.add_argument("--coupled", action="store_true", help="with --sjd: coupled redraws (MC-SJD), so drafts stay "
+                       "put across iterations and more are accepted; same distribution")
     p.add_argument("--device", type=cli.device, default="auto", help="auto | cpu | cuda[:N] | mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="GPT weights and activations (auto: float32 for --ckpt, bfloat16 for --weights; "
@@ -335,6 +337,8 @@ def parse_args(argv=None):
         p.error("--complete keeps rows of an image; it is not available with --frames")
     if args.tokenizer_dir and not args.chameleon:
         p.error("--tokenizer-dir goes with --chameleon (its original layout)")
+    if args.coupled and not args.sjd:
+        p.error("--coupled changes how --sjd redraws; give --sjd [WINDOW] with it")
     if (args.complete is None) != (args.keep_rows is None):
         p.error("--complete and --keep-rows go together (the image, and how many of its rows of codes to keep)")
     if not args.prompt and not (args.caption or args.image or args.complete):

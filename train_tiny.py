@@ -46,20 +46,24 @@ from nano_emu.world import MovingShapes, Scenes, Shapes, World
 PRESETS = {
     "tiny": dict(vq_steps=1750, vq_batch=8, vq_lr=1e-3, pool=8000, gpt_steps=2600, gpt_batch=24, gpt_lr=3e-3,
                  gpt_dim=128, gpt_layers=4, eval_per_triple=7, eval_images=256, tokenizer="auto",
-                 vq_width=4, p_drop_caption=0.1, visual_weight=0.5, understood_image_weight=0.0, answer_weight=2.0),
+                 vq_width=4, p_drop_caption=0.1, visual_weight=0.5, understood_image_weight=0.0, answer_weight=2.0,
+                 vq_arch="movq"),
     "quick": dict(vq_steps=40, vq_batch=4, vq_lr=1e-3, pool=256, gpt_steps=40, gpt_batch=8, gpt_lr=2e-3,
                   gpt_dim=64, gpt_layers=2, eval_per_triple=1, eval_images=16, tokenizer="auto",
-                  vq_width=4, p_drop_caption=0.0, visual_weight=1.0, understood_image_weight=1.0, answer_weight=1.0),
-    # --world scenes: tiny's VQ (the objects are the shapes world's sprites), a GPT trained longer on a larger pool
-    # (captions are sentences, and each scene also brings four questions to answer), and 9 draws per prompt so
-    # that 648 seen images are scored (12 prompts x 6 categories x 9)
-    "scenes": dict(vq_steps=1750, vq_batch=8, vq_lr=1e-3, pool=12000, gpt_steps=3000, gpt_batch=24, gpt_lr=3e-3,
+                  vq_width=4, p_drop_caption=0.0, visual_weight=1.0, understood_image_weight=1.0, answer_weight=1.0,
+                  vq_arch="movq"),
+    # --world scenes: tiny's VQ (the objects are the shapes world's sprites) and GPT, trained for most of the 20
+    # minutes on a larger pool (captions are sentences, and each scene also brings four questions to answer): at
+    # equal time, more steps of this GPT beat a wider, deeper one (docs/scenes.md); 9 draws per prompt so that 621
+    # seen images are scored (12 prompts per category, 9 for single objects)
+    "scenes": dict(vq_steps=1750, vq_batch=8, vq_lr=1e-3, pool=30000, gpt_steps=10000, gpt_batch=24, gpt_lr=3e-3,
                    gpt_dim=128, gpt_layers=4, eval_per_triple=9, eval_images=256, tokenizer="auto",
                    vq_width=4, p_drop_caption=0.1, visual_weight=0.5, understood_image_weight=0.0,
-                   answer_weight=2.0),
+                   answer_weight=2.0, vq_arch="movq"),
     "small": dict(vq_steps=6000, vq_batch=16, vq_lr=1e-3, pool=40000, gpt_steps=6000, gpt_batch=64, gpt_lr=1e-3,
                   gpt_dim=384, gpt_layers=8, eval_per_triple=8, eval_images=1024, tokenizer="auto",
-                  vq_width=4, p_drop_caption=0.0, visual_weight=1.0, understood_image_weight=1.0, answer_weight=1.0),
+                  vq_width=4, p_drop_caption=0.0, visual_weight=1.0, understood_image_weight=1.0, answer_weight=1.0,
+                  vq_arch="movq"),
 }
 
 # With --video, clips join both stages. The VQ gets twice the image run's steps and codes twice as wide (a code
@@ -151,10 +155,15 @@ def check_context(worlds: list[World], tokenizer, layout: Layout, grid: tuple[in
                                  f"leaves room for {room}: shorten it (or use a smaller --image-size)")
 
 
+# --vq-arch: "movq" is Emu3's decoder (SpatialNorm on the codes, attention in the 8x8 level's blocks), "plain" the
+# taming / LlamaGen one (GroupNorm), without attention in those blocks (the middle block keeps its one)
+VQ_ARCHS = {"movq": {}, "plain": {"spatial_norm": False, "attn_levels": ()}}
+
+
 def vq_config(args, worlds) -> VQConfig:
     # images alone need no time axis (Emu3's causal temporal stack is for clips)
     return VQConfig.tiny(temporal_factor=4 if any(world.frames for world in worlds) else 1, embed_dim=args.vq_width,
-                         **({"ch": 32, "norm_groups": 8} if args.preset == "small" else {}))
+                         **({"ch": 32, "norm_groups": 8} if args.preset == "small" else {}), **VQ_ARCHS[args.vq_arch])
 
 
 def vq_stage(args, worlds, cfg, device, run, autocast):
@@ -292,7 +301,7 @@ def parse_args(argv=None):
                    help="output folder (checkpoints, metrics, pictures)")
     p.add_argument("--preset", default=None, choices=[k for k in PRESETS if k != "quick"],
                    help="model sizes and step counts: tiny = ~7 min on 2 CPU cores (the default); scenes = the "
-                        "default with --world scenes; small = for a GPU")
+                        "default with --world scenes, ~20 min; small = for a GPU")
     p.add_argument("--quick", action="store_true", help="a smoke run in about a minute (CI): tiny models, few steps")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     p.add_argument("--change", action="append", default=[], type=lambda flag: flag.removeprefix("--").replace("-", "_"),
@@ -326,6 +335,9 @@ def parse_args(argv=None):
                              ("understood-image-weight", cli.at_least(0, float), "loss weight of the image block "
                               "of image->caption strings, relative to generation strings (0 = Emu3: none)")]:
         p.add_argument(f"--{name}", type=kind, default=None, help=f"{text} (default: from the preset)")
+    p.add_argument("--vq-arch", choices=list(VQ_ARCHS), default=None, help="the VQ's decoder: movq = Emu3's "
+                   "(SpatialNorm, attention in the 8x8 blocks), plain = GroupNorm, attention in the middle block only "
+                   "(default: from the preset)")
     p.add_argument("--tokenizer", choices=["auto", "words", "bytes"], default=None,
                    help="caption tokens: whole words (7 a shapes caption) or UTF-8 bytes (28); auto = words when the "
                         "captions use at most 1024 pieces (default: from the preset)")

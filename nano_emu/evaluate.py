@@ -14,6 +14,7 @@ metrics.json names a figure `<prefix><metric>_<group>_cfg<g>`: prefix "" for the
 the clips beside it, group "seen" / "heldout" (nothing for a world without held-out combinations).
 """
 
+import itertools
 import math
 import textwrap
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure   # a Figure saves itself without pyplot: no global backend is switched
 
 from . import data
+from .gpt import apply_rope
 from .pipeline import Pipeline
 from .world import World
 
@@ -75,6 +77,36 @@ def image_nll(pipe: Pipeline, codes: torch.Tensor, captions: list[str], batch_si
     return total / count
 
 
+@torch.no_grad()
+def attention_maps(gpt, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Each layer's attention weights over one token string ids (1, T), heads averaged: [(T, T)] per layer, row t
+    = what position t attends to. One forward records each attention layer's input (a pre-hook); the weights are
+    recomputed from the layer's own projections, softmax(q k^T / sqrt(d)) with the causal mask (notebooks 04, 06)."""
+    inputs = {}
+    hooks = [layer.self_attn.register_forward_pre_hook(lambda m, args, i=i: inputs.__setitem__(i, args[:3]))
+             for i, layer in enumerate(gpt.layers)]
+    try:
+        gpt(ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    cfg, T = gpt.config, ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
+    maps = []
+    for i, layer in enumerate(gpt.layers):
+        x, cos, sin = inputs[i]                                             # the normed input and rotary tables
+        attn = layer.self_attn
+        q = attn.q_proj(x).view(1, T, cfg.n_head, cfg.head_dim)             # (1, T, n_head, head_dim)
+        k = attn.k_proj(x).view(1, T, cfg.n_kv_head, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)  # (1, heads, T, hd)
+        k = k.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1)         # GQA: each kv head serves several
+        scores = (q @ k.transpose(-2, -1)).float() / cfg.head_dim ** 0.5
+        maps.append(scores.masked_fill(~causal, float("-inf")).softmax(-1)[0].mean(0))   # (T, T)
+    return maps
+
+
 def draw(pipe: Pipeline, captions: list[str], batch_size: int = 512, frames: int | None = None,
          **sampling) -> np.ndarray:
     """One image (or clip, with frames) per caption, drawn exactly as a user draws them (Pipeline.draw) -> uint8
@@ -120,24 +152,33 @@ def evaluate(pipe: Pipeline, world: World, out: Path, seed: int = 0, repeats: in
         metrics[key(world, "nll", "seen" if split == "train" else split)] = round(
             image_nll(pipe, encode(pipe.vq, examples.pixels), examples.captions), 4)
 
+    checked = {}   # group -> (drawings, captions, targets) at the checkpoint's cfg, for checked.png
     for group, (captions, targets) in world.draw_tasks(repeats).items():
         metrics[key(world, "drawn", group)] = len(captions)
         for g in (cfg, 1.0):
             drawn = draw(pipe, captions, frames=world.frames, cfg_scale=g, seed=seed)
             scores = world.score(drawn, targets)
+            if g == cfg:
+                checked[group] = (drawn, captions, targets)
             if world.name == "shapes" and group == "seen" and g == cfg:
                 fill_histogram(drawn, [t[1] for t in targets], out / "fill.png", seed, cfg)
             metrics.update({key(world, name, group, f"cfg{g:g}"): value for name, value in scores.items()})
 
-    tasks = world.answer_tasks(n, rng)
+    tasks, answered = world.answer_tasks(n, rng), {}
     for group, examples in tasks.items():
         items = [(i, q, a) for i, pairs in enumerate(examples.answers) for q, a in pairs]
         pixels = examples.pixels[[i for i, _, _ in items]]
         predicted = answer(pipe, pixels, [q for _, q, _ in items])
+        answered[group] = [(i, q, a, p) for (i, q, a), p in zip(items, predicted)]
         rates = world.answer_accuracy(predicted, [a for *_, a in items], [q for _, q, _ in items], pixels)
         metrics.update({key(world, name, group): value for name, value in rates.items()})
 
     pictures(pipe, world, out, seed, columns, tasks)
+    if not world.frames and world.checker:
+        checked_picture(world, checked, out / "checked.png", columns, cfg)
+    group = "seen" if "seen" in tasks else next(iter(tasks), None)
+    if group is not None and any(q for pairs in tasks[group].answers for q, _ in pairs):   # a world that asks
+        answers_picture(world, tasks[group], answered[group], out / "answers.png")
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
 
 
@@ -166,6 +207,76 @@ def pictures(pipe: Pipeline, world: World, out: Path, seed: int, columns: int, t
                    for c, e, x in zip(captions, examples.captions[:12], pixels)]
     captioned_grid(pixels, captions, correct, out / "captions.png", title="image -> text (greedy): the GPT's "
                    f"captions of {'held-out' if world.finite else 'fresh'} images")
+
+
+def checked_picture(world: World, checked: dict, path: Path, columns: int, cfg: float) -> None:
+    """checked.png: drawings read back by the world's checker, a row per category (world.category) and group,
+    the prompt above each image and a green (right) or red (wrong) border; a row's label gives its rate over all of
+    its drawings. A row shows one drawing of each of its first `columns` distinct prompts."""
+    rows = []
+    for group, (drawn, captions, targets) in checked.items():
+        right = world.judge(drawn, targets)
+        by_category: dict[str, list[int]] = {}
+        for i, target in enumerate(targets):
+            by_category.setdefault(world.category(target), []).append(i)
+        for category, index in by_category.items():
+            first, prompts = [], set()   # the first drawing of each prompt, then the others
+            for i in index:
+                if captions[i] not in prompts:
+                    prompts.add(captions[i])
+                    first.append(i)
+            shown = (first + [i for i in index if i not in first])[:columns]
+            name = category.replace("_", " ") + (" (held out)" if group == "heldout" else "")
+            label = f"{name}\n{np.mean([right[i] for i in index]):.0%} of {len(index)}"
+            rows.append((label, [(drawn[i], captions[i], right[i]) for i in shown]))
+    if not rows:
+        return
+    width, height = 1.45 * columns + 1.3, 1.85 * len(rows) + 0.6
+    fig = Figure(figsize=(width, height))
+    axes = fig.subplots(len(rows), columns, squeeze=False)
+    fig.subplots_adjust(left=1.3 / width, right=0.99, bottom=0.01, top=1 - 0.7 / height, wspace=0.08, hspace=0.45)
+    for (label, cells), row in zip(rows, axes):
+        row[0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+        for ax, cell in itertools.zip_longest(row, cells):
+            ax.set_xticks([]), ax.set_yticks([])
+            if cell is None:
+                ax.axis("off")
+                continue
+            image, caption, ok = cell
+            ax.imshow(image, interpolation="nearest")
+            ax.set_title("\n".join(textwrap.wrap(caption, 27)), fontsize=6.5, pad=2)
+            for spine in ax.spines.values():
+                spine.set(color="tab:green" if ok else "tab:red", linewidth=3)
+    fig.suptitle(f"text -> image, cfg {cfg:g}, read back by the checker: green = right, red = wrong", fontsize=10)
+    fig.savefig(path, dpi=110)
+
+
+def answers_picture(world: World, examples, answered: list[tuple], path: Path, images: int = 8) -> None:
+    """answers.png: fresh images with every question asked about them and the model's greedy answer, green where
+    it is right, red with the true answer where not (the caption is the empty question)."""
+    columns = 4
+    rows = math.ceil(images / columns)
+    fig = Figure(figsize=(2.9 * columns, 4.1 * rows))
+    axes = fig.subplots(rows, columns, squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.set_xticks([]), ax.set_yticks([])
+        if k >= len(examples.pixels):
+            ax.axis("off")
+            continue
+        ax.imshow(examples.pixels[k], interpolation="nearest")
+        lines = [(q, a, p) for i, q, a, p in answered if i == k]
+        y = -0.04
+        for question, truth, predicted in lines:
+            ok = world.answer_accuracy([predicted], [truth], [question], examples.pixels[k][None])
+            ok = ok.get("qa_accuracy" if question else "caption_accuracy", 0.0) == 1.0
+            text = textwrap.wrap(f"{question or 'caption:'} {predicted}" + ("" if ok else f" (true: {truth})"), 44)
+            ax.text(0, y, "\n".join(text), transform=ax.transAxes, va="top", fontsize=7,
+                    color="tab:green" if ok else "tab:red")
+            y -= 0.075 * len(text) + 0.02
+    fig.suptitle("image -> text (greedy): questions about fresh images and the GPT's answers "
+                 "(green = right; red, with the true answer)", fontsize=10)
+    fig.subplots_adjust(left=0.02, right=0.98, top=0.95, bottom=0.24, wspace=0.15, hspace=0.75)
+    fig.savefig(path, dpi=110)
 
 
 def fill_histogram(drawn: np.ndarray, shapes: list[str], path: Path, seed: int, cfg: float) -> None:

@@ -56,6 +56,7 @@ def ckpt(tmp_path):
     (["--chameleon", "no/such/folder"], "--chameleon"),
     (["--frames", "6"], "--frames"),              # the VQ packs 4 frames into one code frame
     (["--frames", "0"], "--frames"),
+    (["--coupled"], "--sjd"),                     # coupled redraws are a kind of SJD
 ])
 def test_sample_refuses_a_bad_flag_in_one_line(flags, named, ckpt, capsys):
     with pytest.raises(SystemExit) as exit:

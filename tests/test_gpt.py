@@ -4,7 +4,7 @@ left-padded batches, the CFG doubled batch), manual attention equals SDPA, and t
 import pytest
 import torch
 
-from nano_emu.gpt import GPT, GPTConfig
+from nano_emu.gpt import GPT, GPTConfig, HeadLayerNorm
 
 TINY = dict(vocab_size=300, n_layer=2, n_head=4, n_kv_head=2, dim=64, intermediate_size=96, rope_theta=1e6,
             max_seq_len=128)
@@ -133,3 +133,26 @@ def test_clear_errors():
               attention_mask=torch.ones(1, 1))
     with pytest.raises(ValueError, match="context"):
         model.new_cache(1, 1000)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"qk_norm": True}], ids=["plain", "qk_norm"])
+def test_attention_maps_are_the_weights_the_forward_uses(overrides, monkeypatch):
+    """evaluate.attention_maps (notebooks 04 and 06) recomputes each layer's weights outside the forward; they must
+    be the softmax the readable attention path takes, heads averaged."""
+    import torch.nn.functional as F
+    from nano_emu import evaluate as ev
+    model = tiny_gpt(**overrides, sdpa=False)
+    with torch.no_grad():   # a qk-norm left at weight 1 / bias 0 would hide a missing norm less well
+        for module in model.modules():
+            if isinstance(module, HeadLayerNorm):
+                module.weight.normal_(1.0, 0.3), module.bias.normal_(0.0, 0.3)
+    ids = torch.randint(0, model.config.vocab_size, (1, 12))
+    seen, softmax = [], F.softmax
+    monkeypatch.setattr(F, "softmax", lambda x, dim: seen.append(softmax(x, dim=dim)) or seen[-1])
+    model(ids)
+    monkeypatch.setattr(F, "softmax", softmax)
+    maps = ev.attention_maps(model, ids)
+    assert len(maps) == len(seen) == model.config.n_layer
+    for mine, used in zip(maps, seen):
+        torch.testing.assert_close(mine, used[0].mean(0))
+        assert torch.allclose(mine.sum(-1), torch.ones(12)) and mine.triu(1).abs().max() == 0

@@ -39,9 +39,11 @@ def test_the_index_lists_every_notebook_and_nothing_else():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs(path, quick_checkpoint, monkeypatch):
+def test_notebook_runs(path, quick_checkpoint, request, monkeypatch):
     if path.stem.startswith("05"):
         pytest.importorskip("transformers")   # 05 writes its tiny released-layout checkpoint with transformers
+    if path.stem.startswith("06"):             # 06 draws scenes: the --world scenes --quick run (conftest.py)
+        monkeypatch.setenv("NANO_EMU_SCENES_CKPT", str(request.getfixturevalue("quick_scenes_run")[0]))
     monkeypatch.setenv("NANO_EMU_CKPT", str(quick_checkpoint))   # the kernel inherits this process's environment
     monkeypatch.setenv("NANO_EMU_NB_QUICK", "1")
     notebook = nbformat.read(path, as_version=4)

@@ -36,8 +36,9 @@ def test_quick_run_learns_and_writes_everything(quick_run):
     assert metrics["final_vq_recon"] < 0.5 * metrics["first_vq_recon"]
     assert metrics["final_gpt_loss"] < 0.8 * metrics["first_gpt_loss"]
     for name in ("vq.safetensors", "gpt.safetensors", "metrics.json", "loss.png", "samples.png",
-                 "samples_cfg1.png", "captions.png"):
+                 "samples_cfg1.png", "captions.png", "fill.png", "checked.png"):
         assert (out / name).is_file(), name
+    assert not (out / "answers.png").exists()   # the shapes world asks no questions
     assert json.loads((out / "metrics.json").read_text()) == metrics
     for name in ("loss.png", "samples.png"):
         assert Image.open(out / name).size[0] > 200   # a real picture, not an empty file
@@ -64,6 +65,18 @@ def test_sample_draws_a_grid_a_progress_gif_and_a_caption(quick_run, tmp_path, c
     assert gif.n_frames == 8   # one frame per finished row (PIL folds the held copies of the last into its duration)
     printed = capsys.readouterr()
     assert "tokens/s" in printed.out and f"{shape}:" in printed.out
+
+
+def test_sample_with_coupled_sjd_draws_what_the_seed_gives(quick_run, tmp_path):
+    """--sjd --coupled reaches the pipeline (MC-SJD); greedy, every decoding draws the same image."""
+    out, _ = quick_run
+    grids = {}
+    for name, flags in (("plain", []), ("sjd", ["--sjd", "4"]), ("coupled", ["--sjd", "4", "--coupled"])):
+        sample.main(sample.parse_args(["--ckpt", str(out), "--prompt", "a red circle in the top left", "--n", "2",
+                                       "--temperature", "0", "--out", str(tmp_path / f"{name}.png"), "--device", "cpu",
+                                       *flags]))
+        grids[name] = np.asarray(Image.open(tmp_path / f"{name}.png"))
+    assert np.array_equal(grids["plain"], grids["sjd"]) and np.array_equal(grids["plain"], grids["coupled"])
 
 
 def test_an_image_only_checkpoint_refuses_clips(quick_run):
@@ -211,15 +224,6 @@ def test_understanding_strings_train_the_unconditional_branch():
     assert weights[0].sum() == answer and (weights[0][-answer:] == 1).all()
 
 
-@pytest.fixture(scope="module")
-def quick_scenes_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("quick_scenes")
-    torch.set_num_threads(2)
-    metrics = train_tiny.main(train_tiny.parse_args(["--world", "scenes", "--quick", "--eval-images", "8",
-                                                     "--out", str(out), "--device", "cpu"]))
-    return out, metrics
-
-
 def test_quick_scenes_run_trains_draws_answers_and_captions(quick_scenes_run, tmp_path, capsys):
     from nano_emu import scenes
     out, metrics = quick_scenes_run
@@ -227,7 +231,7 @@ def test_quick_scenes_run_trains_draws_answers_and_captions(quick_scenes_run, tm
     for name in ("adherence_seen_cfg2", "adherence_heldout_cfg2", "position_seen_cfg2", "counting_heldout_cfg2",
                  "qa_accuracy_seen", "qa_accuracy_heldout", "caption_exact_seen", "caption_accuracy_seen"):
         assert 0.0 <= metrics[name] <= 1.0, name
-    for name in ("samples.png", "captions.png"):
+    for name in ("samples.png", "captions.png", "checked.png", "answers.png"):
         assert Image.open(out / name).size[0] > 200
     _, meta, _ = load_checkpoint(out / "gpt.safetensors")
     assert meta["world"] == "scenes"
@@ -245,3 +249,16 @@ def test_world_scenes_picks_its_preset():
     assert train_tiny.fill_from_preset(train_tiny.parse_args([])).preset == "tiny"
     args = train_tiny.fill_from_preset(train_tiny.parse_args(["--world", "scenes", "--preset", "tiny"]))
     assert args.gpt_steps == train_tiny.PRESETS["tiny"]["gpt_steps"]
+
+
+def test_vq_arch_picks_the_decoder():
+    """--vq-arch plain: GroupNorm in the decoder and no attention in the 8x8 level's blocks (the middle block keeps
+    its one); movq: Emu3's SpatialNorm and attention in both."""
+    from nano_emu.vq import VQModel
+    from nano_emu.world import Shapes
+    for arch, spatial, attention in (("movq", True, True), ("plain", False, False)):
+        args = train_tiny.fill_from_preset(train_tiny.parse_args(["--vq-arch", arch]))
+        cfg = train_tiny.vq_config(args, [Shapes()])
+        assert cfg.spatial_norm is spatial and bool(cfg.attn_levels) is attention
+        names = " ".join(VQModel(cfg).state_dict())
+        assert ("conv_y" in names) is spatial and ("up.3.attn" in names) is attention and "mid.attn_1" in names
