@@ -4,6 +4,7 @@
     python bench.py transformers             # against transformers' generate() on the same weights (CPU)
     python bench.py sjd --ckpt out/tiny      # speculative Jacobi decoding on a trained tiny model: forwards,
                                              #   wall time and drawing adherence, with and without SJD
+                                             #   (--transformers: the same model in transformers' Emu3 beside it)
     python bench.py emu3 --device cuda       # Emu3-Gen shapes with random bf16 weights, a 90x90 image with CFG
     python bench.py llamagen GPT-B           # s per 256x256 image: LlamaGen GPT-B + VQ-16, random weights, with CFG
     python bench.py chameleon --layers 2     # s per 512x512 Anole-shaped image: 7B width and vocabulary, 2 of 32 layers
@@ -16,7 +17,7 @@
 the whole sequence every step. With the cache the cost per token should stay flat as the sequence doubles.
 
 `transformers`: a tiny random Emu3ForConditionalGeneration built by transformers; its decoder weights are copied
-into nano_emu's GPT (the "transformers" key layout of nano_emu.emu3). Both do constrained greedy CFG-3 generation
+into nano_emu's GPT (the "transformers" key layout of nano_emu.emu3; experiments/emu3_peer.py). Both do constrained greedy CFG-3 generation
 (transformers: guidance_scale + negative_prompt_ids + prefix_allowed_tokens_fn, as Emu3's demo), and the tokens
 must be identical. Variants of nano_emu: plain, --compile, SJD, SJD + compile. Timings are the best of
 --repeats runs taken in turn (A B C A B C ...), so a burst of load on a shared machine hits all of them alike.
@@ -42,7 +43,7 @@ from nano_emu.tokenizer import ByteTokenizer
 PROMPT = "a red circle in the top left"
 
 
-from experiments import gpu_table
+from experiments import emu3_peer, gpu_table
 from experiments.gpu_table import sync
 
 
@@ -125,62 +126,12 @@ def bench_cache(args):
 # ------------------------------------------------------------------------------------ against transformers
 
 
-def tiny_emu3(codebook: int, dim: int = 64, n_layer: int = 2):
-    """A random transformers Emu3ForConditionalGeneration on nano_emu's tiny layout, and nano_emu's GPT holding the
-    same decoder weights. Default sizes as tests/test_emu3.py (dim 64, 2 layers, GQA 4/2, SwiGLU width 1.5 dim)."""
-    import transformers
-    from nano_emu.emu3 import KEY_LAYOUTS
-    from nano_emu.weights import load_state_dict_strict
-
-    layout = Layout.tiny(codebook_size=codebook)
-    names = ["<|endoftext|>", "<|extra_203|>", "<|extra_204|>", "<|image token|>", "<|image start|>",
-             "<|image end|>", "<|extra_200|>", "<|extra_201|>"]   # pad bos eos img boi eoi eol eof, ids 256..263
-    vocabulary = ({f"<|byte {b}|>": b for b in range(256)} | {n: 256 + i for i, n in enumerate(names)}
-                  | {f"<|visual token {c:06d}|>": layout.first_visual + c for c in range(codebook)}
-                  | {"<image>": layout.vocab_size})   # the placeholder transformers' processor needs, never generated
-    vocab_size = layout.vocab_size + 1
-    text = dict(vocab_size=vocab_size, hidden_size=dim, intermediate_size=3 * dim // 2, num_hidden_layers=n_layer,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                pad_token_id=layout.pad, bos_token_id=layout.bos, eos_token_id=layout.eos,
-                rope_parameters={"rope_type": "default", "rope_theta": 5e5})
-    vq = dict(base_channels=32, channel_multiplier=[1, 2], num_res_blocks=1, attn_resolutions=[1], hidden_size=64,
-              codebook_size=codebook, embed_dim=4, latent_channels=4)
-    torch.manual_seed(0)
-    ref = transformers.Emu3ForConditionalGeneration(
-        transformers.Emu3Config(text_config=text, vq_config=vq, vocabulary_map=vocabulary)).eval()
-    with torch.no_grad():   # larger random weights: peaked logits, so greedy ties are out of the question
-        for p in ref.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    names = KEY_LAYOUTS["transformers"]
-    state = {k.removeprefix(names["decoder"]): v for k, v in ref.state_dict().items() if k.startswith(names["decoder"])}
-    state["lm_head.weight"] = ref.state_dict()[names["head"]]
-    gpt = GPT(GPTConfig(vocab_size=vocab_size, n_layer=n_layer, n_head=4, n_kv_head=2, dim=dim,
-                        intermediate_size=3 * dim // 2,
-                        norm_eps=1e-5, rope_theta=5e5, max_seq_len=4096)).eval()
-    load_state_dict_strict(gpt, state, source="transformers Emu3ForConditionalGeneration")
-    return ref, gpt, layout
-
-
-def emu3_allowed_tokens(layout: Layout, h: int, w: int, img_index: int):
-    """Emu3's prefix_allowed_tokens_fn (image_generation.py): the offset from IMG decides what may come next."""
-    visual = list(range(layout.first_visual, layout.vocab_size))
-
-    def allowed(batch_id, input_ids):
-        offset = input_ids.shape[0] - img_index
-        if offset <= (w + 1) * h and offset % (w + 1) == 0:
-            return [layout.eol]
-        after = {(w + 1) * h + 1: layout.eof, (w + 1) * h + 2: layout.eoi, (w + 1) * h + 3: layout.eos}
-        return [after.get(offset, layout.pad)] if offset > (w + 1) * h else visual
-
-    return allowed
-
-
 TRANSFORMERS_VARIANTS = ("plain", "compiled", "sjd", "sjd-compiled")
 
 
 def bench_transformers(args):
     device = torch.device("cpu")
-    ref, gpt, layout = tiny_emu3(args.codebook, args.dim, args.layers)
+    ref, gpt, layout = emu3_peer.tiny_emu3(args.codebook, args.dim, args.layers)
     tok = ByteTokenizer()
     print(f"same weights: transformers Emu3ForConditionalGeneration and nano_emu GPT, {gpt.num_params() / 1e6:.2f}M "
           f"params (dim {args.dim}, {args.layers} layers), float32, CPU, {torch.get_num_threads()} thread(s), torch {torch.__version__}; "
@@ -200,7 +151,7 @@ def bench_transformers(args):
         n_new = len(layout.grid_schedule(h, w))
         hf = lambda: ref.generate(torch.tensor([cond]), attention_mask=torch.ones(1, len(cond), dtype=torch.long),
                                   negative_prompt_ids=torch.tensor([negative]), guidance_scale=3.0,
-                                  prefix_allowed_tokens_fn=emu3_allowed_tokens(layout, h, w, len(cond) - 1),
+                                  prefix_allowed_tokens_fn=emu3_peer.emu3_allowed_tokens(layout, h, w, len(cond) - 1),
                                   do_sample=False, max_new_tokens=n_new + 5, eos_token_id=layout.eos,
                                   pad_token_id=layout.pad)[0, len(cond):]
         runs = {"transformers generate": hf}
@@ -259,18 +210,27 @@ def bench_sjd(args):
     variants = [("plain", 0, False), (f"sjd {args.window}", args.window, False)]
     if args.coupled:
         variants.append((f"sjd {args.window} coupled", args.window, True))
+    if args.transformers:   # the same weights in transformers' Emu3, drawn with its generate()
+        ref = emu3_peer.emu3_from_tiny(pipe)
+        variants.insert(0, ("transformers generate", None, False))
     for name, sjd, coupled in variants:
-        pipe.sjd, pipe.sjd_coupled = sjd, coupled
-        pipe.draw(captions[:args.batch], seed=0)   # warm-up (allocates the cache)
+        pipe.sjd, pipe.sjd_coupled = sjd or 0, coupled
+        if sjd is None:
+            codes_of = lambda batch, seed: emu3_peer.transformers_draw(ref, pipe, batch, seed)
+        else:
+            codes_of = lambda batch, seed: list(pipe.draw_stream(batch, seed=seed))[-1].codes
+        codes_of(captions[:args.batch], 0)   # warm-up (allocates the cache)
         before, images, t_tokens, t_vq = pipe.engine.forwards, [], 0.0, 0.0
         for i in range(0, len(captions), args.batch):
             start = time.perf_counter()
-            *_, last = pipe.draw_stream(captions[i:i + args.batch], seed=args.seed + i)   # text -> codes
+            codes = codes_of(captions[i:i + args.batch], args.seed + i)                 # text -> codes
             t_tokens += time.perf_counter() - start
             start = time.perf_counter()
-            images += pipe.decode(last.codes)                                             # codes -> pixels
+            images += pipe.decode(codes)                                                # codes -> pixels
             t_vq += time.perf_counter() - start
         n_forwards = (pipe.engine.forwards - before) / len(captions) * args.batch
+        if sjd is None:   # the unbatched CFG processor: two model calls per token, for every run of equal lengths
+            n_forwards = 2 * len(pipe.layout.grid_schedule(*pipe.grid()))
         score = data.score(np.stack([np.asarray(im) for im in images]), triples)
         rows.append((name, n_forwards, t_tokens, t_vq, score))
     n_tokens = len(pipe.layout.grid_schedule(*pipe.grid()))
@@ -280,10 +240,11 @@ def bench_sjd(args):
     for name, n_forwards, t_tokens, t_vq, s in rows:
         print(f"| {name} | {n_forwards:.1f} | {t_tokens:.2f} | {t_vq:.2f} | {len(captions) / (t_tokens + t_vq):.1f} | "
               f"{s['all']:.1%} | {s['color']:.1%} | {s['shape']:.1%} | {s['position']:.1%} | {s['unreadable']:.1%} |")
-    _, f0, t0, v0, _ = rows[0]
-    for name, f1, t1, v1, _ in rows[1:]:
-        print(f"\n{name}: {f0 / f1:.2f}x fewer forwards than plain; text -> codes {t0 / t1:.2f}x faster, text -> "
-              f"image {(t0 + v0) / (t1 + v1):.2f}x faster")
+    for base, f0, t0, v0, _ in rows[:1 + args.transformers]:   # against plain, and against transformers' generate
+        for name, f1, t1, v1, _ in rows:
+            if name != base and name != "transformers generate":
+                print(f"\n{name} against {base}: {f0 / f1:.2f}x fewer forwards; text -> codes {t0 / t1:.2f}x faster, "
+                      f"text -> image {(t0 + v0) / (t1 + v1):.2f}x faster")
 
 
 # ------------------------------------------------------------------------------------ the released shapes
@@ -380,6 +341,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=None, help="draw only the first N of them (a quick look)")
     p.add_argument("--compile", action="store_true", help="compile the decode step")
     p.add_argument("--coupled", action="store_true", help="add a row for coupled SJD (MC-SJD, sjd.couple)")
+    p.add_argument("--transformers", action="store_true", help="add a row for the same weights in transformers' "
+                   "Emu3ForConditionalGeneration (literal key layout), drawn with its generate() and the same sampling")
     p.add_argument("--seed", type=int, default=0)
 
     p = command("emu3", bench_emu3, "emu3: Emu3-Gen's shapes (8.5B, random weights made on the device) drawing one "

@@ -37,7 +37,32 @@ def test_sjd(capsys, tmp_path):
     from tiny_run import write_run   # a random run's folder, as train_tiny.py writes it
     out = run(capsys, "sjd", "--ckpt", str(write_run(tmp_path)), "--per-triple", "1", "--max-images", "2",
               "--window", "3", "--coupled")
-    assert "| decoding | forwards per draw" in out and "sjd 3 coupled:" in out
+    assert "| decoding | forwards per draw" in out and "sjd 3 coupled against plain:" in out
+
+
+def test_a_trained_checkpoint_in_transformers_draws_what_nano_emu_draws(capsys, tmp_path):
+    """bench.py sjd --transformers: the checkpoint's GPT converted into Emu3ForConditionalGeneration through the
+    transformers key layout; greedy, both draw the same codes for every caption (captions of two token lengths)."""
+    pytest.importorskip("transformers")
+    import dataclasses
+    import torch
+    from nano_emu import data
+    from nano_emu.tiny import load_tiny
+    from tiny_run import write_run
+    pipe = load_tiny(write_run(tmp_path))
+    with torch.no_grad():   # peaked logits: no near-ties for two implementations to break differently
+        for p in pipe.gpt.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    pipe.sampling = dataclasses.replace(pipe.sampling, temperature=0.0)
+    captions = [data.caption("red", "circle", "center"), data.caption("blue", "square", "top left"),
+                data.caption("green", "triangle", "bottom right")]
+    mine = list(pipe.draw_stream(captions, seed=0))[-1].codes
+    theirs = bench.emu3_peer.transformers_draw(bench.emu3_peer.emu3_from_tiny(pipe), pipe, captions, seed=0)
+    assert len({len(pipe.tokenizer.encode(c)) for c in captions}) == 2
+    assert torch.equal(mine, theirs)
+    out = run(capsys, "sjd", "--ckpt", str(tmp_path), "--per-triple", "1", "--max-images", "2", "--window", "3",
+              "--transformers")
+    assert "| transformers generate |" in out and "plain against transformers generate:" in out
 
 
 def test_emu3(capsys):
