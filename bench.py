@@ -17,9 +17,9 @@
 the whole sequence every step. With the cache the cost per token should stay flat as the sequence doubles.
 
 `transformers`: a tiny random Emu3ForConditionalGeneration built by transformers; its decoder weights are copied
-into nano_emu's GPT (the "transformers" key layout of nano_emu.emu3; experiments/emu3_peer.py). Both do constrained greedy CFG-3 generation
-(transformers: guidance_scale + negative_prompt_ids + prefix_allowed_tokens_fn, as Emu3's demo), and the tokens
-must be identical. Variants of nano_emu: plain, --compile, SJD, SJD + compile. Timings are the best of
+into nano_emu's GPT (the "transformers" key layout of nano_emu.emu3; experiments/emu3_peer.py). Both do
+constrained greedy CFG-3 generation (transformers: guidance_scale + negative_prompt_ids + prefix_allowed_tokens_fn,
+as Emu3's demo), and the tokens must be identical. Variants of nano_emu: plain, --compile, SJD, SJD + compile. Timings are the best of
 --repeats runs taken in turn (A B C A B C ...), so a burst of load on a shared machine hits all of them alike.
 """
 

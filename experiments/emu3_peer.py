@@ -92,7 +92,8 @@ def transformers_draw(ref, pipe, captions: list[str], seed: int) -> torch.Tensor
     for length, group in itertools.groupby(prompts, key=len):
         ids = torch.tensor(list(group))
         torch.manual_seed(seed)
-        out = ref.generate(ids, attention_mask=torch.ones_like(ids), negative_prompt_ids=torch.tensor([negative] * len(ids)),
+        out = ref.generate(ids, attention_mask=torch.ones_like(ids),
+                           negative_prompt_ids=torch.tensor([negative] * len(ids)),
                            guidance_scale=g, prefix_allowed_tokens_fn=emu3_allowed_tokens(layout, h, w, length - 1),
                            do_sample=sampling.temperature > 0, temperature=sampling.temperature or None,
                            top_k=sampling.top_k or 0, top_p=sampling.top_p or 1.0, max_new_tokens=n_new + 5,
