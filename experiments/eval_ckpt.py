@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from nano_emu import evaluate as ev
-from nano_emu.checkpoint import load_checkpoint
+from nano_emu.checkpoint import read_meta
 from nano_emu.tiny import load_tiny
 from nano_emu.world import Scenes, Shapes
 
@@ -29,7 +29,7 @@ out = Path(args.out)
 out.mkdir(parents=True, exist_ok=True)
 pipe = load_tiny(args.ckpt)
 pipe.sampling = dataclasses.replace(pipe.sampling, temperature=args.temperature)
-scenes = load_checkpoint(Path(args.ckpt) / "gpt.safetensors")[1].get("world") == "scenes"
+scenes = read_meta(Path(args.ckpt) / "gpt.safetensors").get("world") == "scenes"
 world = Scenes() if scenes else Shapes()
 start = time.perf_counter()
 with torch.no_grad():

@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from nano_emu.checkpoint import load_checkpoint
+from nano_emu.checkpoint import read_meta
 from nano_emu.scenes import CATEGORIES
 
 p = argparse.ArgumentParser()
@@ -22,7 +22,7 @@ print("| run | GPT | steps | pool | VQ s | GPT s | eval s | overall seen / held-
 print("|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|")
 for k, run in enumerate(args.runs):
     m = json.loads((run / "metrics.json").read_text())
-    s = load_checkpoint(run / "gpt.safetensors")[1]["settings"]
+    s = read_meta(run / "gpt.safetensors")["settings"]
     label = args.label[k] if k < len(args.label) else run.name
     print(f"| {label} | {s['gpt_dim']} x {s['gpt_layers']} | {s['gpt_steps']} | {s['pool']} | {m['vq_s']:.0f} | "
           f"{m['gpt_s']:.0f} | {m['eval_s']:.0f} | {m['adherence_seen_cfg2']:.3f} / {m['adherence_heldout_cfg2']:.3f} | "

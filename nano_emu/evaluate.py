@@ -160,8 +160,6 @@ def evaluate(pipe: Pipeline, world: World, out: Path, seed: int = 0, repeats: in
             scores = world.score(drawn, targets)
             if g == cfg:
                 checked[group] = (drawn, captions, targets)
-            if world.name == "shapes" and group == "seen" and g == cfg:
-                fill_histogram(drawn, [t[1] for t in targets], out / "fill.png", seed, cfg)
             metrics.update({key(world, name, group, f"cfg{g:g}"): value for name, value in scores.items()})
 
     tasks, answered = world.answer_tasks(n, rng), {}
@@ -176,6 +174,9 @@ def evaluate(pipe: Pipeline, world: World, out: Path, seed: int = 0, repeats: in
     pictures(pipe, world, out, seed, columns, tasks)
     if not world.frames and world.checker:
         checked_picture(world, checked, out / "checked.png", columns, cfg)
+    if world.name == "shapes":   # how crisp the seen drawings are
+        drawn, _, targets = checked["seen"]
+        fill_histogram(drawn, [t[1] for t in targets], out / "fill.png", seed, cfg)
     group = "seen" if "seen" in tasks else next(iter(tasks), None)
     if group is not None and any(q for pairs in tasks[group].answers for q, _ in pairs):   # a world that asks
         answers_picture(world, tasks[group], answered[group], out / "answers.png")
