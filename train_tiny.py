@@ -36,6 +36,7 @@ from nano_emu.checkpoint import (SETTINGS_KEY, VQ_HASH_KEY, FolderInUse, RunMism
                                  output_lock, read_meta, settings_of, weights_hash)
 from nano_emu.gpt import GPT, GPTConfig
 from nano_emu.layout import Layout
+from nano_emu.scenes import CATEGORIES
 from nano_emu.folder import BACKGROUNDS, Folder, FolderError
 from nano_emu.tiny import TINY_CFG_SCALE, TINY_TEMPERATURE, choose_tokenizer, describe_tokenizer, tiny_pipeline
 from nano_emu.train import Pool, batch_rng, init_vq_for_training, setup_distributed, train_gpt, train_vq
@@ -131,7 +132,7 @@ def make_worlds(args) -> list[World]:
         if args.image_size not in (None, 64):
             raise UsageError(f"--image-size {args.image_size}: the built-in worlds are 64x64; --image-size goes with "
                              f"--data FOLDER")
-        main = Scenes() if args.world == "scenes" else Shapes()
+        main = Scenes(mix=args.scene_mix) if args.world == "scenes" else Shapes()
     if args.data is not None and args.world != "shapes":
         raise UsageError("--data FOLDER is the world to train on; it does not go with --world")
     if args.video and (args.data is not None or args.world != "shapes"):
@@ -294,6 +295,20 @@ def train(args):
     return metrics
 
 
+def scene_mix(text: str) -> dict[str, float]:
+    """--scene-mix "two_object=2,position=1.5" -> {category: weight}."""
+    mix = {}
+    for part in text.split(","):
+        name, _, weight = part.partition("=")
+        if name.strip() not in CATEGORIES:
+            raise argparse.ArgumentTypeError(f"{name.strip()!r} is not a scenes category; the categories are "
+                                             f"{', '.join(CATEGORIES)}")
+        mix[name.strip()] = cli.checked(float, lambda w: w >= 0, ">= 0")(weight)
+    if not any(mix.get(c, 1.0) for c in CATEGORIES):
+        raise argparse.ArgumentTypeError("every category has weight 0")
+    return mix
+
+
 def parse_args(argv=None):
     count, rate = cli.at_least(1), cli.above(0)   # steps, sizes and learning rates are all positive
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -345,6 +360,9 @@ def parse_args(argv=None):
     world.add_argument("--world", choices=["shapes", "scenes"], default="shapes",
                        help="a built-in world: shapes (one shape, 90 captions) or scenes (1-4 objects, counts, "
                             "relations and questions, scored like GenEval)")
+    world.add_argument("--scene-mix", type=scene_mix, default=None, metavar="CATEGORY=W,...",
+                       help="with --world scenes: weigh the training scenes' categories, e.g. two_object=2,"
+                            "position=2 (unnamed: 1; default: uniform, as the evaluation)")
     world.add_argument("--data", type=cli.existing_folder, default=None, metavar="FOLDER",
                        help="your own images: a captioned folder (metadata.jsonl or metadata.csv with file_name "
                             "and text, as Hugging Face's imagefolder) or class subfolders (as torchvision's "
@@ -369,7 +387,10 @@ def parse_args(argv=None):
     video.add_argument("--gpt-clip-share", type=share, default=None, help="share of GPT steps on a batch of clips")
     video.add_argument("--eval-clips", type=count, default=None,
                        help="clips drawn for the metrics, cycling through the 72 (color, shape, direction)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.scene_mix and (args.world != "scenes" or args.data is not None):
+        p.error("--scene-mix weighs the categories of --world scenes; it does not go with another world")
+    return args
 
 
 if __name__ == "__main__":

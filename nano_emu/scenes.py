@@ -43,7 +43,7 @@ Questions are (question, answer) strings the picture answers uniquely: "how many
 is the square?" -> "blue" (only with exactly one square), "what is left of the green square?" -> "a red circle"
 (only when exactly one object is even loosely left of it, and that one clearly).
 
-At ~510 lines this is over the house budget of ~400: grammar, sampler, checker and questions are four readers of
+At ~520 lines this is over the house budget of ~400: grammar, sampler, checker and questions are four readers of
 one geometry (sprites, centroids, the relation cones, the held-out rules), and splitting them would put those
 rules in two places. The sections below follow that order.
 """
@@ -251,14 +251,19 @@ def heldout_shown(objects) -> list[str]:
 
 
 def sample_prompts(n: int, rng: np.random.Generator | int, split: str = "train",
-                   category: str | None = None) -> list[Prompt]:
-    """n prompts: a category uniformly (GenEval's overall is their mean), then a prompt of it uniformly."""
+                   category: str | None = None, mix: dict[str, float] | None = None) -> list[Prompt]:
+    """n prompts: a category uniformly (GenEval's overall is their mean), or in proportion to `mix` (category ->
+    weight, 1 for any not named), then a prompt of it uniformly."""
     rng = np.random.default_rng(rng)
-    pools = [prompts(split, c) for c in ([category] if category else CATEGORIES)]
-    pools = [pool for pool in pools if pool]  # the heldout split has no single-object or colour prompts
+    names = [c for c in ([category] if category else CATEGORIES) if prompts(split, c)]
+    pools = [prompts(split, c) for c in names]  # the heldout split has no single-object or colour prompts
     if not pools:
         raise ValueError(f"the {split!r} split has no {category!r} prompts")
-    which = rng.integers(len(pools), size=n)
+    if mix:
+        weights = np.array([mix.get(c, 1.0) for c in names])
+        which = rng.choice(len(pools), size=n, p=weights / weights.sum())
+    else:   # (as before mix existed: the same draws from the same seed)
+        which = rng.integers(len(pools), size=n)
     index = rng.integers(np.array([len(pool) for pool in pools])[which])
     return [pools[w][i] for w, i in zip(which, index)]
 
@@ -359,13 +364,13 @@ def draw_scenes(prompts_: list[Prompt | str], rng: np.random.Generator | int,
     return render(scenes), scenes
 
 
-def sample_scenes(n: int, rng: np.random.Generator | int, split: str = "train", category: str | None = None
-                  ) -> tuple[np.ndarray, list[str], list[Scene]]:
+def sample_scenes(n: int, rng: np.random.Generator | int, split: str = "train", category: str | None = None,
+                  mix: dict[str, float] | None = None) -> tuple[np.ndarray, list[str], list[Scene]]:
     """n random pictures (n, H, W, 3) uint8 with their captions and scenes. split: "train" never names or shows
     anything held out, "heldout" names (so shows) a held-out composition in every caption, "all" draws from
-    everything with no check."""
+    everything with no check. mix: the categories' weights (sample_prompts)."""
     rng = np.random.default_rng(rng)  # passes a Generator through, seeds a new one from an int
-    chosen = sample_prompts(n, rng, split, category)
+    chosen = sample_prompts(n, rng, split, category, mix)
     images, scenes = draw_scenes(chosen, rng, avoid_heldout=split == "train")
     return images, [caption(p) for p in chosen], scenes
 

@@ -10,6 +10,7 @@ from nano_emu import scenes
 from nano_emu.data import COLORS, SHAPES
 from nano_emu.scenes import CATEGORIES, CANVAS, Obj, Prompt, Scene, Thing
 from nano_emu.tokenizer import WordTokenizer
+from nano_emu.world import Scenes
 
 PALETTE = np.array([(0, 0, 0), *COLORS.values()], dtype=np.uint8)
 
@@ -210,6 +211,21 @@ def test_seen_prompts_get_training_safe_scenes():
 # sampling and rendering
 
 
+def test_mix_weighs_the_categories_and_keeps_out_the_heldout():
+    mix = {"single_object": 0.0, "position": 3.0}   # the other four: 1 each, so position is 3 / 7 of the draws
+    prompts = scenes.sample_prompts(7000, 5, mix=mix)
+    counts = {c: sum(p.category == c for p in prompts) for c in CATEGORIES}
+    assert counts["single_object"] == 0
+    assert abs(counts["position"] / 7000 - 3 / 7) < 0.02 and abs(counts["colors"] / 7000 - 1 / 7) < 0.015
+    _, captions, drawn = scenes.sample_scenes(500, 6, mix=mix)
+    assert not any(scenes.names_heldout(t) or shows_heldout(s.objects) for t, s in zip(captions, drawn))
+    # the world's pool is drawn with it, what the evaluation samples is not
+    world = Scenes(mix=mix)
+    pooled, fresh = world.pool(300, np.random.default_rng(1)), world.sample(300, np.random.default_rng(1))
+    assert not any(scenes.parse(c).category == "single_object" for c in pooled.captions)
+    assert any(scenes.parse(c).category == "single_object" for c in fresh.captions)
+
+
 def test_same_seed_same_data():
     a, b, c = (scenes.sample_scenes(64, seed) for seed in (7, np.random.default_rng(7), 8))
     assert np.array_equal(a[0], b[0]) and a[1] == b[1] and a[2] == b[2]
@@ -361,7 +377,6 @@ def test_every_scene_has_one_caption_that_says_most(split):
 
 def test_world_judges_each_drawing_as_geneval_scores_them():
     """checked.png's borders (World.judge, a row per World.category) agree with the per-category rates."""
-    from nano_emu.world import Scenes
     world = Scenes()
     images, captions, _ = scenes.sample_scenes(120, 7)
     targets = [scenes.parse(c) for c in captions]
