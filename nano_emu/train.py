@@ -132,12 +132,13 @@ def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
 def fit(model: torch.nn.Module, loss_fn: Callable, steps: int, lr: float, ckpt_path: Path, meta: dict,
         run: Distributed, ckpt_every: int = 250, resume: bool = False, warmup: int = 20, betas=(0.9, 0.95),
         clip_grad: float | None = 1.0, after_step: Callable | None = None, desc: str = "train",
-        log_every: int = 10, extra: dict[str, torch.Tensor] | None = None) -> list:
+        log_every: int = 10, extra: dict[str, torch.Tensor] | None = None, compile: dict | None = None) -> list:
     """Train `model` for `steps` steps of `loss_fn(net, step) -> (loss, logs)`; `net` is the model, DDP-wrapped
     when distributed. Checkpoints to ckpt_path (with `meta`, e.g. the config). Returns the logged history.
     extra: tensors of training state that loss_fn / after_step update in place (the VQ's code-usage counters);
     they are checkpointed with the weights and restored in place on resume, as is the torch RNG of the model's
-    device, so that a resumed run takes the steps the uninterrupted one takes."""
+    device, so that a resumed run takes the steps the uninterrupted one takes.
+    compile: torch.compile's options to compile `net` with (None: eager); `model` is still what is saved."""
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=0.0)
     done, history, extra = 0, [], extra or {}
@@ -156,6 +157,8 @@ def fit(model: torch.nn.Module, loss_fn: Callable, steps: int, lr: float, ckpt_p
         if run.main:
             print(f"resuming {desc} from {ckpt_path} at step {done}/{steps}")
     net = DistributedDataParallel(model) if run.world > 1 else model
+    if compile is not None:   # the first steps pay the compiling
+        net = torch.compile(net, **compile)
 
     def save():
         if run.main:
@@ -281,11 +284,12 @@ def weighted_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Te
 
 def train_gpt(gpt, layout: Layout, tokenizer, pools: list[Pool], steps: int, batch_size: int, lr: float,
               ckpt_path: Path, meta: dict, run: Distributed, seed: int = 0, sequence_options: dict | None = None,
-              **fit_kwargs) -> list:
+              compile: bool = False, **fit_kwargs) -> list:
     """The GPT stage: each step draws batch_size examples of one pool and writes each as a generation or an
     understanding sequence. pools[1:] are drawn with their share's probability (a --video run: clips beside
     images), pools[0] otherwise. A batch is all of one pool because the strings are right-padded to the longest
-    one: a clip of t frames is ~t times an image's length, and one clip in a batch would pad every image to it."""
+    one: a clip of t frames is ~t times an image's length, and one clip in a batch would pad every image to it.
+    compile: torch.compile the GPT, with dynamic shapes (the strings' length changes from batch to batch)."""
     device = next(gpt.parameters()).device
 
     def loss_fn(net, step):
@@ -301,4 +305,5 @@ def train_gpt(gpt, layout: Layout, tokenizer, pools: list[Pool], steps: int, bat
         loss = weighted_loss(net(inputs.to(device)), targets.to(device), weights.to(device))
         return loss, {"loss": loss.detach()}
 
-    return fit(gpt, loss_fn, steps, lr, ckpt_path, meta, run, desc="gpt", **fit_kwargs)
+    return fit(gpt, loss_fn, steps, lr, ckpt_path, meta, run, desc="gpt",
+               compile={"dynamic": True} if compile else None, **fit_kwargs)

@@ -54,6 +54,33 @@ def test_a_killed_vq_stage_resumes_to_the_same_weights(tmp_path, restart_every):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None, reason="torch.compile on a CPU writes C++")
+def test_a_compiled_gpt_stage_trains_as_eager_and_saves_the_models_keys(tmp_path):
+    """train_tiny.py --compile: the GPT stage runs compiled (dynamic shapes: the strings change length), its
+    checkpoint holds the GPT's own names (not torch.compile's wrapper's) and its losses follow the eager run's."""
+    from nano_emu.gpt import GPT, GPTConfig
+    from nano_emu.layout import Layout
+    from nano_emu.tokenizer import ByteTokenizer
+    from nano_emu.train import Pool, train_gpt
+
+    layout = Layout.tiny(64, text_vocab=ByteTokenizer().n_vocab)
+    codes = torch.randint(64, (16, 2, 2))
+    captions = [("a red circle", "two blue squares", "a cat")[i % 3] for i in range(16)]
+    pools = [Pool(codes, captions, [[("", c), ("what?", "yes")] for c in captions])]
+    histories, states = [], []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        gpt = GPT(GPTConfig.tiny(layout.vocab_size, dim=32, n_layer=1, intermediate_size=64))
+        ckpt = tmp_path / f"gpt_{compile}.safetensors"
+        histories.append(train_gpt(gpt, layout, ByteTokenizer(), pools, 6, 4, 1e-3, ckpt, {"kind": "gpt"},
+                                   Distributed(), compile=compile, log_every=1))
+        states.append(load_checkpoint(ckpt)[0])
+    assert set(states[1]) == set(GPT(GPTConfig.tiny(layout.vocab_size, dim=32, n_layer=1,
+                                                    intermediate_size=64)).state_dict())
+    eager, compiled = ([h["loss"] for h in history] for history in histories)
+    assert compiled == pytest.approx(eager, rel=1e-3, abs=1e-3)
+
+
 BAD_BATCH = """
 import torch
 from pathlib import Path

@@ -1,0 +1,101 @@
+"""What a training step costs, eager against torch.compile, in one process: the speedrun's compile lever measured.
+
+    python experiments/train_step.py                   # the shapes default's VQ and GPT steps
+    python experiments/train_step.py --world scenes    # the scenes preset's GPT step (same VQ)
+
+Builds train_tiny.py's models at the preset's sizes (random weights: a step's cost does not depend on their
+values) and its batches (the world's images; the GPT's mixed generation / understanding strings from a small
+pool of random codes of the real grid), then times --steps steps of each stage eagerly and compiled
+(`torch.compile`, dynamic for the GPT: its strings change length from batch to batch; static shapes for the VQ,
+whose batches do not), after --warmup steps.
+Prints the compile time (the warm-up steps of the compiled model, which a run pays inside its budget), the ms per
+step of each, the speed-up, and how many steps the compile time would have bought.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_tiny  # noqa: E402
+from nano_emu import data  # noqa: E402
+from nano_emu.gpt import GPT, GPTConfig  # noqa: E402
+from nano_emu.train import sequences, weighted_loss  # noqa: E402
+from nano_emu.vq import VQModel  # noqa: E402
+
+p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+p.add_argument("--world", choices=["shapes", "scenes"], default="shapes")
+p.add_argument("--steps", type=int, default=40, help="timed steps per variant")
+p.add_argument("--warmup", type=int, default=5, help="untimed steps first (the compiled model compiles here)")
+p.add_argument("--stages", default="vq,gpt", help="which stages, of vq,gpt")
+args = p.parse_args()
+
+run_args = train_tiny.fill_from_preset(train_tiny.parse_args(["--world", args.world]))
+worlds, tokenizer, _, vq_cfg, layout = train_tiny.prepare(run_args)
+world, rng = worlds[0], np.random.default_rng(0)
+print(f"{args.world} preset, CPU, {torch.get_num_threads()} threads, torch {torch.__version__}")
+
+
+def time_steps(model, step, batches):
+    """(warm-up seconds, ms per timed step) of step(model, batch) over batches."""
+    start = time.perf_counter()
+    for batch in batches[:args.warmup]:
+        step(model, batch)
+    warm = time.perf_counter() - start
+    start = time.perf_counter()
+    for batch in batches[args.warmup:]:
+        step(model, batch)
+    return warm, (time.perf_counter() - start) / (len(batches) - args.warmup) * 1e3
+
+
+def compare(name, make, step, batches, dynamic):
+    torch.manual_seed(0)
+    eager_warm, eager_ms = time_steps(make(), step, batches)
+    torch.manual_seed(0)
+    compiled_warm, compiled_ms = time_steps(torch.compile(make(), dynamic=dynamic), step, batches)
+    compile_s = compiled_warm - eager_warm
+    print(f"{name}: eager {eager_ms:.1f} ms/step, compiled {compiled_ms:.1f} ms/step ({eager_ms / compiled_ms:.2f}x), "
+          f"compiling took {compile_s:.1f} s = {compile_s / eager_ms * 1e3:.0f} eager steps")
+
+
+n = args.warmup + args.steps
+if "vq" in args.stages:
+    images = [data.to_tensor(world.sample(run_args.vq_batch, rng).pixels) for _ in range(n)]
+
+    def vq_step(model, x, optimizer={}):
+        opt = optimizer.setdefault(id(model), torch.optim.Adam(model.parameters(), lr=1e-4))
+        loss = model(x).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    compare(f"VQ (batch {run_args.vq_batch}, {run_args.vq_arch})", lambda: VQModel(vq_cfg), vq_step, images,
+            dynamic=False)
+
+if "gpt" in args.stages:
+    config = GPTConfig.tiny(layout.vocab_size, dim=run_args.gpt_dim, n_layer=run_args.gpt_layers,
+                            intermediate_size=int(run_args.gpt_dim * 8 / 3) // 16 * 16)
+    examples = world.sample(4 * run_args.gpt_batch, rng)
+    h = w = world.image_size // 8
+    codes = torch.randint(vq_cfg.codebook_size, (len(examples.captions), h, w))
+    options = dict(p_drop_caption=run_args.p_drop_caption, visual_weight=run_args.visual_weight,
+                   understood_image_weight=run_args.understood_image_weight, answer_weight=run_args.answer_weight)
+    batches = []
+    for _ in range(n):
+        pick = rng.integers(len(codes), size=run_args.gpt_batch)
+        batches.append(sequences(layout, tokenizer, codes[pick], [examples.captions[i] for i in pick],
+                                 [examples.answers[i] for i in pick], rng, **options))
+
+    def gpt_step(model, batch, optimizer={}):
+        opt = optimizer.setdefault(id(model), torch.optim.AdamW(model.parameters(), lr=1e-4))
+        inputs, targets, weights = batch
+        loss = weighted_loss(model(inputs), targets, weights)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    compare(f"GPT ({run_args.gpt_dim} x {run_args.gpt_layers}, batch {run_args.gpt_batch})", lambda: GPT(config),
+            gpt_step, batches, dynamic=True)
