@@ -14,26 +14,29 @@ from pathlib import Path
 import torch
 
 from nano_emu import evaluate as ev
-from nano_emu.checkpoint import read_meta
+from nano_emu.checkpoint import SETTINGS_KEY, read_meta
 from nano_emu.tiny import load_tiny
 from nano_emu.world import Scenes, Shapes
 
 p = argparse.ArgumentParser()
 p.add_argument("ckpt")
 p.add_argument("--out", required=True)
-p.add_argument("--temperature", type=float, default=1.0)
-p.add_argument("--seed", type=int, default=0)
+p.add_argument("--temperature", type=float, default=None, help="default: the checkpoint's own")
+p.add_argument("--seed", type=int, default=None, help="evaluation seed (default: the run's --seed, as it evaluated)")
 p.add_argument("--repeats", type=int, default=None, help="draws per prompt (default: the world's preset, 7 or 9)")
 args = p.parse_args()
 out = Path(args.out)
 out.mkdir(parents=True, exist_ok=True)
 pipe = load_tiny(args.ckpt)
-pipe.sampling = dataclasses.replace(pipe.sampling, temperature=args.temperature)
-scenes = read_meta(Path(args.ckpt) / "gpt.safetensors").get("world") == "scenes"
+if args.temperature is not None:
+    pipe.sampling = dataclasses.replace(pipe.sampling, temperature=args.temperature)
+meta = read_meta(Path(args.ckpt) / "gpt.safetensors")
+scenes = meta.get("world") == "scenes"
+seed = args.seed if args.seed is not None else meta.get(SETTINGS_KEY, {}).get("seed", 0)
 world = Scenes() if scenes else Shapes()
 start = time.perf_counter()
 with torch.no_grad():
-    metrics = ev.evaluate(pipe, world, out, seed=args.seed, n=256, columns=6,
+    metrics = ev.evaluate(pipe, world, out, seed=seed, n=256, columns=6,
                           repeats=args.repeats or (9 if scenes else 7))
 metrics["eval_s"] = round(time.perf_counter() - start, 1)
 (out / "metrics.json").write_text(json.dumps(metrics, indent=1))

@@ -6,12 +6,17 @@
 A rendered square fills all of its box, a circle ~pi/4, a triangle ~1/2 (data.fill); a square drawn with rounded
 corners fills less and reads as a circle to any stricter reader than the project's checker. Draws --per-triple
 images per seen (colour, shape, position) with seed 1000+ (train_tiny.py's evaluation uses seed 0), at each
---temperature with the checkpoint's CFG, prints the share of each shape inside data.FILL_RANGES, and with --out draws evaluate.fill_histogram's
-picture of the first temperature's drawings against as many rendered images.
+--temperature with the checkpoint's CFG, prints the share of each shape inside data.FILL_RANGES, and with --out
+draws evaluate.fill_histogram's picture of the first temperature's drawings against as many rendered images. The
+first row is the VQ's own reconstructions of as many rendered images (seed 3): how crisp the decoder is when the
+codes are a real image's, so that a drawing's rounded corners can be laid at the decoder's door or at the GPT's.
 """
 import argparse
 import json
 import time
+
+import numpy as np
+import torch
 
 from nano_emu import data
 from nano_emu import evaluate as ev
@@ -28,6 +33,11 @@ args = p.parse_args()
 pipe = load_tiny(args.ckpt)
 attrs = [t for t in data.TRAIN_TRIPLES for _ in range(args.per_triple)]
 shapes = [t[1] for t in attrs]
+rendered, _, rendered_attrs = data.sample_shapes(len(attrs), np.random.default_rng(3))
+with torch.no_grad():
+    recon = data.from_tensor(pipe.vq.decode(pipe.vq.encode(data.to_tensor(rendered))))
+print(json.dumps(dict(ckpt=args.ckpt, reconstructions=len(recon), **{
+    k: round(v, 4) for k, v in data.fill_in_range(recon, [t[1] for t in rendered_attrs]).items()})), flush=True)
 drawn_by_t = {}
 for temperature in args.temperature:
     start = time.perf_counter()

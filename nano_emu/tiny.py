@@ -29,9 +29,10 @@ from .tokenizer import ByteTokenizer, WordTokenizer
 from .vq import VQConfig, VQModel
 from .weights import load_state_dict_strict
 
-# How the tiny models sample by default, chosen on a validation draw (experiments/sweep_sampling.py, seeds that the
-# reported evaluation never uses; docs/tiny_model.md): CFG 2 at temperature 1 drew the asked shape most often,
-# seen and held out; CFG 3 overshoots a model this small into broken shapes
+# How the tiny models sample when a checkpoint does not say (train_tiny.py saves its run's CFG and temperature in
+# every checkpoint), chosen on a validation draw (experiments/sweep_sampling.py, seeds that the reported evaluation
+# never uses; docs/tiny_model.md): CFG 2 drew the asked shape most often, seen and held out; CFG 3 overshoots a
+# model this small into broken shapes. train_tiny.py's shapes runs save temperature 0.5 (re-swept on two seeds)
 TINY_CFG_SCALE = 2.0
 TINY_TEMPERATURE = 1.0
 
