@@ -261,6 +261,8 @@ def sample_prompts(n: int, rng: np.random.Generator | int, split: str = "train",
         raise ValueError(f"the {split!r} split has no {category!r} prompts")
     if mix:
         weights = np.array([mix.get(c, 1.0) for c in names])
+        if not weights.sum() > 0:
+            raise ValueError(f"the mix {mix} gives every category of the {split!r} split weight 0")
         which = rng.choice(len(pools), size=n, p=weights / weights.sum())
     else:   # (as before mix existed: the same draws from the same seed)
         which = rng.integers(len(pools), size=n)

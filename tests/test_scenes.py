@@ -221,6 +221,8 @@ def test_mix_weighs_the_categories_and_keeps_out_the_heldout():
     assert not any(scenes.names_heldout(t) or shows_heldout(s.objects) for t, s in zip(captions, drawn))
     # the world's pool is drawn with it, what the evaluation samples is not
     world = Scenes(mix=mix)
+    with pytest.raises(ValueError, match="weight 0"):
+        scenes.sample_prompts(4, 0, "heldout", mix={"counting": 0, "position": 0, "color_attr": 0})
     pooled, fresh = world.pool(300, np.random.default_rng(1)), world.sample(300, np.random.default_rng(1))
     assert not any(scenes.parse(c).category == "single_object" for c in pooled.captions)
     assert any(scenes.parse(c).category == "single_object" for c in fresh.captions)
