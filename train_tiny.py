@@ -48,12 +48,10 @@ from nano_emu.world import MovingShapes, Scenes, Shapes, World
 PRESETS = {
     "tiny": dict(vq_steps=1750, vq_batch=8, vq_lr=1e-3, pool=8000, gpt_steps=2600, gpt_batch=24, gpt_lr=3e-3,
                  gpt_dim=128, gpt_layers=4, eval_per_triple=7, eval_images=256, tokenizer="auto",
-                 vq_width=4, p_drop_caption=0.1, visual_weight=0.5, understood_image_weight=0.0, answer_weight=2.0,
-                 vq_arch="movq"),
+                 vq_width=4, p_drop_caption=0.1, visual_weight=0.5, understood_image_weight=0.0, answer_weight=2.0),
     "quick": dict(vq_steps=40, vq_batch=4, vq_lr=1e-3, pool=256, gpt_steps=40, gpt_batch=8, gpt_lr=2e-3,
                   gpt_dim=64, gpt_layers=2, eval_per_triple=1, eval_images=16, tokenizer="auto",
-                  vq_width=4, p_drop_caption=0.0, visual_weight=1.0, understood_image_weight=1.0, answer_weight=1.0,
-                  vq_arch="movq"),
+                  vq_width=4, p_drop_caption=0.0, visual_weight=1.0, understood_image_weight=1.0, answer_weight=1.0),
     # --world scenes: tiny's VQ (the objects are the shapes world's sprites) and GPT, trained for most of the 20
     # minutes on a larger pool (captions are sentences, and each scene also brings four questions to answer): at
     # equal time, more steps of this GPT beat a wider, deeper one (docs/scenes.md); 9 draws per prompt so that 621
@@ -61,11 +59,10 @@ PRESETS = {
     "scenes": dict(vq_steps=1750, vq_batch=8, vq_lr=1e-3, pool=30000, gpt_steps=10000, gpt_batch=24, gpt_lr=3e-3,
                    gpt_dim=128, gpt_layers=4, eval_per_triple=9, eval_images=256, tokenizer="auto",
                    vq_width=4, p_drop_caption=0.1, visual_weight=0.5, understood_image_weight=0.0,
-                   answer_weight=2.0, vq_arch="movq"),
+                   answer_weight=2.0),
     "small": dict(vq_steps=6000, vq_batch=16, vq_lr=1e-3, pool=40000, gpt_steps=6000, gpt_batch=64, gpt_lr=1e-3,
                   gpt_dim=384, gpt_layers=8, eval_per_triple=8, eval_images=1024, tokenizer="auto",
-                  vq_width=4, p_drop_caption=0.0, visual_weight=1.0, understood_image_weight=1.0, answer_weight=1.0,
-                  vq_arch="movq"),
+                  vq_width=4, p_drop_caption=0.0, visual_weight=1.0, understood_image_weight=1.0, answer_weight=1.0),
 }
 
 # With --video, clips join both stages. The VQ gets twice the image run's steps and codes twice as wide (a code
@@ -199,9 +196,13 @@ def vq_stage(args, worlds, cfg, device, run, autocast):
     return vq.eval(), history
 
 
+def gpt_config(args, layout: Layout) -> GPTConfig:
+    return GPTConfig.tiny(layout.vocab_size, dim=args.gpt_dim, n_layer=args.gpt_layers,
+                          intermediate_size=int(args.gpt_dim * 8 / 3) // 16 * 16)   # Llama's 8/3 SwiGLU width
+
+
 def gpt_stage(args, worlds, tokenizer, tokenizer_spec, layout, vq, device, run, autocast):
-    config = GPTConfig.tiny(layout.vocab_size, dim=args.gpt_dim, n_layer=args.gpt_layers,
-                            intermediate_size=int(args.gpt_dim * 8 / 3) // 16 * 16)
+    config = gpt_config(args, layout)
     torch.manual_seed(args.seed)
     gpt = GPT(config).to(device)
     pools = []
@@ -326,7 +327,7 @@ def parse_args(argv=None):
     p.add_argument("--out", type=cli.output_folder, default="out/tiny",
                    help="output folder (checkpoints, metrics, pictures)")
     p.add_argument("--preset", default=None, choices=[k for k in PRESETS if k != "quick"],
-                   help="model sizes and step counts: tiny = ~7 min on 2 CPU cores (the default); scenes = the "
+                   help="model sizes and step counts: tiny = ~8 min on 2 CPU cores (the default); scenes = the "
                         "default with --world scenes, ~20 min; small = for a GPU")
     p.add_argument("--quick", action="store_true", help="a smoke run in about a minute (CI): tiny models, few steps")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
@@ -337,7 +338,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="autocast dtype for training (float32 = no autocast)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the GPT's training step (on 2 CPU cores 1.23x per step after ~20 s of "
+                   help="torch.compile the GPT's training step (on 2 CPU cores 1.18x per step after ~25 s of "
                         "compiling; needs a C++ compiler on a CPU); the VQ stays eager (compiled it was slower)")
     p.add_argument("--seed", type=cli.at_least(0), default=0)
     p.add_argument("--cfg", type=cli.above(0), default=TINY_CFG_SCALE,
@@ -365,9 +366,9 @@ def parse_args(argv=None):
                              ("understood-image-weight", cli.at_least(0, float), "loss weight of the image block "
                               "of image->caption strings, relative to generation strings (0 = Emu3: none)")]:
         p.add_argument(f"--{name}", type=kind, default=None, help=f"{text} (default: from the preset)")
-    p.add_argument("--vq-arch", choices=list(VQ_ARCHS), default=None, help="the VQ's decoder: movq = Emu3's "
-                   "(SpatialNorm, attention in the 8x8 blocks), plain = GroupNorm, attention in the middle block only "
-                   "(default: from the preset)")
+    p.add_argument("--vq-arch", choices=list(VQ_ARCHS), default="movq", help="the VQ's decoder: movq = Emu3's "
+                   "(SpatialNorm, attention in the 8x8 blocks; the default), plain = GroupNorm, attention in the "
+                   "middle block only")
     p.add_argument("--tokenizer", choices=["auto", "words", "bytes"], default=None,
                    help="caption tokens: whole words (7 a shapes caption) or UTF-8 bytes (28); auto = words when the "
                         "captions use at most 1024 pieces (default: from the preset)")
@@ -403,7 +404,7 @@ def parse_args(argv=None):
     video.add_argument("--eval-clips", type=count, default=None,
                        help="clips drawn for the metrics, cycling through the 72 (color, shape, direction)")
     args = p.parse_args(argv)
-    if args.compile and args.device in ("auto", "cpu") and not torch.cuda.is_available() and shutil.which(
+    if args.compile and cli.resolve_device(args.device).type == "cpu" and shutil.which(
             os.environ.get("CXX", "c++")) is None:
         p.error("--compile on a CPU needs a C++ compiler (torch.compile writes C++): install g++ or clang++, set CXX "
                 "to it, or drop --compile")

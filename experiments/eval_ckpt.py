@@ -15,6 +15,7 @@ import torch
 
 from nano_emu import evaluate as ev
 from nano_emu.checkpoint import SETTINGS_KEY, read_meta
+from nano_emu.scenes import CATEGORIES
 from nano_emu.tiny import load_tiny
 from nano_emu.world import Scenes, Shapes
 
@@ -42,8 +43,7 @@ metrics["eval_s"] = round(time.perf_counter() - start, 1)
 (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
 if scenes:
     keys = ["adherence_seen_cfg2", "adherence_heldout_cfg2", "qa_accuracy_seen", "qa_accuracy_heldout",
-            "caption_exact_seen"] + [f"{c}_seen_cfg2" for c in ("single_object", "two_object", "counting", "colors",
-                                                                 "position", "color_attr")]
+            "caption_exact_seen"] + [f"{c}_seen_cfg2" for c in CATEGORIES]
 else:
     keys = ["vq_psnr_db", "adherence_seen_cfg2", "adherence_heldout_cfg2", "caption_accuracy_seen",
             "caption_accuracy_heldout", "square_fill_seen_cfg2", "circle_fill_seen_cfg2", "triangle_fill_seen_cfg2"]

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_tiny  # noqa: E402
 from nano_emu import data  # noqa: E402
-from nano_emu.gpt import GPT, GPTConfig  # noqa: E402
+from nano_emu.gpt import GPT  # noqa: E402
 from nano_emu.train import sequences, weighted_loss  # noqa: E402
 from nano_emu.vq import VQModel  # noqa: E402
 
@@ -39,23 +39,31 @@ world, rng = worlds[0], np.random.default_rng(0)
 print(f"{args.world} preset, CPU, {torch.get_num_threads()} threads, torch {torch.__version__}")
 
 
-def time_steps(model, step, batches):
-    """(warm-up seconds, ms per timed step) of step(model, batch) over batches."""
+def time_steps(model, loss_of, batches):
+    """(warm-up seconds, ms per timed step) of training steps (AdamW, as train.fit) on loss_of(model, batch)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+
+    def step(batch):
+        loss = loss_of(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
     start = time.perf_counter()
     for batch in batches[:args.warmup]:
-        step(model, batch)
+        step(batch)
     warm = time.perf_counter() - start
     start = time.perf_counter()
     for batch in batches[args.warmup:]:
-        step(model, batch)
+        step(batch)
     return warm, (time.perf_counter() - start) / (len(batches) - args.warmup) * 1e3
 
 
-def compare(name, make, step, batches, dynamic):
+def compare(name, make, loss_of, batches, dynamic):
     torch.manual_seed(0)
-    eager_warm, eager_ms = time_steps(make(), step, batches)
+    eager_warm, eager_ms = time_steps(make(), loss_of, batches)
     torch.manual_seed(0)
-    compiled_warm, compiled_ms = time_steps(torch.compile(make(), dynamic=dynamic), step, batches)
+    compiled_warm, compiled_ms = time_steps(torch.compile(make(), dynamic=dynamic), loss_of, batches)
     compile_s = compiled_warm - eager_warm
     print(f"{name}: eager {eager_ms:.1f} ms/step, compiled {compiled_ms:.1f} ms/step ({eager_ms / compiled_ms:.2f}x), "
           f"compiling took {compile_s:.1f} s = {compile_s / eager_ms * 1e3:.0f} eager steps")
@@ -65,22 +73,14 @@ n = args.warmup + args.steps
 if "vq" in args.stages:
     images = [data.to_tensor(world.sample(run_args.vq_batch, rng).pixels) for _ in range(n)]
 
-    def vq_step(model, x, optimizer={}):
-        opt = optimizer.setdefault(id(model), torch.optim.Adam(model.parameters(), lr=1e-4))
-        loss = model(x).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    compare(f"VQ (batch {run_args.vq_batch}, {run_args.vq_arch})", lambda: VQModel(vq_cfg), vq_step, images,
-            dynamic=False)
+    compare(f"VQ (batch {run_args.vq_batch}, {run_args.vq_arch})", lambda: VQModel(vq_cfg),
+            lambda model, x: model(x).loss, images, dynamic=False)
 
 if "gpt" in args.stages:
-    config = GPTConfig.tiny(layout.vocab_size, dim=run_args.gpt_dim, n_layer=run_args.gpt_layers,
-                            intermediate_size=int(run_args.gpt_dim * 8 / 3) // 16 * 16)
+    config = train_tiny.gpt_config(run_args, layout)
     examples = world.sample(4 * run_args.gpt_batch, rng)
-    h = w = world.image_size // 8
-    codes = torch.randint(vq_cfg.codebook_size, (len(examples.captions), h, w))
+    side = world.image_size // vq_cfg.spatial_factor
+    codes = torch.randint(vq_cfg.codebook_size, (len(examples.captions), side, side))
     options = dict(p_drop_caption=run_args.p_drop_caption, visual_weight=run_args.visual_weight,
                    understood_image_weight=run_args.understood_image_weight, answer_weight=run_args.answer_weight)
     batches = []
@@ -89,13 +89,5 @@ if "gpt" in args.stages:
         batches.append(sequences(layout, tokenizer, codes[pick], [examples.captions[i] for i in pick],
                                  [examples.answers[i] for i in pick], rng, **options))
 
-    def gpt_step(model, batch, optimizer={}):
-        opt = optimizer.setdefault(id(model), torch.optim.AdamW(model.parameters(), lr=1e-4))
-        inputs, targets, weights = batch
-        loss = weighted_loss(model(inputs), targets, weights)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
     compare(f"GPT ({run_args.gpt_dim} x {run_args.gpt_layers}, batch {run_args.gpt_batch})", lambda: GPT(config),
-            gpt_step, batches, dynamic=True)
+            lambda model, batch: weighted_loss(model(batch[0]), batch[1], batch[2]), batches, dynamic=True)
