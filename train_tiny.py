@@ -172,7 +172,8 @@ VQ_ARCHS = {"movq": {}, "plain": {"spatial_norm": False, "attn_levels": ()}}
 def vq_config(args, worlds) -> VQConfig:
     # images alone need no time axis (Emu3's causal temporal stack is for clips)
     return VQConfig.tiny(temporal_factor=4 if any(world.frames for world in worlds) else 1, embed_dim=args.vq_width,
-                         **({"ch": 32, "norm_groups": 8} if args.preset == "small" else {}), **VQ_ARCHS[args.vq_arch])
+                         codebook_size=args.vq_codebook, **VQ_ARCHS[args.vq_arch],
+                         **({"ch": 32, "norm_groups": 8} if args.preset == "small" else {}))
 
 
 def vq_stage(args, worlds, cfg, device, run, autocast):
@@ -369,6 +370,8 @@ def parse_args(argv=None):
     p.add_argument("--vq-arch", choices=list(VQ_ARCHS), default="movq", help="the VQ's decoder: movq = Emu3's "
                    "(SpatialNorm, attention in the 8x8 blocks; the default), plain = GroupNorm, attention in the "
                    "middle block only")
+    p.add_argument("--vq-codebook", type=count, default=VQConfig.tiny().codebook_size,
+                   help="VQ codebook size, the number of image codes (default: %(default)s)")
     p.add_argument("--tokenizer", choices=["auto", "words", "bytes"], default=None,
                    help="caption tokens: whole words (7 a shapes caption) or UTF-8 bytes (28); auto = words when the "
                         "captions use at most 1024 pieces (default: from the preset)")

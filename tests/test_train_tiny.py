@@ -262,3 +262,17 @@ def test_vq_arch_picks_the_decoder():
         assert cfg.spatial_norm is spatial and bool(cfg.attn_levels) is attention
         names = " ".join(VQModel(cfg).state_dict())
         assert ("conv_y" in names) is spatial and ("up.3.attn" in names) is attention and "mid.attn_1" in names
+
+
+def test_vq_codebook_sizes_the_codes_and_the_gpt_vocabulary():
+    """--vq-codebook K: the VQ quantizes to K codes, and the token layout (so the GPT's vocabulary) holds exactly
+    those K image codes after the text and marker ids."""
+    from nano_emu.vq import VQModel
+    for k in (64, 256):
+        args = train_tiny.fill_from_preset(train_tiny.parse_args(["--vq-codebook", str(k)]))
+        worlds, _, _, cfg, layout = train_tiny.prepare(args)
+        assert cfg.codebook_size == k and layout.codebook_size == k
+        assert layout.vocab_size == layout.first_visual + k
+        assert VQModel(cfg).state_dict()["quantize.embedding.weight"].shape[0] == k
+    with pytest.raises(SystemExit):
+        train_tiny.parse_args(["--vq-codebook", "0"])
