@@ -140,7 +140,8 @@ def make_worlds(args) -> list[World]:
         if args.image_size not in (None, 64):
             raise UsageError(f"--image-size {args.image_size}: the built-in worlds are 64x64; --image-size goes with "
                              f"--data FOLDER")
-        main = Scenes(mix=args.scene_mix) if args.world == "scenes" else Shapes()
+        main = (Scenes(mix=args.scene_mix, raster_order=args.scene_order == "raster") if args.world == "scenes"
+                else Shapes())
     if args.data is not None and args.world != "shapes":
         raise UsageError("--data FOLDER is the world to train on; it does not go with --world")
     if args.video and (args.data is not None or args.world != "shapes"):
@@ -382,6 +383,10 @@ def parse_args(argv=None):
     world.add_argument("--scene-mix", type=scene_mix, default=None, metavar="CATEGORY=W,...",
                        help="with --world scenes: weigh the training scenes' categories, e.g. two_object=2,"
                             "position=2 (unnamed: 1; default: uniform, as the evaluation)")
+    world.add_argument("--scene-order", choices=["any", "raster"], default="any",
+                       help="with --world scenes: raster = a training caption of two objects without a relation "
+                            "names first the one drawn first, row by row (default: any order; evaluation prompts "
+                            "keep any order)")
     world.add_argument("--data", type=cli.existing_folder, default=None, metavar="FOLDER",
                        help="your own images: a captioned folder (metadata.jsonl or metadata.csv with file_name "
                             "and text, as Hugging Face's imagefolder) or class subfolders (as torchvision's "
@@ -413,6 +418,8 @@ def parse_args(argv=None):
                 "to it, or drop --compile")
     if args.scene_mix and (args.world != "scenes" or args.data is not None):
         p.error("--scene-mix weighs the categories of --world scenes; it does not go with another world")
+    if args.scene_order != "any" and (args.world != "scenes" or args.data is not None):
+        p.error("--scene-order orders the objects of --world scenes' captions; it does not go with another world")
     return args
 
 

@@ -43,7 +43,7 @@ Questions are (question, answer) strings the picture answers uniquely: "how many
 is the square?" -> "blue" (only with exactly one square), "what is left of the green square?" -> "a red circle"
 (only when exactly one object is even loosely left of it, and that one clearly).
 
-At ~520 lines this is over the house budget of ~400: grammar, sampler, checker and questions are four readers of
+At ~535 lines this is over the house budget of ~400: grammar, sampler, checker and questions are four readers of
 one geometry (sprites, centroids, the relation cones, the held-out rules), and splitting them would put those
 rules in two places. The sections below follow that order.
 """
@@ -62,6 +62,7 @@ SIZE_HALVES = {"small": (7, 8), "large": (11, 12)}  # size word -> the half-exte
 GAP, BORDER = 4, 2  # px of black between two objects' boxes, and between a box and the canvas edge
 REL_MARGIN = 4  # px; see the docstring's relation rule
 MAX_OBJECTS = 4
+RASTER_CELL = 8  # px: one code of the tiny VQ (64x64 -> 8x8), the unit of raster order (raster_order below)
 CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")  # GenEval's tags
 RELATIONS = ("left of", "right of", "above", "below")
 NUMBERS = ("zero", "one", "two", "three", "four")
@@ -298,9 +299,18 @@ def _place(half: np.ndarray, used: np.ndarray, relation: list[str | None], shape
     return centre, placed
 
 
-def _realise(prompts_: list[Prompt], rng: np.random.Generator, avoid: np.ndarray) -> list[Scene]:
+def _first_code(box: tuple[int, int, int]) -> tuple[int, int]:
+    """(row, column) of the first code, in raster order, that a (cx, cy, half) box touches."""
+    cx, cy, half = box
+    return (cy - half) // RASTER_CELL, (cx - half) // RASTER_CELL
+
+
+def _realise(prompts_: list[Prompt], rng: np.random.Generator, avoid: np.ndarray,
+             raster_order: bool = False) -> list[Scene]:
     """One complete scene per prompt: the named objects and nothing else, unnamed attributes at random; where
-    `avoid`, redrawn until the picture shows nothing held out."""
+    `avoid`, redrawn until the picture shows nothing held out. raster_order: a two-object caption without a
+    relation ("a circle and a red square") names first the object whose codes start first in raster order (row by
+    row), redrawn until it does, so the thing named first is also the thing drawn first; a true caption either way."""
     n, k = len(prompts_), MAX_OBJECTS
     shape = np.zeros((n, k), dtype=np.int64)
     color, size = np.full((n, k), -1), np.full((n, k), -1)  # -1: not named, drawn at random
@@ -326,10 +336,12 @@ def _realise(prompts_: list[Prompt], rng: np.random.Generator, avoid: np.ndarray
             objects = tuple(Obj(colors[col[row, j]], SHAPES[shape[i, j]], sizes[siz[row, j]],
                                 *(centre[row, j] + _OFFSETS[shape[i, j], half[row, j]]).tolist())
                             for j in slots)
-            if not placed[row] or (avoid[i] and heldout_shown(objects)):
+            boxes = tuple((int(centre[row, j, 0]), int(centre[row, j, 1]), int(half[row, j])) for j in slots)
+            out_of_order = (raster_order and len(boxes) == 2 and prompts_[i].relation is None
+                            and prompts_[i].count == 1 and _first_code(boxes[1]) < _first_code(boxes[0]))
+            if not placed[row] or (avoid[i] and heldout_shown(objects)) or out_of_order:
                 failed.append(i)
                 continue
-            boxes = tuple((int(centre[row, j, 0]), int(centre[row, j, 1]), int(half[row, j])) for j in slots)
             scenes[i] = Scene(prompts_[i], objects, boxes)
         todo = np.array(failed, dtype=np.int64)
         if not len(todo):
@@ -351,10 +363,11 @@ def render(scenes: list[Scene]) -> np.ndarray:
     return images  # (n, H, W, 3)
 
 
-def draw_scenes(prompts_: list[Prompt | str], rng: np.random.Generator | int,
-                avoid_heldout: bool | None = None) -> tuple[np.ndarray, list[Scene]]:
+def draw_scenes(prompts_: list[Prompt | str], rng: np.random.Generator | int, avoid_heldout: bool | None = None,
+                raster_order: bool = False) -> tuple[np.ndarray, list[Scene]]:
     """Fresh pictures (n, H, W, 3) and scenes for given prompts or captions. By default a prompt that names
-    nothing held out gets a training-safe scene (showing nothing held out), as the training stream would."""
+    nothing held out gets a training-safe scene (showing nothing held out), as the training stream would.
+    raster_order: see _realise."""
     rng = np.random.default_rng(rng)
     prompts_ = [_as_prompt(p) for p in prompts_]
     named = np.array([names_heldout(p) for p in prompts_], dtype=bool)
@@ -362,18 +375,19 @@ def draw_scenes(prompts_: list[Prompt | str], rng: np.random.Generator | int,
     if (avoid & named).any():
         raise ValueError(f"{caption(prompts_[np.flatnonzero(avoid & named)[0]])!r} names a held-out composition: "
                          f"its scenes cannot avoid showing it")
-    scenes = _realise(prompts_, rng, avoid)
+    scenes = _realise(prompts_, rng, avoid, raster_order)
     return render(scenes), scenes
 
 
 def sample_scenes(n: int, rng: np.random.Generator | int, split: str = "train", category: str | None = None,
-                  mix: dict[str, float] | None = None) -> tuple[np.ndarray, list[str], list[Scene]]:
+                  mix: dict[str, float] | None = None,
+                  raster_order: bool = False) -> tuple[np.ndarray, list[str], list[Scene]]:
     """n random pictures (n, H, W, 3) uint8 with their captions and scenes. split: "train" never names or shows
     anything held out, "heldout" names (so shows) a held-out composition in every caption, "all" draws from
-    everything with no check. mix: the categories' weights (sample_prompts)."""
+    everything with no check. mix: the categories' weights (sample_prompts). raster_order: see _realise."""
     rng = np.random.default_rng(rng)  # passes a Generator through, seeds a new one from an int
     chosen = sample_prompts(n, rng, split, category, mix)
-    images, scenes = draw_scenes(chosen, rng, avoid_heldout=split == "train")
+    images, scenes = draw_scenes(chosen, rng, avoid_heldout=split == "train", raster_order=raster_order)
     return images, [caption(p) for p in chosen], scenes
 
 

@@ -162,6 +162,13 @@ def test_train_tiny_refuses_a_scene_mix_without_scenes(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+
+def test_train_tiny_refuses_a_scene_order_without_scenes(tmp_path):
+    result = run("train_tiny.py", "--quick", "--out", str(tmp_path / "run"), "--scene-order", "raster")
+    assert_one_line_error(result, "--scene-order", "--world scenes")
+    assert not (tmp_path / "run").exists()
+
+
 def test_train_tiny_script_refuses_a_bad_number(tmp_path):
     result = run("train_tiny.py", "--quick", "--out", str(tmp_path / "run"), "--vq-steps", "0")
     assert_one_line_error(result, "--vq-steps", ">= 1")
