@@ -416,10 +416,11 @@ def parse_args(argv=None):
             os.environ.get("CXX", "c++")) is None:
         p.error("--compile on a CPU needs a C++ compiler (torch.compile writes C++): install g++ or clang++, set CXX "
                 "to it, or drop --compile")
-    if args.scene_mix and (args.world != "scenes" or args.data is not None):
-        p.error("--scene-mix weighs the categories of --world scenes; it does not go with another world")
-    if args.scene_order != "any" and (args.world != "scenes" or args.data is not None):
-        p.error("--scene-order orders the objects of --world scenes' captions; it does not go with another world")
+    if args.world != "scenes" or args.data is not None:   # the scenes world's own flags
+        if args.scene_mix:
+            p.error("--scene-mix weighs the categories of --world scenes; it does not go with another world")
+        if args.scene_order != "any":
+            p.error("--scene-order orders the objects of --world scenes' captions; it does not go with another world")
     return args
 
 
