@@ -173,7 +173,7 @@ VQ_ARCHS = {"movq": {}, "plain": {"spatial_norm": False, "attn_levels": ()}}
 def vq_config(args, worlds) -> VQConfig:
     # images alone need no time axis (Emu3's causal temporal stack is for clips)
     return VQConfig.tiny(temporal_factor=4 if any(world.frames for world in worlds) else 1, embed_dim=args.vq_width,
-                         codebook_size=args.vq_codebook, **VQ_ARCHS[args.vq_arch],
+                         codebook_size=args.vq_codebook, ch_mult=args.vq_ch_mult, **VQ_ARCHS[args.vq_arch],
                          **({"ch": 32, "norm_groups": 8} if args.preset == "small" else {}))
 
 
@@ -371,6 +371,10 @@ def parse_args(argv=None):
     p.add_argument("--vq-arch", choices=list(VQ_ARCHS), default="movq", help="the VQ's decoder: movq = Emu3's "
                    "(SpatialNorm, attention in the 8x8 blocks; the default), plain = GroupNorm, attention in the "
                    "middle block only")
+    p.add_argument("--vq-ch-mult", type=cli.int_list, default=VQConfig.tiny().ch_mult, metavar="M,M,...",
+                   help="the VQ's width per level, in multiples of its base width 16 (32 for --preset small); "
+                        "each level past the first halves the image, so 4 levels make 8x8 codes of 64x64 images "
+                        f"(default: {','.join(map(str, VQConfig.tiny().ch_mult))})")
     p.add_argument("--vq-codebook", type=count, default=VQConfig.tiny().codebook_size,
                    help="VQ codebook size, the number of image codes (default: %(default)s)")
     p.add_argument("--tokenizer", choices=["auto", "words", "bytes"], default=None,

@@ -88,6 +88,18 @@ cfg_scale = option_of(Guidance, "cfg_scale", float, lambda g: g > 0,
                       "> 0 (1 = no guidance, more follows the prompt harder; 0 would ignore the prompt)")
 
 
+def int_list(text: str) -> tuple[int, ...]:
+    """Comma-separated positive integers, e.g. "1,1,2,4" (a VQ's width multipliers, one per level)."""
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) < 2 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"must be two or more positive integers with commas, e.g. 1,2,2,4, "
+                                         f"got {text!r}")
+    return values
+
+
 def ratio(text: str) -> str:
     """An aspect ratio "W:H" of two positive numbers; returned as text, which Pipeline.grid reads."""
     parts = text.split(":")

@@ -264,6 +264,23 @@ def test_vq_arch_picks_the_decoder():
         assert ("conv_y" in names) is spatial and ("up.3.attn" in names) is attention and "mid.attn_1" in names
 
 
+def test_vq_ch_mult_sets_the_level_widths_and_keeps_the_code_grid():
+    """--vq-ch-mult 1,1,2,4: the VQ's levels are 16, 16, 32 and 64 wide (the encoder's first two convs keep 16
+    channels), still 4 levels, so a 64x64 image is still 8x8 codes; a list that is no list is one line, exit 2."""
+    from nano_emu.vq import VQModel
+    from nano_emu.world import Shapes
+    args = train_tiny.fill_from_preset(train_tiny.parse_args(["--vq-ch-mult", "1,1,2,4"]))
+    cfg = train_tiny.vq_config(args, [Shapes()])
+    assert cfg.ch_mult == (1, 1, 2, 4) and cfg.spatial_factor == 8
+    vq = VQModel(cfg)
+    assert vq.encoder.down[1].block[0].conv1.weight.shape[:2] == (16, 16)
+    codes = vq.encode(torch.zeros(1, 3, 64, 64))
+    assert codes.shape[-2:] == (8, 8)
+    with pytest.raises(SystemExit) as exit_:
+        train_tiny.parse_args(["--vq-ch-mult", "1,0"])
+    assert exit_.value.code == 2
+
+
 def test_vq_codebook_sizes_the_codes_and_the_gpt_vocabulary():
     """--vq-codebook K: the VQ quantizes to K codes, and the token layout (so the GPT's vocabulary) holds exactly
     those K image codes after the text and marker ids."""
