@@ -2,6 +2,7 @@
 
     python experiments/train_step.py                   # the shapes default's VQ and GPT steps
     python experiments/train_step.py --world scenes    # the scenes preset's GPT step (same VQ)
+    python experiments/train_step.py --eager-only --train-flags "--vq-batch 16 --gpt-batch 48"   # a step vs its batch
 
 Builds train_tiny.py's models at the preset's sizes (random weights: a step's cost does not depend on their
 values) and its batches (the world's images; the GPT's mixed generation / understanding strings from a small
@@ -31,9 +32,12 @@ p.add_argument("--world", choices=["shapes", "scenes"], default="shapes")
 p.add_argument("--steps", type=int, default=40, help="timed steps per variant")
 p.add_argument("--warmup", type=int, default=5, help="untimed steps first (the compiled model compiles here)")
 p.add_argument("--stages", default="vq,gpt", help="which stages, of vq,gpt")
+p.add_argument("--train-flags", default="", help="train_tiny.py flags that shape the models and batches, "
+               "e.g. '--vq-batch 16' or '--vq-arch plain --vq-ch-mult 1,1,2,4'")
+p.add_argument("--eager-only", action="store_true", help="time the eager step only (no compiling)")
 args = p.parse_args()
 
-run_args = train_tiny.fill_from_preset(train_tiny.parse_args(["--world", args.world]))
+run_args = train_tiny.fill_from_preset(train_tiny.parse_args(["--world", args.world, *args.train_flags.split()]))
 worlds, tokenizer, _, vq_cfg, layout = train_tiny.prepare(run_args)
 world, rng = worlds[0], np.random.default_rng(0)
 print(f"{args.world} preset, CPU, {torch.get_num_threads()} threads, torch {torch.__version__}")
@@ -62,6 +66,9 @@ def time_steps(model, loss_of, batches):
 def compare(name, make, loss_of, batches, dynamic):
     torch.manual_seed(0)
     eager_warm, eager_ms = time_steps(make(), loss_of, batches)
+    if args.eager_only:
+        print(f"{name}: eager {eager_ms:.1f} ms/step")
+        return
     torch.manual_seed(0)
     compiled_warm, compiled_ms = time_steps(torch.compile(make(), dynamic=dynamic), loss_of, batches)
     compile_s = compiled_warm - eager_warm
