@@ -75,6 +75,9 @@ class VQConfig:
         bad = [self.ch * m for m in self.ch_mult if (self.ch * m) % self.norm_groups]
         if bad:
             raise ValueError(f"level widths {bad} are not divisible by norm_groups={self.norm_groups}")
+        if any(not 0 <= level < len(self.ch_mult) for level in self.attn_levels):
+            raise ValueError(f"attn_levels {self.attn_levels} name levels that ch_mult {self.ch_mult} does not have "
+                             f"(it has levels 0-{len(self.ch_mult) - 1})")
 
     @property
     def spatial_factor(self) -> int:  # pixels per code along H and W: one 2x downsample between levels
@@ -110,9 +113,11 @@ class VQConfig:
         the PSNR of 512 or 1024 and every code is used far more often, which the GPT learns faster; width 8 and
         learning rate 2e-3 did worse for images. train_tiny.py drops the time axis (temporal_factor=1) for image-only
         runs (an image needs none); --video keeps it and widens the code to 8 (a code frame holds 4 frames of motion)."""
-        kw = dict(ch=16, ch_mult=(1, 2, 2, 4), num_res_blocks=1, attn_levels=(3,), embed_dim=4,
+        kw = dict(ch=16, ch_mult=(1, 2, 2, 4), num_res_blocks=1, embed_dim=4,
                   codebook_size=256, temporal_factor=4, norm_groups=4, l2_norm=True)
-        return cls(**{**kw, **overrides})
+        kw = {**kw, **overrides}
+        kw.setdefault("attn_levels", (len(kw["ch_mult"]) - 1,))   # attention in the lowest level, as Emu3's
+        return cls(**kw)
 
 
 class Encoder(nn.Module):

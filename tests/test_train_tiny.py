@@ -276,6 +276,10 @@ def test_vq_ch_mult_sets_the_level_widths_and_keeps_the_code_grid():
     assert vq.encoder.down[1].block[0].conv1.weight.shape[:2] == (16, 16)
     codes = vq.encode(torch.zeros(1, 3, 64, 64))
     assert codes.shape[-2:] == (8, 8)
+    # three levels: 16x16 codes, and movq's attention moves with the lowest level instead of vanishing
+    cfg = train_tiny.vq_config(train_tiny.fill_from_preset(train_tiny.parse_args(["--vq-ch-mult", "1,2,4"])),
+                               [Shapes()])
+    assert cfg.spatial_factor == 4 and cfg.attn_levels == (2,)
     with pytest.raises(SystemExit) as exit_:
         train_tiny.parse_args(["--vq-ch-mult", "1,0"])
     assert exit_.value.code == 2

@@ -339,6 +339,8 @@ def test_config_checks():
     assert VQConfig.emu3().spatial_factor == 8 and VQConfig.tiny().spatial_factor == 8
     cfg = VQConfig.tiny(ch_mult=[1, 2, 4])  # e.g. read back from a JSON checkpoint header
     assert VQConfig(**asdict(cfg)) == cfg and cfg.spatial_factor == 4
+    with pytest.raises(ValueError, match=r"attn_levels \(3,\) name levels that ch_mult \(1, 2, 4\) does not have"):
+        VQConfig.tiny(ch_mult=(1, 2, 4), attn_levels=(3,))
 
 
 # ------------------------------------------------------------------------------------------------ image processing
