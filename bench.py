@@ -195,14 +195,14 @@ def bench_transformers(args):
 def bench_sjd(args):
     import numpy as np
 
-    from nano_emu import data
+    from nano_emu import shapes
     from nano_emu.tiny import load_tiny
 
     pipe = load_tiny(args.ckpt)
     pipe.compile = args.compile
-    triples = [t for t in data.TRAIN_TRIPLES for _ in range(args.per_triple)]
+    triples = [t for t in shapes.TRAIN_TRIPLES for _ in range(args.per_triple)]
     triples = triples[:args.max_images]
-    captions = [data.caption(*t) for t in triples]
+    captions = [shapes.caption(*t) for t in triples]
     print(f"{args.ckpt}: {pipe.gpt.num_params() / 1e6:.2f}M-param GPT, float32, CPU, {torch.get_num_threads()} "
           f"thread(s); {len(captions)} images ({args.per_triple} per seen triple), batch {args.batch}, CFG "
           f"{pipe.guidance.cfg_scale}, sampling {pipe.sampling}; grid {pipe.grid()}{'; compiled' if args.compile else ''}")
@@ -231,7 +231,7 @@ def bench_sjd(args):
         n_forwards = (pipe.engine.forwards - before) / len(captions) * args.batch
         if sjd is None:   # the unbatched CFG processor: two model calls per token, for every run of equal lengths
             n_forwards = 2 * len(pipe.layout.grid_schedule(*pipe.grid()))
-        score = data.score(np.stack([np.asarray(im) for im in images]), triples)
+        score = shapes.score(np.stack([np.asarray(im) for im in images]), triples)
         rows.append((name, n_forwards, t_tokens, t_vq, score))
     n_tokens = len(pipe.layout.grid_schedule(*pipe.grid()))
     print(f"\n| decoding | forwards per draw of {args.batch} ({n_tokens} tokens each) | text -> codes (s) | + VQ decode (s) "

@@ -31,8 +31,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from nano_emu import cli, data
-from nano_emu import evaluate as ev
+from nano_emu import cli, shapes
+from nano_emu import evaluate
 from nano_emu.checkpoint import (SETTINGS_KEY, VQ_HASH_KEY, FolderInUse, RunMismatch, check_resume, check_same_vq,
                                  output_lock, read_meta, settings_of, weights_hash)
 from nano_emu.gpt import GPT, GPTConfig
@@ -43,6 +43,7 @@ from nano_emu.tiny import TINY_CFG_SCALE, TINY_TEMPERATURE, choose_tokenizer, de
 from nano_emu.train import Pool, batch_rng, init_vq_for_training, setup_distributed, train_gpt, train_vq
 from nano_emu.vq import VQConfig, VQModel
 from nano_emu.world import MovingShapes, Scenes, Shapes, World
+from nano_emu.image import to_tensor
 
 # what each preset trains; any flag given on the command line overrides its preset's value
 PRESETS = {
@@ -188,8 +189,8 @@ def vq_stage(args, worlds, cfg, device, run, autocast):
         # curriculum: images only for the first half (a VQ that met clips from step 0 never learned colour:
         # docs/video.md), so those batches are the image run's; after it, clips at twice the run's share
         if clips and step >= args.vq_steps // 2 and rng.random() < 2 * args.vq_clip_share:
-            return data.to_tensor(clips[0].sample(args.vq_clip_batch, rng).pixels).to(device)   # (B, 8, 3, H, W)
-        return data.to_tensor(worlds[0].sample(args.vq_batch, rng).pixels).to(device)           # (B, 3, H, W)
+            return to_tensor(clips[0].sample(args.vq_clip_batch, rng).pixels).to(device)   # (B, 8, 3, H, W)
+        return to_tensor(worlds[0].sample(args.vq_batch, rng).pixels).to(device)           # (B, 3, H, W)
 
     with autocast:
         history = train_vq(vq, sample_images, args.vq_steps, args.vq_lr, args.out / "vq.safetensors",
@@ -210,7 +211,7 @@ def gpt_stage(args, worlds, tokenizer, tokenizer_spec, layout, vq, device, run, 
     pools = []
     for k, world in enumerate(worlds):   # the GPT's data: each world's pool, VQ-encoded once
         examples = world.pool(args.clip_pool if world.frames else args.pool, np.random.default_rng([args.seed, k + 1]))
-        pools.append(Pool(ev.encode(vq, examples.pixels), examples.captions, examples.answers,
+        pools.append(Pool(evaluate.encode(vq, examples.pixels), examples.captions, examples.answers,
                           share=args.gpt_clip_share if world.frames else 1.0))
     options = dict(p_drop_caption=args.p_drop_caption, visual_weight=args.visual_weight,
                    understood_image_weight=args.understood_image_weight, answer_weight=args.answer_weight)
@@ -229,14 +230,14 @@ def gpt_stage(args, worlds, tokenizer, tokenizer_spec, layout, vq, device, run, 
 
 
 @torch.no_grad()
-def evaluate(args, worlds, vq, gpt, layout, tokenizer) -> dict:
+def evaluate_run(args, worlds, vq, gpt, layout, tokenizer) -> dict:
     """metrics.json and the pictures, every world through the same Pipeline a user samples with (evaluate.py)."""
     pipe = tiny_pipeline(gpt, vq, tokenizer, layout, image_size=worlds[0].image_size,
                          sampling={"cfg_scale": args.cfg, "temperature": args.temperature, "top_k": args.top_k})
     columns = 6 if args.eval_images >= 64 else 2
     metrics = {}
     for world in worlds:
-        metrics.update(ev.evaluate(pipe, world, args.out, seed=args.seed, n=args.eval_images, columns=columns,
+        metrics.update(evaluate.evaluate(pipe, world, args.out, seed=args.seed, n=args.eval_images, columns=columns,
                                    repeats=args.eval_clips if world.frames else args.eval_per_triple))
     return metrics
 
@@ -257,7 +258,7 @@ def prepare(args) -> Plan:
     vq_cfg = vq_config(args, worlds)
     layout = Layout.tiny(vq_cfg.codebook_size, text_vocab=tokenizer.n_vocab)
     side = worlds[0].image_size // vq_cfg.spatial_factor
-    check_context(worlds, tokenizer, layout, (side, side), t=data.VIDEO_FRAMES // vq_cfg.temporal_factor
+    check_context(worlds, tokenizer, layout, (side, side), t=shapes.VIDEO_FRAMES // vq_cfg.temporal_factor
                   if args.video else 1, context=GPTConfig.tiny(layout.vocab_size).max_seq_len)
     return Plan(worlds, tokenizer, tokenizer_spec, vq_cfg, layout)
 
@@ -277,8 +278,8 @@ def train(args):
     worlds, tokenizer, tokenizer_spec, vq_cfg, layout = plan
     device = cli.resolve_device(args.device)
     run, device = setup_distributed(device)
-    if run.world > 1 and device.type == "cpu":   # processes share the cores: oversubscribed threads crawl
-        torch.set_num_threads(max(1, (torch.get_num_threads()) // run.world))
+    if run.world_size > 1 and device.type == "cpu":   # processes share the cores: oversubscribed threads crawl
+        torch.set_num_threads(max(1, (torch.get_num_threads()) // run.world_size))
     if run.main:
         check_output_folder(args.out, args.resume)
         if args.resume:   # the run in --out, with its settings (but those --change names); or a fresh one
@@ -296,8 +297,8 @@ def train(args):
     timings["gpt_s"] = round(time.time() - start - timings["vq_s"], 1)
     if not run.main:
         return None
-    ev.plot_losses({"vq": vq_history, "gpt": gpt_history}, args.out / "loss.png", {"vq": "recon", "gpt": "loss"})
-    metrics = evaluate(args, worlds, vq, gpt, layout, tokenizer)
+    evaluate.plot_losses({"vq": vq_history, "gpt": gpt_history}, args.out / "loss.png", {"vq": "recon", "gpt": "loss"})
+    metrics = evaluate_run(args, worlds, vq, gpt, layout, tokenizer)
     timings["eval_s"] = round(time.time() - start - timings["vq_s"] - timings["gpt_s"], 1)
     timings["total_s"] = round(time.time() - start, 1)
     metrics.update(timings, final_vq_recon=vq_history[-1]["recon"], final_gpt_loss=gpt_history[-1]["loss"],

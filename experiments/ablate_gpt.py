@@ -47,7 +47,7 @@ plan = train_tiny.prepare(args)
 gpt, history = train_tiny.gpt_stage(args, plan.worlds, plan.tokenizer, plan.tokenizer_spec, plan.layout, vq,
                                     torch.device("cpu"), Distributed(), nullcontext())
 gpt_s = time.time() - start
-metrics = train_tiny.evaluate(args, plan.worlds, vq, gpt, plan.layout, plan.tokenizer)
+metrics = train_tiny.evaluate_run(args, plan.worlds, vq, gpt, plan.layout, plan.tokenizer)
 eval_s = time.time() - start - gpt_s
 row = dict(tag=mine.tag, flags=" ".join(rest), gpt_s=round(gpt_s, 1), eval_s=round(eval_s, 1),
            final_loss=history[-1]["loss"], **metrics)

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_tiny  # noqa: E402
-from nano_emu import data  # noqa: E402
+from nano_emu import shapes  # noqa: E402
 from nano_emu import evaluate as ev  # noqa: E402
 from nano_emu.train import Distributed  # noqa: E402
 
@@ -48,14 +48,14 @@ vq, history = train_tiny.vq_stage(args, plan.worlds, replace(plan.vq_cfg, **over
 seconds = time.time() - start
 
 rng = np.random.default_rng([args.seed, 3])   # train_tiny.evaluate's images
-images, _, attrs = data.sample_shapes(2 * args.eval_images, rng, split="all")
+images, _, attrs = shapes.sample_shapes(2 * args.eval_images, rng, split="all")
 report = ev.vq_report(vq, images)
 row = dict(tag=mine.tag, flags=" ".join(rest), overrides=overrides, vq_steps=args.vq_steps, seconds=round(seconds, 1),
-           psnr=round(report["psnr"], 2), usage=round(report["usage"], 3), recon_checker=data.score(report["recon"], attrs)["all"])
+           psnr=round(report["psnr"], 2), usage=round(report["usage"], 3), recon_checker=shapes.score(report["recon"], attrs)["all"])
 if args.video:
-    clips, _, attrs = data.sample_moving_shapes(max(16, args.eval_images // 2), np.random.default_rng([args.seed, 4]))
+    clips, _, attrs = shapes.sample_moving_shapes(max(16, args.eval_images // 2), np.random.default_rng([args.seed, 4]))
     report = ev.vq_report(vq, clips, batch_size=32)
-    scores = data.score(report["recon"], attrs)
+    scores = shapes.score(report["recon"], attrs)
     row.update(psnr_clips=round(report["psnr"], 2), recon_checker_clips=scores["all"],
                **{f"clips_{k}": round(scores[k], 3) for k in ("color", "shape", "direction")})
 print(json.dumps(row))

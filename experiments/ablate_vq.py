@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nano_emu import data
+from nano_emu import shapes
 from nano_emu import evaluate as ev
 from nano_emu.train import Distributed, batch_rng, init_vq_for_training, train_vq
 from nano_emu.vq import VQConfig, VQModel
+from nano_emu.image import to_tensor
 
 p = argparse.ArgumentParser()
 p.add_argument("--steps", type=int, default=700)
@@ -37,14 +38,14 @@ init_vq_for_training(vq)
 start = time.time()
 with tempfile.TemporaryDirectory() as tmp:
     path = Path(args.save) if args.save else Path(tmp) / "vq.safetensors"
-    train_vq(vq, lambda step: data.to_tensor(data.sample_shapes(args.batch, batch_rng(args.seed, 0, step))[0]),
+    train_vq(vq, lambda step: to_tensor(shapes.sample_shapes(args.batch, batch_rng(args.seed, 0, step))[0]),
              args.steps, args.lr, path, {"kind": "vq", "config": vars(cfg)}, Distributed(), ckpt_every=10**9)
 seconds = time.time() - start
-images, _, attrs = data.sample_shapes(512, np.random.default_rng([args.seed, 3]), split="all")
+images, _, attrs = shapes.sample_shapes(512, np.random.default_rng([args.seed, 3]), split="all")
 report = ev.vq_report(vq.eval(), images)
 row = dict(tag=args.tag, steps=args.steps, batch=args.batch, lr=args.lr, overrides=overrides,
            seconds=round(seconds, 1), psnr=round(report["psnr"], 2), usage=round(report["usage"], 3),
-           recon_checker=data.score(report["recon"], attrs)["all"])
+           recon_checker=shapes.score(report["recon"], attrs)["all"])
 print(json.dumps(row))
 with open(Path(__file__).with_name("results_vq.jsonl"), "a") as f:
     f.write(json.dumps(row) + "\n")

@@ -10,7 +10,7 @@ import argparse
 
 import numpy as np
 
-from nano_emu import data
+from nano_emu import shapes
 from nano_emu import evaluate as ev
 from nano_emu.tiny import load_tiny
 
@@ -26,14 +26,14 @@ rules = {f"CFG {pipe.guidance.cfg_scale:g}": {}, "cfg 1 (none)": {"cfg_scale": 1
 print(f"| rule | seen | held-out |\n|---|---:|---:|")
 for name, options in rules.items():
     cells = []
-    for triples, reps in ((data.TRAIN_TRIPLES, args.per_triple), (data.HELDOUT, 4 * args.per_triple)):
+    for triples, reps in ((shapes.TRAIN_TRIPLES, args.per_triple), (shapes.HELDOUT, 4 * args.per_triple)):
         attrs = [t for t in triples for _ in range(reps)]
-        images = ev.draw(pipe, [data.caption(*t) for t in attrs], seed=2000, **options)
-        cells.append(f"{100 * data.score(images, attrs)['all']:.1f}% ({len(attrs)})")
+        images = ev.draw(pipe, [shapes.caption(*t) for t in attrs], seed=2000, **options)
+        cells.append(f"{100 * shapes.score(images, attrs)['all']:.1f}% ({len(attrs)})")
     print(f"| {name} | {cells[0]} | {cells[1]} |", flush=True)
 
-prompts = [data.caption(*t) for t in [("red", "circle", "top left"), ("blue", "triangle", "center"),
-                                       ("yellow", "square", "top right")] + list(data.HELDOUT[:3])]
+prompts = [shapes.caption(*t) for t in [("red", "circle", "top left"), ("blue", "triangle", "center"),
+                                       ("yellow", "square", "top right")] + list(shapes.HELDOUT[:3])]
 columns = []
 for name, options in rules.items():
     columns.append(ev.draw(pipe, [q for q in prompts for _ in range(2)], seed=2001, **options).reshape(

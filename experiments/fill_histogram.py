@@ -3,10 +3,10 @@
     python experiments/fill_histogram.py --ckpt out/tiny --out docs/img/fill.png
     python experiments/fill_histogram.py --ckpt out/tiny --temperature 0.5 1.0 --results experiments/results_fill.jsonl
 
-A rendered square fills all of its box, a circle ~pi/4, a triangle ~1/2 (data.fill); a square drawn with rounded
+A rendered square fills all of its box, a circle ~pi/4, a triangle ~1/2 (shapes.fill); a square drawn with rounded
 corners fills less and reads as a circle to any stricter reader than the project's checker. Draws --per-triple
 images per seen (colour, shape, position) with seed 1000+ (train_tiny.py's evaluation uses seed 0), at each
---temperature with the checkpoint's CFG, prints the share of each shape inside data.FILL_RANGES, and with --out
+--temperature with the checkpoint's CFG, prints the share of each shape inside shapes.FILL_RANGES, and with --out
 draws evaluate.fill_histogram's picture of the first temperature's drawings against as many rendered images. The
 first row is the VQ's own reconstructions of as many rendered images (seed 3): how crisp the decoder is when the
 codes are a real image's, so that a drawing's rounded corners can be laid at the decoder's door or at the GPT's.
@@ -18,9 +18,10 @@ import time
 import numpy as np
 import torch
 
-from nano_emu import data
+from nano_emu import shapes
 from nano_emu import evaluate as ev
 from nano_emu.tiny import load_tiny
+from nano_emu.image import from_tensor, to_tensor
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("--ckpt", default="out/tiny", help="a train_tiny.py output folder")
@@ -31,22 +32,22 @@ p.add_argument("--results", help="append one JSON row per temperature to this fi
 args = p.parse_args()
 
 pipe = load_tiny(args.ckpt)
-attrs = [t for t in data.TRAIN_TRIPLES for _ in range(args.per_triple)]
+attrs = [t for t in shapes.TRAIN_TRIPLES for _ in range(args.per_triple)]
 shapes = [t[1] for t in attrs]
-rendered, _, rendered_attrs = data.sample_shapes(len(attrs), np.random.default_rng(3))
+rendered, _, rendered_attrs = shapes.sample_shapes(len(attrs), np.random.default_rng(3))
 with torch.no_grad():
-    recon = data.from_tensor(pipe.vq.decode(pipe.vq.encode(data.to_tensor(rendered))))
+    recon = from_tensor(pipe.vq.decode(pipe.vq.encode(to_tensor(rendered))))
 print(json.dumps(dict(ckpt=args.ckpt, reconstructions=len(recon), **{
-    k: round(v, 4) for k, v in data.fill_in_range(recon, [t[1] for t in rendered_attrs]).items()})), flush=True)
+    k: round(v, 4) for k, v in shapes.fill_in_range(recon, [t[1] for t in rendered_attrs]).items()})), flush=True)
 drawn_by_t = {}
 for temperature in args.temperature:
     start = time.perf_counter()
-    images = ev.draw(pipe, [data.caption(*t) for t in attrs], temperature=temperature, seed=1000)
+    images = ev.draw(pipe, [shapes.caption(*t) for t in attrs], temperature=temperature, seed=1000)
     drawn_by_t[temperature] = images
     row = dict(ckpt=args.ckpt, temperature=temperature, cfg=pipe.guidance.cfg_scale, n=len(attrs),
                seconds=round(time.perf_counter() - start, 1),
-               adherence=round(data.score(images, attrs)["all"], 4),
-               **{k: round(v, 4) for k, v in data.fill_in_range(images, shapes).items()})
+               adherence=round(shapes.score(images, attrs)["all"], 4),
+               **{k: round(v, 4) for k, v in shapes.fill_in_range(images, shapes).items()})
     print(json.dumps(row), flush=True)
     if args.results:
         with open(args.results, "a") as f:

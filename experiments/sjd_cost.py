@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from nano_emu import data  # noqa: E402
+from nano_emu import shapes  # noqa: E402
 from nano_emu.tiny import load_tiny  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -44,7 +44,7 @@ pipe = load_tiny(args.ckpt)
 pipe.compile = args.compile
 if args.compile:   # one compiled step per window and per kind of call (plain's last-logits step, prefill's sizes)
     torch._dynamo.config.recompile_limit = 64
-captions = [data.caption(*t) for t in data.TRAIN_TRIPLES][:args.images]
+captions = [shapes.caption(*t) for t in shapes.TRAIN_TRIPLES][:args.images]
 gpt, engine, rows = pipe.gpt, pipe.engine, pipe.guidance.branches
 
 # forwards per image and text -> codes seconds, per window (coupled SJD; window 1 = plain decoding)

@@ -17,7 +17,7 @@ import json
 
 import numpy as np
 
-from nano_emu import data, scenes
+from nano_emu import scenes, shapes
 from nano_emu import evaluate as ev
 from nano_emu.checkpoint import read_meta
 from nano_emu.tiny import load_tiny
@@ -34,24 +34,24 @@ args = p.parse_args()
 
 pipe = load_tiny(args.ckpt)
 rows = []
-clip_triples = tuple(itertools.product(data.COLORS, data.SHAPES, data.DIRECTIONS))
+clip_triples = tuple(itertools.product(shapes.COLORS, shapes.SHAPES, shapes.DIRECTIONS))
 world = read_meta(f"{args.ckpt}/gpt.safetensors").get("world")
 rng = np.random.default_rng(777)   # not the evaluation's 12345: other prompts of each category
 splits = ((("clips", clip_triples, args.per_triple),) if args.clips else
           tuple((split, [p for c in scenes.CATEGORIES for p in Scenes._some(scenes.prompts(name, c), rng)],
                  4 * args.per_triple) for split, name in (("seen", "train"), ("held-out", "heldout")))
           if world == "scenes" else
-          (("seen", data.TRAIN_TRIPLES, args.per_triple), ("held-out", data.HELDOUT, 8 * args.per_triple)))
+          (("seen", shapes.TRAIN_TRIPLES, args.per_triple), ("held-out", shapes.HELDOUT, 8 * args.per_triple)))
 for split, triples, reps in splits:
     attrs = [t for t in triples for _ in range(reps)]
     captions = ([scenes.caption(p) for p in attrs] if world == "scenes" else
-                [(data.video_caption if args.clips else data.caption)(*t) for t in attrs])
-    draw = (lambda *a, **k: ev.draw(*a, frames=data.VIDEO_FRAMES, **k)) if args.clips else ev.draw
+                [(shapes.video_caption if args.clips else shapes.caption)(*t) for t in attrs])
+    draw = (lambda *a, **k: ev.draw(*a, frames=shapes.VIDEO_FRAMES, **k)) if args.clips else ev.draw
     for cfg, temperature, top_k in itertools.product(args.cfg, args.temperature, args.top_k):
         images = draw(pipe, captions, cfg_scale=cfg, temperature=temperature, top_k=top_k or None, seed=1000)
         rows.append(dict(split=split, cfg=cfg, temperature=temperature, top_k=top_k,
                          adherence=round(scenes.geneval(images, attrs)["overall"] if world == "scenes" else
-                                         data.score(images, attrs)["all"], 3), n=len(attrs)))
+                                         shapes.score(images, attrs)["all"], 3), n=len(attrs)))
         print(json.dumps(rows[-1]), flush=True)
 
 temps = args.temperature

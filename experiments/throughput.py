@@ -8,12 +8,13 @@ import time
 import numpy as np
 import torch
 
-from nano_emu import data
+from nano_emu import shapes
 from nano_emu.gpt import GPT, GPTConfig
 from nano_emu.layout import Layout
 from nano_emu.tokenizer import ByteTokenizer, WordTokenizer
 from nano_emu.train import batch_rng, init_vq_for_training, sequences, weighted_loss
 from nano_emu.vq import VQConfig, VQModel
+from nano_emu.image import to_tensor
 
 
 def vq_variant(**overrides):
@@ -23,7 +24,7 @@ def vq_variant(**overrides):
     opt = torch.optim.Adam(vq.parameters(), 1e-3)
 
     def step(i):
-        out = vq(data.to_tensor(data.sample_shapes(8, batch_rng(0, 0, i))[0]))
+        out = vq(to_tensor(shapes.sample_shapes(8, batch_rng(0, 0, i))[0]))
         opt.zero_grad(), out.loss.backward(), opt.step()
     return step
 
@@ -33,7 +34,7 @@ def gpt_variant(tokenizer):
     torch.manual_seed(0)
     gpt = GPT(GPTConfig.tiny(layout.vocab_size, dim=128, n_layer=4, intermediate_size=336))
     opt = torch.optim.AdamW(gpt.parameters(), 3e-3)
-    _, captions, _ = data.sample_shapes(24, 0)
+    _, captions, _ = shapes.sample_shapes(24, 0)
     codes = torch.randint(0, 256, (24, 8, 8))
 
     def step(i):
@@ -48,7 +49,7 @@ variants = {
     "VQ, time axis (temporal_factor 4), batch 8": vq_variant(temporal_factor=4),
     "VQ, no time axis (temporal_factor 1), batch 8": vq_variant(temporal_factor=1),
     "GPT dim 128 x 4, byte captions, batch 24": gpt_variant(ByteTokenizer()),
-    "GPT dim 128 x 4, word captions, batch 24": gpt_variant(WordTokenizer(data.vocabulary())),
+    "GPT dim 128 x 4, word captions, batch 24": gpt_variant(WordTokenizer(shapes.vocabulary())),
 }
 times = {name: [] for name in variants}
 for rep in range(8):

@@ -22,10 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_tiny  # noqa: E402
-from nano_emu import data  # noqa: E402
 from nano_emu.gpt import GPT  # noqa: E402
 from nano_emu.train import sequences, weighted_loss  # noqa: E402
 from nano_emu.vq import VQModel  # noqa: E402
+from nano_emu.image import to_tensor  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("--world", choices=["shapes", "scenes"], default="shapes")
@@ -78,7 +78,7 @@ def compare(name, make, loss_of, batches, dynamic):
 
 n = args.warmup + args.steps
 if "vq" in args.stages:
-    images = [data.to_tensor(world.sample(run_args.vq_batch, rng).pixels) for _ in range(n)]
+    images = [to_tensor(world.sample(run_args.vq_batch, rng).pixels) for _ in range(n)]
 
     compare(f"VQ (batch {run_args.vq_batch}, {run_args.vq_arch})", lambda: VQModel(vq_cfg),
             lambda model, x: model(x).loss, images, dynamic=False)

@@ -24,10 +24,11 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure   # a Figure saves itself without pyplot: no global backend is switched
 
-from . import data
+from . import shapes
 from .gpt import apply_rope
 from .pipeline import Pipeline
 from .world import World
+from .image import from_tensor, to_tensor
 
 
 def psnr(original: np.ndarray, reconstruction: np.ndarray) -> float:
@@ -41,7 +42,7 @@ def encode(vq, pixels: np.ndarray, batch_size: int = 256) -> torch.Tensor:
     """uint8 images (N, H, W, 3) or clips (N, T, H, W, 3) -> codes, on the CPU, `batch_size` images at a time."""
     device = next(vq.parameters()).device
     step = max(1, batch_size // (pixels.shape[1] if pixels.ndim == 5 else 1))
-    return torch.cat([vq.encode(data.to_tensor(pixels[i:i + step]).to(device)).cpu()
+    return torch.cat([vq.encode(to_tensor(pixels[i:i + step]).to(device)).cpu()
                       for i in range(0, len(pixels), step)])
 
 
@@ -52,7 +53,7 @@ def vq_report(vq, images: np.ndarray, batch_size: int = 256) -> dict:
     device = next(vq.parameters()).device
     codes = encode(vq, images, batch_size)
     step = max(1, batch_size // (images.shape[1] if images.ndim == 5 else 1))
-    recon = np.concatenate([data.from_tensor(vq.decode(codes[i:i + step].to(device)))
+    recon = np.concatenate([from_tensor(vq.decode(codes[i:i + step].to(device)))
                             for i in range(0, len(codes), step)])
     usage = torch.bincount(codes.flatten(), minlength=vq.cfg.codebook_size).gt(0).float().mean().item()
     return {"psnr": psnr(images, recon), "usage": usage, "recon": recon}
@@ -280,17 +281,17 @@ def answers_picture(world: World, examples, answered: list[tuple], path: Path, i
     fig.savefig(path, dpi=110)
 
 
-def fill_histogram(drawn: np.ndarray, shapes: list[str], path: Path, seed: int, cfg: float) -> None:
-    """fill.png: per shape, how much of its bounding box a drawn shape fills (data.fill) next to the same
-    number of freshly rendered ones, with data.FILL_RANGES shaded: crisp drawings pile up where renders do."""
-    rendered, _, attrs = data.sample_shapes(len(drawn), np.random.default_rng([seed, 9]))
+def fill_histogram(drawn: np.ndarray, kinds_drawn: list[str], path: Path, seed: int, cfg: float) -> None:
+    """fill.png: per shape, how much of its bounding box a drawn shape fills (shapes.fill) next to the same
+    number of freshly rendered ones, with shapes.FILL_RANGES shaded: crisp drawings pile up where renders do."""
+    rendered, _, attrs = shapes.sample_shapes(len(drawn), np.random.default_rng([seed, 9]))
     fig = Figure(figsize=(12, 3.2))
     bins = np.linspace(0.3, 1.0, 36)
-    for ax, name in zip(fig.subplots(1, len(data.FILL_RANGES)), data.FILL_RANGES):
-        lo, hi = data.FILL_RANGES[name]
+    for ax, name in zip(fig.subplots(1, len(shapes.FILL_RANGES)), shapes.FILL_RANGES):
+        lo, hi = shapes.FILL_RANGES[name]
         ax.axvspan(lo, hi, color="tab:green", alpha=0.12)
-        for images, kinds, label in ((rendered, [a[1] for a in attrs], "rendered"), (drawn, shapes, "drawn")):
-            fills = [f for x, k in zip(images, kinds) if k == name and (f := data.fill(x)) is not None]
+        for images, kinds, label in ((rendered, [a[1] for a in attrs], "rendered"), (drawn, kinds_drawn, "drawn")):
+            fills = [f for x, k in zip(images, kinds) if k == name and (f := shapes.fill(x)) is not None]
             ax.hist(np.clip(fills, bins[0], bins[-1]), bins=bins, alpha=0.6, label=f"{label} ({len(fills)})")
         ax.set(title=f"{name}s", xlabel="fill of bounding box")
         ax.legend(fontsize=8)

@@ -8,7 +8,7 @@ released weights map onto this file with a literal name map (weights.py).
 One `forward` does two jobs:
 - training / full recompute (no cache): logits for every position of a (B, T) batch;
 - decoding with a static KV cache (gpt-fast): a `KVCache` is allocated once for (batch, length) by whoever
-  decodes (sampler.Decoder owns it); each call writes its keys/values at the cache slots `input_pos` and returns
+  decodes (engine.Engine owns it); each call writes its keys/values at the cache slots `input_pos` and returns
   logits for the last position only (or for every position of a speculative window), so a 184622-wide
   vocabulary never materialises for a whole 8k-token prompt. The model itself holds no decoding state.
 Left-padded batches mark their padding (1 = token, 0 = padding): padded keys are masked out and positions count
@@ -191,7 +191,7 @@ class KVCache:
     real tokens, and the rotary cos/sin of every slot. Allocated once for (batch_size, max_len) and written in place
     at `input_pos`, so a decode step always sees the same shapes and addresses (compile / CUDA-graph friendly).
 
-    Its owner is whoever decodes (sampler.Decoder keeps one across calls and drops it on release()); the GPT only
+    Its owner is whoever decodes (engine.Engine keeps one across calls and drops it on release()); the GPT only
     reads and writes the cache it is handed, so nothing is left hanging on the modules after generation."""
 
     def __init__(self, config: "GPTConfig", batch_size: int, max_len: int, dtype=torch.float32, device=None):

@@ -134,6 +134,18 @@ def square_crop(image: Image.Image, side: int) -> Image.Image:
     return image.crop((left, top, left + side, top + side))
 
 
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (..., H, W, 3) -> float32 (..., 3, H, W) in [-1, 1], the VQ's input convention."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).float() / 127.5 - 1.0
+    return x.movedim(-1, -3)  # (..., 3, H, W)
+
+
+def from_tensor(x: torch.Tensor) -> np.ndarray:
+    """float (..., 3, H, W) in [-1, 1] -> uint8 (..., H, W, 3); values outside [-1, 1] are clipped."""
+    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.movedim(-3, -1).cpu().numpy()  # (..., H, W, 3)
+
+
 def image_to_tensor(image: Image.Image | str | Path, factor: int = 8, min_pixels: int = MIN_PIXELS,
                     max_pixels: int = MAX_PIXELS, max_aspect_ratio: float = MAX_ASPECT_RATIO,
                     square: int | None = None) -> Tensor:

@@ -1,9 +1,9 @@
 """*scenes*: a toy world where the words matter, scored like GenEval by an exact checker, with questions.
 
-A black canvas holds 1-4 filled circles, squares or upright triangles in data.py's six pure colours (its exact
+A black canvas holds 1-4 filled circles, squares or upright triangles in shapes.py's six pure colours (its exact
 integer masks), each "small" or "large", never touching. A small grammar captions each scene in one of the six
 categories of GenEval (Ghosh et al. 2023), and the checker scores a picture against a caption per category as
-GenEval does, by geometry (data.py's blob reader on every connected region) instead of a detector:
+GenEval does, by geometry (shapes.py's blob reader on every connected region) instead of a detector:
 
     single_object  "a circle", "a large square"          colors      "a red circle", "a small blue triangle"
     two_object     "a circle and a small square"         color_attr  "a red circle and a large green square"
@@ -54,8 +54,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import data
-from .data import COLORS, SHAPES
+from . import shapes
+from .shapes import COLORS, SHAPES
 
 CANVAS = 64
 SIZE_HALVES = {"small": (7, 8), "large": (11, 12)}  # size word -> the half-extents it may be drawn with
@@ -209,10 +209,10 @@ def vocabulary() -> list[str]:
 # -----------------------------------------------------------------------------
 # geometry shared by the sampler, the checker and the questions
 
-# sprites: every shape at every half-extent, cut from data.py's exact masks (drawn centred on its 64 px canvas);
+# sprites: every shape at every half-extent, cut from shapes.py's exact masks (drawn centred on its 64 px canvas);
 # an integer shift moves such a mask exactly, so a scene is its sprites pasted at integer box corners
 _HALVES = sorted(h for halves in SIZE_HALVES.values() for h in halves)
-_SPRITES = {(s, h): data._shape_masks(k, *np.array([[32], [32], [h]]))[0, 32 - h:32 + h, 32 - h:32 + h]
+_SPRITES = {(s, h): shapes._shape_masks(k, *np.array([[32], [32], [h]]))[0, 32 - h:32 + h, 32 - h:32 + h]
             for k, s in enumerate(SHAPES) for h in _HALVES}
 # centroid minus box centre, [shape id, half] -> (dx, dy): only a triangle's is off centre (h/3 below it)
 _OFFSETS = np.zeros((len(SHAPES), _HALVES[-1] + 1, 2))
@@ -356,7 +356,7 @@ def render(scenes: list[Scene]) -> np.ndarray:
     for i, scene in enumerate(scenes):
         for obj, (cx, cy, h) in zip(scene.objects, scene.boxes):
             index[i, cy - h:cy + h, cx - h:cx + h][_SPRITES[obj.shape, h]] = colors.index(obj.color) + 1
-    palette = np.concatenate([np.zeros((1, 3), np.uint8), data._PALETTE])  # (7, 3): black, then the colours
+    palette = np.concatenate([np.zeros((1, 3), np.uint8), shapes._PALETTE])  # (7, 3): black, then the colours
     images = np.empty((*index.shape, 3), dtype=np.uint8)
     for c in range(3):  # one channel at a time: gathering 3-byte rows at once is ~2.5x slower
         images[..., c] = palette[:, c][index]
@@ -407,20 +407,20 @@ def _read(image: np.ndarray) -> tuple[list[Obj], int]:
     """Every object in a picture (H, W, 3), left to right, and how many bright regions are no object."""
     if image.shape != (CANVAS, CANVAS, 3) or image.dtype != np.uint8:
         raise ValueError(f"expected a uint8 picture of shape {(CANVAS, CANVAS, 3)}, got {image.dtype} {image.shape}")
-    mask = data._foreground(image)
-    labels = data._components(mask)
+    mask = shapes._foreground(image)
+    labels = shapes._components(mask)
     objects, junk = [], 0
     for label, area in zip(*np.unique(labels[mask], return_counts=True)):
-        if area < data._MIN_AREA:  # a speck of noise, not an attempt at an object
+        if area < shapes._MIN_AREA:  # a speck of noise, not an attempt at an object
             continue
         blob = labels == label
-        shape, iou = data._read_shape(blob, _GRID)
-        if iou < data._MIN_IOU or not _OBJECT_AREA[0] <= area <= _OBJECT_AREA[1]:
+        shape, iou = shapes._read_shape(blob, _GRID)
+        if iou < shapes._MIN_IOU or not _OBJECT_AREA[0] <= area <= _OBJECT_AREA[1]:
             junk += 1
             continue
-        x, y = data._centroid(blob)
+        x, y = shapes._centroid(blob)
         size = "small" if area < _AREA_SPLIT[shape] else "large"
-        objects.append(Obj(data._read_color(image, blob), shape, size, float(x), float(y)))
+        objects.append(Obj(shapes._read_color(image, blob), shape, size, float(x), float(y)))
     return sorted(objects, key=lambda o: (o.x, o.y)), junk
 
 

@@ -86,7 +86,7 @@ def codebook_usage(codes: torch.Tensor, codebook_size: int) -> float:
 @dataclass
 class Distributed:
     rank: int = 0
-    world: int = 1
+    world_size: int = 1   # processes (torchrun), not a world to train on (world.py)
 
     @property
     def main(self) -> bool:
@@ -156,7 +156,7 @@ def fit(model: torch.nn.Module, loss_fn: Callable, steps: int, lr: float, ckpt_p
         done, history = saved["step"], saved["history"]
         if run.main:
             print(f"resuming {desc} from {ckpt_path} at step {done}/{steps}")
-    net = DistributedDataParallel(model) if run.world > 1 else model
+    net = DistributedDataParallel(model) if run.world_size > 1 else model
     if compile is not None:   # the first steps pay the compiling
         net = torch.compile(net, **compile)
 
@@ -216,11 +216,11 @@ def train_vq(vq, sample_images: Callable, steps: int, lr: float, ckpt_path: Path
     def restart(step):
         if (step + 1) % restart_every or step > 0.8 * steps:
             return
-        if run.world > 1:   # decide on all ranks' usage, restart on rank 0, share the new codebook
+        if run.world_size > 1:   # decide on all ranks' usage, restart on rank 0, share the new codebook
             dist.all_reduce(counts)
         if run.main:
             restart_dead_codes(vq.quantize, vq.latent(last["x"]), counts)
-        if run.world > 1:
+        if run.world_size > 1:
             dist.broadcast(vq.quantize.embedding.weight.data, src=0)
         counts.zero_()
 

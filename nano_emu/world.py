@@ -3,8 +3,8 @@
 A world yields examples (pixels with the texts that go with them) and, when it has a checker, scores drawings.
 The built-in ones are adapters over the modules that define them; a user's own images are folder.Folder:
 
-    Shapes()          one shape on black, "a red circle in the top left"            (data.py)
-    MovingShapes()    8-frame clips of one moving shape, "a red circle moving left"  (data.py)
+    Shapes()          one shape on black, "a red circle in the top left"            (shapes.py)
+    MovingShapes()    8-frame clips of one moving shape, "a red circle moving left"  (shapes.py)
     Scenes()          1-4 objects, captions with counts and relations, questions    (scenes.py)
     Folder(path)      a captioned (imagefolder) or class-folder (ImageFolder) tree   (folder.py)
 
@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import data, scenes
+from . import scenes, shapes
 
 
 class Examples(NamedTuple):
@@ -104,27 +104,27 @@ class Shapes(World):
     heldout_factor = 8   # only 6 held-out triples: more samples each
 
     def words(self):
-        return data.vocabulary()
+        return shapes.vocabulary()
 
     def texts(self):
-        return [data.caption(*t) for t in data.TRAIN_TRIPLES]
+        return [shapes.caption(*t) for t in shapes.TRAIN_TRIPLES]
 
     def sample(self, n, rng, split="train"):
-        images, captions, attrs = data.sample_shapes(n, rng, split=split)
+        images, captions, attrs = shapes.sample_shapes(n, rng, split=split)
         return Examples(images, captions, [[("", c)] for c in captions], attrs)
 
     def draw_tasks(self, repeats):
-        return {split: ([data.caption(*t) for t in triples for _ in range(repeats * factor)],
+        return {split: ([shapes.caption(*t) for t in triples for _ in range(repeats * factor)],
                         [t for t in triples for _ in range(repeats * factor)])
-                for split, triples, factor in (("seen", data.TRAIN_TRIPLES, 1),
-                                               ("heldout", data.HELDOUT, self.heldout_factor))}
+                for split, triples, factor in (("seen", shapes.TRAIN_TRIPLES, 1),
+                                               ("heldout", shapes.HELDOUT, self.heldout_factor))}
 
     def score(self, pixels, targets):
-        rates = data.score(pixels, targets)
-        return {"adherence": rates.pop("all"), **rates, **data.fill_in_range(pixels, [t[1] for t in targets])}
+        rates = shapes.score(pixels, targets)
+        return {"adherence": rates.pop("all"), **rates, **shapes.fill_in_range(pixels, [t[1] for t in targets])}
 
     def judge(self, pixels, targets):
-        return [data.classify(x) == tuple(t) for x, t in zip(pixels, targets)]
+        return [shapes.classify(x) == tuple(t) for x, t in zip(pixels, targets)]
 
     def category(self, target):
         return target[1]   # the shape
@@ -135,42 +135,42 @@ class Shapes(World):
                 ("magenta", "square", "center")]
 
     def showcase(self):
-        return [data.caption(*t) for t in self.SHOWCASE] + [data.caption(*t) for t in data.HELDOUT[:2]], 2
+        return [shapes.caption(*t) for t in self.SHOWCASE] + [shapes.caption(*t) for t in shapes.HELDOUT[:2]], 2
 
 
 class MovingShapes(World):
     name = "moving shapes"
-    frames = data.VIDEO_FRAMES
+    frames = shapes.VIDEO_FRAMES
     prefix = "clip_"
     checker = True
-    TRIPLES = [(c, s, d) for c in data.COLORS for s in data.SHAPES for d in data.DIRECTIONS]
+    TRIPLES = [(c, s, d) for c in shapes.COLORS for s in shapes.SHAPES for d in shapes.DIRECTIONS]
     # a clip per row in clips.png: every colour, shape and direction
     SHOWCASE = [("red", "circle", "left"), ("green", "square", "down"), ("blue", "triangle", "right"),
                 ("yellow", "square", "up"), ("cyan", "circle", "right"), ("magenta", "triangle", "left")]
 
     def words(self):
-        return data.vocabulary()
+        return shapes.vocabulary()
 
     def texts(self):
-        return [data.video_caption(*t) for t in self.TRIPLES]
+        return [shapes.video_caption(*t) for t in self.TRIPLES]
 
     def sample(self, n, rng, split="train"):   # no held-out combinations: every split is the same world
-        clips, captions, attrs = data.sample_moving_shapes(n, rng)
+        clips, captions, attrs = shapes.sample_moving_shapes(n, rng)
         return Examples(clips, captions, [[("", c)] for c in captions], attrs)
 
     def draw_tasks(self, repeats):   # repeats: clips in all, cycling through every (colour, shape, direction)
         attrs = [self.TRIPLES[i % len(self.TRIPLES)] for i in range(repeats)]
-        return {"": ([data.video_caption(*t) for t in attrs], attrs)}
+        return {"": ([shapes.video_caption(*t) for t in attrs], attrs)}
 
     def score(self, pixels, targets):
-        rates = data.score(pixels, targets)
+        rates = shapes.score(pixels, targets)
         return {"adherence": rates.pop("all"), **rates}
 
     def answer_tasks(self, n, rng):
         return {"": self.sample(n, rng)}
 
     def showcase(self):
-        return [data.video_caption(*t) for t in self.SHOWCASE], 0
+        return [shapes.video_caption(*t) for t in self.SHOWCASE], 0
 
 
 class Scenes(World):

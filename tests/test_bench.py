@@ -46,7 +46,7 @@ def test_a_trained_checkpoint_in_transformers_draws_what_nano_emu_draws(capsys, 
     pytest.importorskip("transformers")
     import dataclasses
     import torch
-    from nano_emu import data
+    from nano_emu import shapes
     from nano_emu.tiny import load_tiny
     from tiny_run import write_run
     pipe = load_tiny(write_run(tmp_path))
@@ -54,8 +54,8 @@ def test_a_trained_checkpoint_in_transformers_draws_what_nano_emu_draws(capsys, 
         for p in pipe.gpt.parameters():
             p.add_(0.05 * torch.randn_like(p))
     pipe.sampling = dataclasses.replace(pipe.sampling, temperature=0.0)
-    captions = [data.caption("red", "circle", "center"), data.caption("blue", "square", "top left"),
-                data.caption("green", "triangle", "bottom right")]
+    captions = [shapes.caption("red", "circle", "center"), shapes.caption("blue", "square", "top left"),
+                shapes.caption("green", "triangle", "bottom right")]
     mine = list(pipe.draw_stream(captions, seed=0))[-1].codes
     theirs = bench.emu3_peer.transformers_draw(bench.emu3_peer.emu3_from_tiny(pipe), pipe, captions, seed=0)
     assert len({len(pipe.tokenizer.encode(c)) for c in captions}) == 2

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nano_emu import data
+from nano_emu import shapes
 from nano_emu.folder import Folder, FolderError, load_square, scan, split_indices
 from nano_emu.tiny import choose_tokenizer, load_tiny
 
@@ -22,7 +22,7 @@ SHAPES = ("circle", "square")
 
 def picture(color: str, shape: str, rng: np.random.Generator) -> np.ndarray:
     """A shape of the toy world at a random size and place, drawn on a canvas of a random size and aspect."""
-    image = data.render(color, shape, "center", size=int(rng.integers(9, 13)), dx=int(rng.integers(-3, 4)))
+    image = shapes.render(color, shape, "center", size=int(rng.integers(9, 13)), dx=int(rng.integers(-3, 4)))
     w, h = int(rng.integers(48, 120)), int(rng.integers(48, 120))
     return np.asarray(Image.fromarray(image).resize((w, h), Image.NEAREST))
 

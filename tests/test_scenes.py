@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from nano_emu import scenes
-from nano_emu.data import COLORS, SHAPES
+from nano_emu.shapes import COLORS, SHAPES
 from nano_emu.scenes import CATEGORIES, CANVAS, Obj, Prompt, Scene, Thing
 from nano_emu.tokenizer import WordTokenizer
 from nano_emu.world import Scenes

@@ -334,11 +334,11 @@ def test_real_ids_match_qwen2_reference(real_dirs, real_tok):
 # --- WordTokenizer (the toy captions, one token per word) -------------------------------------------------------
 
 def test_word_tokenizer_round_trips_the_toy_language():
-    from nano_emu import data
+    from nano_emu import shapes
     from nano_emu.tokenizer import WordTokenizer
-    tok = WordTokenizer(data.vocabulary())
-    _, captions, _ = data.sample_shapes(300, 0, split="all")
-    _, clip_captions, _ = data.sample_moving_shapes(40, 0)
+    tok = WordTokenizer(shapes.vocabulary())
+    _, captions, _ = shapes.sample_shapes(300, 0, split="all")
+    _, clip_captions, _ = shapes.sample_moving_shapes(40, 0)
     for text in captions + clip_captions + ["8*8", "2*8*8", "16*16"]:
         assert tok.decode(tok.encode(text)) == text
     assert len(tok.encode("a red circle in the top left")) == 7

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import train_tiny
-from nano_emu import data
+from nano_emu import shapes
 from nano_emu.checkpoint import LOCK_NAME, SETTINGS_KEY, RunMismatch, load_checkpoint, settings_of
+from nano_emu.image import to_tensor
 from nano_emu.train import Distributed, batch_rng, fit, init_vq_for_training, train_vq
 from nano_emu.vq import VQConfig, VQModel
 from tiny_run import write_run
@@ -30,7 +31,7 @@ def vq_stage(ckpt, steps=40, resume=False, crash_at=None, restart_every=20):
     def sample_images(step):
         if step == crash_at:   # as kill -9: nothing is saved, the run restarts from the last checkpoint
             raise RuntimeError("killed")
-        return data.to_tensor(data.sample_shapes(4, batch_rng(0, 0, step))[0])
+        return to_tensor(shapes.sample_shapes(4, batch_rng(0, 0, step))[0])
 
     history = train_vq(vq, sample_images, steps, 1e-3, ckpt, {"kind": "vq"}, Distributed(), resume=resume,
                        ckpt_every=5, restart_every=restart_every)

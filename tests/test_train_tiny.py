@@ -14,11 +14,12 @@ from PIL import Image
 
 import sample
 import train_tiny
-from nano_emu import data
+from nano_emu import shapes
 from nano_emu.checkpoint import load_checkpoint
 from nano_emu.image import load_clip
 from nano_emu.tiny import load_tiny
 from nano_emu.train import Distributed, batch_rng, fit
+from nano_emu.image import to_tensor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +56,7 @@ def test_refuses_to_overwrite_a_run(quick_run):
 def test_sample_draws_a_grid_a_progress_gif_and_a_caption(quick_run, tmp_path, capsys):
     out, _ = quick_run
     shape = tmp_path / "shape.png"
-    Image.fromarray(data.render("red", "circle", "top left")).save(shape)
+    Image.fromarray(shapes.render("red", "circle", "top left")).save(shape)
     args = sample.parse_args(["--ckpt", str(out), "--prompt", "a red circle in the top left",
                               "--prompt", "a blue square in the center", "--n", "3", "--out", str(tmp_path / "g.png"),
                               "--progress", str(tmp_path / "g.gif"), "--caption", str(shape), "--device", "cpu"])
@@ -86,7 +87,7 @@ def test_an_image_only_checkpoint_refuses_clips(quick_run):
     with pytest.raises(ValueError, match="no time axis"):
         pipe.draw(["a red circle moving left"], frames=8)
     with pytest.raises(ValueError, match="no time axis"):
-        pipe.answer_clip(data.sample_moving_shapes(1, 0)[0][0])
+        pipe.answer_clip(shapes.sample_moving_shapes(1, 0)[0][0])
 
 
 def test_sample_explains_a_missing_checkpoint(tmp_path):
@@ -118,8 +119,8 @@ def test_quick_video_run_trains_on_clips_draws_and_captions_them(quick_video_run
 
     # the VQ's temporal axis is used: 8 frames -> 2 code frames -> 8 frames
     pipe = load_tiny(out)
-    clip, _, _ = data.sample_moving_shapes(1, 0)
-    codes = pipe.vq.encode(data.to_tensor(clip))
+    clip, _, _ = shapes.sample_moving_shapes(1, 0)
+    codes = pipe.vq.encode(to_tensor(clip))
     assert codes.shape == (1, 2, 8, 8) and pipe.vq.decode(codes).shape == (1, 8, 3, 64, 64)
 
     # a drawn clip, parsed back: the prompt says "2*8*8", the grid has EOF after each code frame
@@ -204,7 +205,7 @@ def test_understanding_strings_train_the_unconditional_branch():
     from nano_emu.layout import Layout
     from nano_emu.tokenizer import WordTokenizer
     from nano_emu.train import sequences
-    tok = WordTokenizer(data.vocabulary())
+    tok = WordTokenizer(shapes.vocabulary())
     layout = Layout.tiny(64, text_vocab=tok.n_vocab)
     codes = torch.randint(0, 64, (1, 3, 3))
     caption = ["a red circle in the top left"]

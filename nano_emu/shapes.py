@@ -17,7 +17,6 @@ import re
 from collections import Counter
 
 import numpy as np
-import torch
 
 IMAGE_SIZE = 64
 VIDEO_FRAMES = 8
@@ -183,18 +182,6 @@ def sample_moving_shapes(n: int, rng: np.random.Generator | int
     directions = list(DIRECTIONS)
     attrs = [(_COLOR_NAMES[c], SHAPES[s], directions[d]) for c, s, d in zip(color_id, shape_id, dir_id)]
     return videos, [video_caption(*a) for a in attrs], attrs
-
-
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 (..., H, W, 3) -> float32 (..., 3, H, W) in [-1, 1], the VQ's input convention."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).float() / 127.5 - 1.0
-    return x.movedim(-1, -3)  # (..., 3, H, W)
-
-
-def from_tensor(x: torch.Tensor) -> np.ndarray:
-    """float (..., 3, H, W) in [-1, 1] -> uint8 (..., H, W, 3); values outside [-1, 1] are clipped."""
-    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.movedim(-3, -1).cpu().numpy()  # (..., H, W, 3)
 
 
 # -----------------------------------------------------------------------------
