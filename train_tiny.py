@@ -37,7 +37,6 @@ from nano_emu.checkpoint import (SETTINGS_KEY, VQ_HASH_KEY, FolderInUse, RunMism
                                  output_lock, read_meta, settings_of, weights_hash)
 from nano_emu.gpt import GPT, GPTConfig
 from nano_emu.layout import Layout
-from nano_emu.scenes import CATEGORIES
 from nano_emu.folder import BACKGROUNDS, Folder, FolderError
 from nano_emu.tiny import TINY_CFG_SCALE, TINY_TEMPERATURE, choose_tokenizer, describe_tokenizer, tiny_pipeline
 from nano_emu.train import Pool, batch_rng, init_vq_for_training, setup_distributed, train_gpt, train_vq
@@ -105,8 +104,8 @@ def fill_from_preset(args):
     """Give every flag left unset its preset's value (main, and the experiments/ scripts that reuse the stages)."""
     if args.preset is None:   # the world's own preset unless one is named
         args.preset = "scenes" if args.world == "scenes" else "tiny"
-    for key, value in preset(args).items():
-        if getattr(args, key) is None:
+    for key, value in preset(args).items():   # (a preset may set what no flag offers)
+        if getattr(args, key, None) is None:
             setattr(args, key, value)
     if args.temperature is None:
         shapes = args.world == "shapes" and args.data is None and not args.video
@@ -141,8 +140,7 @@ def make_worlds(args) -> list[World]:
         if args.image_size not in (None, 64):
             raise UsageError(f"--image-size {args.image_size}: the built-in worlds are 64x64; --image-size goes with "
                              f"--data FOLDER")
-        main = (Scenes(mix=args.scene_mix, raster_order=args.scene_order == "raster") if args.world == "scenes"
-                else Shapes())
+        main = Scenes() if args.world == "scenes" else Shapes()
     if args.data is not None and args.world != "shapes":
         raise UsageError("--data FOLDER is the world to train on; it does not go with --world")
     if args.video and (args.data is not None or args.world != "shapes"):
@@ -166,15 +164,9 @@ def check_context(worlds: list[World], tokenizer, layout: Layout, grid: tuple[in
                                  f"leaves room for {room}: shorten it (or use a smaller --image-size)")
 
 
-# --vq-arch: "movq" is Emu3's decoder (SpatialNorm on the codes, attention in the 8x8 level's blocks), "plain" the
-# taming / LlamaGen one (GroupNorm), without attention in those blocks (the middle block keeps its one)
-VQ_ARCHS = {"movq": {}, "plain": {"spatial_norm": False, "attn_levels": ()}}
-
-
 def vq_config(args, worlds) -> VQConfig:
     # images alone need no time axis (Emu3's causal temporal stack is for clips)
     return VQConfig.tiny(temporal_factor=4 if any(world.frames for world in worlds) else 1, embed_dim=args.vq_width,
-                         codebook_size=args.vq_codebook, ch_mult=args.vq_ch_mult, **VQ_ARCHS[args.vq_arch],
                          **({"ch": 32, "norm_groups": 8} if args.preset == "small" else {}))
 
 
@@ -310,20 +302,6 @@ def train(args):
     return metrics
 
 
-def scene_mix(text: str) -> dict[str, float]:
-    """--scene-mix "two_object=2,position=1.5" -> {category: weight}."""
-    mix = {}
-    for part in text.split(","):
-        name, _, weight = part.partition("=")
-        if name.strip() not in CATEGORIES:
-            raise argparse.ArgumentTypeError(f"{name.strip()!r} is not a scenes category; the categories are "
-                                             f"{', '.join(CATEGORIES)}")
-        mix[name.strip()] = cli.checked(float, lambda w: w >= 0, ">= 0")(weight)
-    if not any(mix.get(c, 1.0) for c in CATEGORIES):
-        raise argparse.ArgumentTypeError("every category has weight 0")
-    return mix
-
-
 def parse_args(argv=None):
     count, rate = cli.at_least(1), cli.above(0)   # steps, sizes and learning rates are all positive
     p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -365,19 +343,8 @@ def parse_args(argv=None):
                               "generation string"),
                              ("visual-weight", cli.above(0), "loss weight of visual tokens relative to text "
                               "(Emu3: 0.5)"),
-                             ("answer-weight", cli.above(0), "loss weight of a caption written for an image"),
-                             ("understood-image-weight", cli.at_least(0, float), "loss weight of the image block "
-                              "of image->caption strings, relative to generation strings (0 = Emu3: none)")]:
+                             ("answer-weight", cli.above(0), "loss weight of a caption written for an image")]:
         p.add_argument(f"--{name}", type=kind, default=None, help=f"{text} (default: from the preset)")
-    p.add_argument("--vq-arch", choices=list(VQ_ARCHS), default="movq", help="the VQ's decoder: movq = Emu3's "
-                   "(SpatialNorm, attention in the 8x8 blocks; the default), plain = GroupNorm, attention in the "
-                   "middle block only")
-    p.add_argument("--vq-ch-mult", type=cli.int_list, default=VQConfig.tiny().ch_mult, metavar="M,M,...",
-                   help="the VQ's width per level, in multiples of its base width 16 (32 for --preset small); "
-                        "each level past the first halves the image, so 4 levels make 8x8 codes of 64x64 images "
-                        f"(default: {','.join(map(str, VQConfig.tiny().ch_mult))})")
-    p.add_argument("--vq-codebook", type=count, default=VQConfig.tiny().codebook_size,
-                   help="VQ codebook size, the number of image codes (default: %(default)s)")
     p.add_argument("--tokenizer", choices=["auto", "words", "bytes"], default=None,
                    help="caption tokens: whole words (7 a shapes caption) or UTF-8 bytes (28); auto = words when the "
                         "captions use at most 1024 pieces (default: from the preset)")
@@ -385,13 +352,6 @@ def parse_args(argv=None):
     world.add_argument("--world", choices=["shapes", "scenes"], default="shapes",
                        help="a built-in world: shapes (one shape, 90 captions) or scenes (1-4 objects, counts, "
                             "relations and questions, scored like GenEval)")
-    world.add_argument("--scene-mix", type=scene_mix, default=None, metavar="CATEGORY=W,...",
-                       help="with --world scenes: weigh the training scenes' categories, e.g. two_object=2,"
-                            "position=2 (unnamed: 1; default: uniform, as the evaluation)")
-    world.add_argument("--scene-order", choices=["any", "raster"], default="any",
-                       help="with --world scenes: raster = a training caption of two objects without a relation "
-                            "names first the one drawn first, row by row (default: any order; evaluation prompts "
-                            "keep any order)")
     world.add_argument("--data", type=cli.existing_folder, default=None, metavar="FOLDER",
                        help="your own images: a captioned folder (metadata.jsonl or metadata.csv with file_name "
                             "and text, as Hugging Face's imagefolder) or class subfolders (as torchvision's "
@@ -421,11 +381,6 @@ def parse_args(argv=None):
             os.environ.get("CXX", "c++")) is None:
         p.error("--compile on a CPU needs a C++ compiler (torch.compile writes C++): install g++ or clang++, set CXX "
                 "to it, or drop --compile")
-    if args.world != "scenes" or args.data is not None:   # the scenes world's own flags
-        if args.scene_mix:
-            p.error("--scene-mix weighs the categories of --world scenes; it does not go with another world")
-        if args.scene_order != "any":
-            p.error("--scene-order orders the objects of --world scenes' captions; it does not go with another world")
     return args
 
 

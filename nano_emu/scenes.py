@@ -62,7 +62,6 @@ SIZE_HALVES = {"small": (7, 8), "large": (11, 12)}  # size word -> the half-exte
 GAP, BORDER = 4, 2  # px of black between two objects' boxes, and between a box and the canvas edge
 REL_MARGIN = 4  # px; see the docstring's relation rule
 MAX_OBJECTS = 4
-RASTER_CELL = 8  # px: one code of the tiny VQ (64x64 -> 8x8), the unit of raster order (raster_order below)
 CATEGORIES = ("single_object", "two_object", "counting", "colors", "position", "color_attr")  # GenEval's tags
 RELATIONS = ("left of", "right of", "above", "below")
 NUMBERS = ("zero", "one", "two", "three", "four")
@@ -252,21 +251,14 @@ def heldout_shown(objects) -> list[str]:
 
 
 def sample_prompts(n: int, rng: np.random.Generator | int, split: str = "train",
-                   category: str | None = None, mix: dict[str, float] | None = None) -> list[Prompt]:
-    """n prompts: a category uniformly (GenEval's overall is their mean), or in proportion to `mix` (category ->
-    weight, 1 for any not named), then a prompt of it uniformly."""
+                   category: str | None = None) -> list[Prompt]:
+    """n prompts: a category uniformly (GenEval's overall is their mean), then a prompt of it uniformly."""
     rng = np.random.default_rng(rng)
     names = [c for c in ([category] if category else CATEGORIES) if prompts(split, c)]
     pools = [prompts(split, c) for c in names]  # the heldout split has no single-object or colour prompts
     if not pools:
         raise ValueError(f"the {split!r} split has no {category!r} prompts")
-    if mix:
-        weights = np.array([mix.get(c, 1.0) for c in names])
-        if not weights.sum() > 0:
-            raise ValueError(f"the mix {mix} gives every category of the {split!r} split weight 0")
-        which = rng.choice(len(pools), size=n, p=weights / weights.sum())
-    else:   # (as before mix existed: the same draws from the same seed)
-        which = rng.integers(len(pools), size=n)
+    which = rng.integers(len(pools), size=n)
     index = rng.integers(np.array([len(pool) for pool in pools])[which])
     return [pools[w][i] for w, i in zip(which, index)]
 
@@ -299,18 +291,9 @@ def _place(half: np.ndarray, used: np.ndarray, relation: list[str | None], shape
     return centre, placed
 
 
-def _first_code(box: tuple[int, int, int]) -> tuple[int, int]:
-    """(row, column) of the first code, in raster order, that a (cx, cy, half) box touches."""
-    cx, cy, half = box
-    return (cy - half) // RASTER_CELL, (cx - half) // RASTER_CELL
-
-
-def _realise(prompts_: list[Prompt], rng: np.random.Generator, avoid: np.ndarray,
-             raster_order: bool = False) -> list[Scene]:
+def _realise(prompts_: list[Prompt], rng: np.random.Generator, avoid: np.ndarray) -> list[Scene]:
     """One complete scene per prompt: the named objects and nothing else, unnamed attributes at random; where
-    `avoid`, redrawn until the picture shows nothing held out. raster_order: a two-object caption without a
-    relation ("a circle and a red square") names first the object whose codes start first in raster order (row by
-    row), redrawn until it does, so the thing named first is also the thing drawn first; a true caption either way."""
+    `avoid`, redrawn until the picture shows nothing held out."""
     n, k = len(prompts_), MAX_OBJECTS
     shape = np.zeros((n, k), dtype=np.int64)
     color, size = np.full((n, k), -1), np.full((n, k), -1)  # -1: not named, drawn at random
@@ -337,9 +320,7 @@ def _realise(prompts_: list[Prompt], rng: np.random.Generator, avoid: np.ndarray
                                 *(centre[row, j] + _OFFSETS[shape[i, j], half[row, j]]).tolist())
                             for j in slots)
             boxes = tuple((int(centre[row, j, 0]), int(centre[row, j, 1]), int(half[row, j])) for j in slots)
-            out_of_order = (raster_order and len(boxes) == 2 and prompts_[i].relation is None
-                            and prompts_[i].count == 1 and _first_code(boxes[1]) < _first_code(boxes[0]))
-            if not placed[row] or (avoid[i] and heldout_shown(objects)) or out_of_order:
+            if not placed[row] or (avoid[i] and heldout_shown(objects)):
                 failed.append(i)
                 continue
             scenes[i] = Scene(prompts_[i], objects, boxes)
@@ -363,11 +344,10 @@ def render(scenes: list[Scene]) -> np.ndarray:
     return images  # (n, H, W, 3)
 
 
-def draw_scenes(prompts_: list[Prompt | str], rng: np.random.Generator | int, avoid_heldout: bool | None = None,
-                raster_order: bool = False) -> tuple[np.ndarray, list[Scene]]:
+def draw_scenes(prompts_: list[Prompt | str], rng: np.random.Generator | int,
+                avoid_heldout: bool | None = None) -> tuple[np.ndarray, list[Scene]]:
     """Fresh pictures (n, H, W, 3) and scenes for given prompts or captions. By default a prompt that names
-    nothing held out gets a training-safe scene (showing nothing held out), as the training stream would.
-    raster_order: see _realise."""
+    nothing held out gets a training-safe scene (showing nothing held out), as the training stream would."""
     rng = np.random.default_rng(rng)
     prompts_ = [_as_prompt(p) for p in prompts_]
     named = np.array([names_heldout(p) for p in prompts_], dtype=bool)
@@ -375,19 +355,18 @@ def draw_scenes(prompts_: list[Prompt | str], rng: np.random.Generator | int, av
     if (avoid & named).any():
         raise ValueError(f"{caption(prompts_[np.flatnonzero(avoid & named)[0]])!r} names a held-out composition: "
                          f"its scenes cannot avoid showing it")
-    scenes = _realise(prompts_, rng, avoid, raster_order)
+    scenes = _realise(prompts_, rng, avoid)
     return render(scenes), scenes
 
 
-def sample_scenes(n: int, rng: np.random.Generator | int, split: str = "train", category: str | None = None,
-                  mix: dict[str, float] | None = None,
-                  raster_order: bool = False) -> tuple[np.ndarray, list[str], list[Scene]]:
+def sample_scenes(n: int, rng: np.random.Generator | int, split: str = "train",
+                  category: str | None = None) -> tuple[np.ndarray, list[str], list[Scene]]:
     """n random pictures (n, H, W, 3) uint8 with their captions and scenes. split: "train" never names or shows
     anything held out, "heldout" names (so shows) a held-out composition in every caption, "all" draws from
-    everything with no check. mix: the categories' weights (sample_prompts). raster_order: see _realise."""
+    everything with no check."""
     rng = np.random.default_rng(rng)  # passes a Generator through, seeds a new one from an int
-    chosen = sample_prompts(n, rng, split, category, mix)
-    images, scenes = draw_scenes(chosen, rng, avoid_heldout=split == "train", raster_order=raster_order)
+    chosen = sample_prompts(n, rng, split, category)
+    images, scenes = draw_scenes(chosen, rng, avoid_heldout=split == "train")
     return images, [caption(p) for p in chosen], scenes
 
 

@@ -180,25 +180,17 @@ class Scenes(World):
     checker = True
     questions_per_scene = 4
 
-    def __init__(self, mix: dict[str, float] | None = None, raster_order: bool = False):
-        # the training pool's category weights (scenes.sample_prompts) and whether its two-object captions name
-        # objects in the order they are drawn (scenes._realise); evaluation stays uniform, in any order
-        self.mix, self.raster_order = mix, raster_order
-
     def words(self):
         return scenes.vocabulary()
 
     def texts(self):
         return [scenes.caption(p) for p in scenes.prompts("train")]
 
-    def sample(self, n, rng, split="train", mix=None, raster_order=False):
-        images, captions, drawn = scenes.sample_scenes(n, rng, split=split, mix=mix, raster_order=raster_order)
+    def sample(self, n, rng, split="train"):
+        images, captions, drawn = scenes.sample_scenes(n, rng, split=split)
         answers = [[("", scenes.describe(s.objects))] + scenes.questions(s, rng, self.questions_per_scene)
                    for s in drawn]   # drawn from any caption of the grammar; captioned with the one that says most
         return Examples(images, captions, answers, [scenes.parse(c) for c in captions])
-
-    def pool(self, n, rng):
-        return self.sample(n, rng, mix=self.mix, raster_order=self.raster_order)
 
     def draw_tasks(self, repeats):
         """Every category's prompts, seen and held-out, `repeats` x 12 draws per category (12: the number of

@@ -146,27 +146,12 @@ def test_sample_script_still_shows_a_bugs_traceback(ckpt):
                                           (["--vq-clip-share", "0.6"], "--vq-clip-share"),
                                           (["--vq-clip-batch", "0"], "--vq-clip-batch"),
                                           (["--device", "foo"], "--device"),
-                                          (["--scene-mix", "position=-1"], "--scene-mix"),
-                                          (["--scene-mix", "relations=2"], "--scene-mix"),
                                           (["--out", str(ROOT / "README.md")], "--out")])   # a file
 def test_train_tiny_refuses_a_bad_number(flags, named, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:
         train_tiny.parse_args(["--out", str(tmp_path / "run")] + flags)
     assert exit.value.code == 2
     assert f"error: argument {named}: " in capsys.readouterr().err
-
-
-def test_train_tiny_refuses_a_scene_mix_without_scenes(tmp_path):
-    result = run("train_tiny.py", "--quick", "--out", str(tmp_path / "run"), "--scene-mix", "position=2")
-    assert_one_line_error(result, "--scene-mix", "--world scenes")
-    assert not (tmp_path / "run").exists()
-
-
-
-def test_train_tiny_refuses_a_scene_order_without_scenes(tmp_path):
-    result = run("train_tiny.py", "--quick", "--out", str(tmp_path / "run"), "--scene-order", "raster")
-    assert_one_line_error(result, "--scene-order", "--world scenes")
-    assert not (tmp_path / "run").exists()
 
 
 def test_train_tiny_script_refuses_a_bad_number(tmp_path):

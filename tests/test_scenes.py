@@ -211,48 +211,6 @@ def test_seen_prompts_get_training_safe_scenes():
 # sampling and rendering
 
 
-def test_mix_weighs_the_categories_and_keeps_out_the_heldout():
-    mix = {"single_object": 0.0, "position": 3.0}   # the other four: 1 each, so position is 3 / 7 of the draws
-    prompts = scenes.sample_prompts(7000, 5, mix=mix)
-    counts = {c: sum(p.category == c for p in prompts) for c in CATEGORIES}
-    assert counts["single_object"] == 0
-    assert abs(counts["position"] / 7000 - 3 / 7) < 0.02 and abs(counts["colors"] / 7000 - 1 / 7) < 0.015
-    _, captions, drawn = scenes.sample_scenes(500, 6, mix=mix)
-    assert not any(scenes.names_heldout(t) or shows_heldout(s.objects) for t, s in zip(captions, drawn))
-    # the world's pool is drawn with it, what the evaluation samples is not
-    world = Scenes(mix=mix)
-    with pytest.raises(ValueError, match="weight 0"):
-        scenes.sample_prompts(4, 0, "heldout", mix={"counting": 0, "position": 0, "color_attr": 0})
-    pooled, fresh = world.pool(300, np.random.default_rng(1)), world.sample(300, np.random.default_rng(1))
-    assert not any(scenes.parse(c).category == "single_object" for c in pooled.captions)
-    assert any(scenes.parse(c).category == "single_object" for c in fresh.captions)
-
-
-
-def _named_first_is_drawn_first(scene):
-    return scenes._first_code(scene.boxes[0]) <= scenes._first_code(scene.boxes[1])
-
-
-def test_raster_order_names_first_what_is_drawn_first():
-    """raster_order: in a two-object caption without a relation the first thing named is the first drawn (its
-    codes start no later, row by row), the caption still true and complete; without it either order is drawn, and
-    the same seed draws the same data as before the option existed (it only redraws scenes)."""
-    ordered = scenes.sample_scenes(1500, 9, raster_order=True)
-    plain = scenes.sample_scenes(1500, 9)
-    def pairs(drawn):
-        return [s for s in drawn if len(s.boxes) == 2 and s.prompt.relation is None and s.prompt.count == 1]
-    assert len(pairs(ordered[2])) > 300 and all(_named_first_is_drawn_first(s) for s in pairs(ordered[2]))
-    assert 0.3 < np.mean([not _named_first_is_drawn_first(s) for s in pairs(plain[2])]) < 0.7
-    images, captions, drawn = ordered
-    assert all(scenes.score(im, c, strict=True) for im, c in zip(images, captions))
-    assert not any(scenes.names_heldout(c) or shows_heldout(s.objects) for c, s in zip(captions, drawn))
-    # the world's pool is ordered, what the evaluation samples is not
-    world = Scenes(raster_order=True)
-    pooled, fresh = world.pool(400, np.random.default_rng(2)), world.sample(400, np.random.default_rng(2))
-    again = scenes.sample_scenes(400, np.random.default_rng(2), raster_order=True)
-    assert np.array_equal(pooled.pixels, again[0]) and not np.array_equal(pooled.pixels, fresh.pixels)
-
-
 def test_same_seed_same_data():
     a, b, c = (scenes.sample_scenes(64, seed) for seed in (7, np.random.default_rng(7), 8))
     assert np.array_equal(a[0], b[0]) and a[1] == b[1] and a[2] == b[2]
