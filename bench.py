@@ -17,13 +17,14 @@
 the whole sequence every step. With the cache the cost per token should stay flat as the sequence doubles.
 
 `transformers`: a tiny random Emu3ForConditionalGeneration built by transformers; its decoder weights are copied
-into nano_emu's GPT (the "transformers" key layout of nano_emu.emu3; experiments/emu3_peer.py). Both do
+into nano_emu's GPT (the "transformers" key layout of nano_emu.emu3; the peer's section below). Both do
 constrained greedy CFG-3 generation (transformers: guidance_scale + negative_prompt_ids + prefix_allowed_tokens_fn,
 as Emu3's demo), and the tokens must be identical. Variants of nano_emu: plain, --compile, SJD, SJD + compile. Timings are the best of
 --repeats runs taken in turn (A B C A B C ...), so a burst of load on a shared machine hits all of them alike.
 """
 
 import argparse
+import itertools
 import statistics
 import sys
 import time
@@ -32,7 +33,8 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from nano_emu import cli
+from nano_emu import benchmark, cli
+from nano_emu.benchmark import sync
 from nano_emu.gpt import GPT, GPTConfig
 from nano_emu.layout import Layout
 from nano_emu.engine import Engine
@@ -43,8 +45,118 @@ from nano_emu.tokenizer import ByteTokenizer
 PROMPT = "a red circle in the top left"
 
 
-from experiments import emu3_peer, gpu_table
-from experiments.gpu_table import sync
+# ---------------------------------------------------------------------------------------------------------------
+# the transformers peer: nano_emu's models inside transformers' Emu3ForConditionalGeneration, measured beside them
+#
+# - tiny_emu3: a random Emu3 built by transformers and nano_emu's GPT holding the same decoder weights
+#   (bench.py transformers: greedy tokens must be identical);
+# - emu3_from_tiny: a trained train_tiny.py checkpoint converted into Emu3 through the literal transformers key
+#   layout, as a user would (bench.py sjd --transformers: images/s of transformers' generate on the same model);
+# - transformers_draw: codes drawn by transformers' generate with a Pipeline's prompts and sampling (CFG through
+#   negative_prompt_ids, Emu3's prefix_allowed_tokens_fn as the grid constraint).
+
+
+def emu3_model(layout: Layout, config: GPTConfig):
+    """An (untrained) transformers Emu3ForConditionalGeneration over nano_emu's layout with a GPT config's decoder
+    shapes: the special tokens under Emu3's names at the layout's ids, the visual tokens, and one id more for the
+    "<image>" placeholder transformers' processor needs (never generated: the grid constraint forbids it)."""
+    import transformers
+
+    specials = dict(zip(("pad", "bos", "eos", "img", "boi", "eoi", "eol", "eof"),
+                        ("<|endoftext|>", "<|extra_203|>", "<|extra_204|>", "<|image token|>", "<|image start|>",
+                         "<|image end|>", "<|extra_200|>", "<|extra_201|>")))
+    vocabulary = {name: getattr(layout, field) for field, name in specials.items()}
+    taken = set(vocabulary.values())
+    vocabulary |= {f"<|text {i}|>": i for i in range(layout.first_visual) if i not in taken}   # the caption ids
+    vocabulary |= {f"<|visual token {c:06d}|>": layout.first_visual + c for c in range(layout.codebook_size)}
+    vocabulary["<image>"] = layout.vocab_size
+    text = dict(vocab_size=layout.vocab_size + 1, hidden_size=config.dim, intermediate_size=config.intermediate_size,
+                num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
+                num_key_value_heads=config.n_kv_head, max_position_embeddings=config.max_seq_len,
+                rms_norm_eps=config.norm_eps, pad_token_id=layout.pad, bos_token_id=layout.bos,
+                eos_token_id=layout.eos, rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta})
+    vq = dict(base_channels=32, channel_multiplier=[1, 2], num_res_blocks=1, attn_resolutions=[1], hidden_size=64,
+              codebook_size=layout.codebook_size, embed_dim=4, latent_channels=4)   # unused: codes decode in nano_emu
+    return transformers.Emu3ForConditionalGeneration(
+        transformers.Emu3Config(text_config=text, vq_config=vq, vocabulary_map=vocabulary)).eval()
+
+
+def tiny_emu3(codebook: int, dim: int = 64, n_layer: int = 2):
+    """A random transformers Emu3ForConditionalGeneration on nano_emu's tiny layout, and nano_emu's GPT holding the
+    same decoder weights. Default sizes as tests/test_emu3.py (dim 64, 2 layers, GQA 4/2, SwiGLU width 1.5 dim)."""
+    from nano_emu.emu3 import KEY_LAYOUTS
+    from nano_emu.weights import load_state_dict_strict
+
+    layout = Layout.tiny(codebook_size=codebook)
+    config = GPTConfig(vocab_size=layout.vocab_size + 1, n_layer=n_layer, n_head=4, n_kv_head=2, dim=dim,
+                       intermediate_size=3 * dim // 2, norm_eps=1e-5, rope_theta=5e5, max_seq_len=4096)
+    torch.manual_seed(0)
+    ref = emu3_model(layout, config)
+    with torch.no_grad():   # larger random weights: peaked logits, so greedy ties are out of the question
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    names = KEY_LAYOUTS["transformers"]
+    state = {k.removeprefix(names["decoder"]): v for k, v in ref.state_dict().items() if k.startswith(names["decoder"])}
+    state["lm_head.weight"] = ref.state_dict()[names["head"]]
+    gpt = GPT(config).eval()
+    load_state_dict_strict(gpt, state, source="transformers Emu3ForConditionalGeneration")
+    return ref, gpt, layout
+
+
+def emu3_from_tiny(pipe):
+    """A trained tiny checkpoint's GPT inside transformers' Emu3ForConditionalGeneration, through the literal
+    transformers key layout (model.text_model.* + lm_head.weight), as a user converting it would: strict, and the
+    placeholder row of the embedding and head left at zero."""
+    from nano_emu.emu3 import KEY_LAYOUTS
+
+    names = KEY_LAYOUTS["transformers"]
+    ref = emu3_model(pipe.layout, pipe.gpt.config)
+    state = {names["decoder"] + k: v for k, v in pipe.gpt.state_dict().items() if k != "lm_head.weight"}
+    state[names["head"]] = pipe.gpt.state_dict()["lm_head.weight"]
+    for key in (names["decoder"] + "embed_tokens.weight", names["head"]):   # + the "<image>" row
+        state[key] = torch.cat([state[key], torch.zeros(1, state[key].shape[1])])
+    state |= {k: v for k, v in ref.state_dict().items() if k.startswith(names["vq"])}   # its own (unused) VQ
+    ref.load_state_dict(state, strict=True)
+    return ref
+
+
+def transformers_draw(ref, pipe, captions: list[str], seed: int) -> torch.Tensor:
+    """Codes (B, h, w) drawn by transformers' generate() with the checkpoint's sampling (CFG through
+    negative_prompt_ids, Emu3's prefix_allowed_tokens_fn as the grid constraint), one call per run of captions of the
+    same token length (no padding needed). The captions' prompts are the ones nano_emu's Pipeline builds."""
+    layout, (h, w) = pipe.layout, pipe.grid()
+    g, sampling = pipe.guidance.cfg_scale, pipe.sampling
+    prompts = [layout.generation_prompt(c + pipe.prompt_suffix, h, w, pipe.tokenizer) for c in captions]
+    negative = layout.generation_prompt(pipe.negative_prompt, h, w, pipe.tokenizer)
+    n_new = len(layout.grid_schedule(h, w))
+    codes = []
+    for length, group in itertools.groupby(prompts, key=len):
+        ids = torch.tensor(list(group))
+        torch.manual_seed(seed)
+        out = ref.generate(ids, attention_mask=torch.ones_like(ids),
+                           negative_prompt_ids=torch.tensor([negative] * len(ids)),
+                           guidance_scale=g, prefix_allowed_tokens_fn=emu3_allowed_tokens(layout, h, w, length - 1),
+                           do_sample=sampling.temperature > 0, temperature=sampling.temperature or None,
+                           top_k=sampling.top_k or 0, top_p=sampling.top_p or 1.0, max_new_tokens=n_new + 5,
+                           eos_token_id=layout.eos, pad_token_id=layout.pad)[:, length:]
+        for row in out:
+            visual = row[(row >= layout.first_visual) & (row < layout.vocab_size)][:h * w]
+            codes.append((visual - layout.first_visual).view(h, w))
+    return torch.stack(codes)
+
+
+def emu3_allowed_tokens(layout: Layout, h: int, w: int, img_index: int):
+    """Emu3's prefix_allowed_tokens_fn (image_generation.py): the offset from IMG decides what may come next."""
+    visual = list(range(layout.first_visual, layout.vocab_size))
+
+    def allowed(batch_id, input_ids):
+        offset = input_ids.shape[0] - img_index
+        if offset <= (w + 1) * h and offset % (w + 1) == 0:
+            return [layout.eol]
+        after = {(w + 1) * h + 1: layout.eof, (w + 1) * h + 2: layout.eoi, (w + 1) * h + 3: layout.eos}
+        return [after.get(offset, layout.pad)] if offset > (w + 1) * h else visual
+
+    return allowed
 
 
 def timed(fn, device, repeats):
@@ -131,7 +243,7 @@ TRANSFORMERS_VARIANTS = ("plain", "compiled", "sjd", "sjd-compiled")
 
 def bench_transformers(args):
     device = torch.device("cpu")
-    ref, gpt, layout = emu3_peer.tiny_emu3(args.codebook, args.dim, args.layers)
+    ref, gpt, layout = tiny_emu3(args.codebook, args.dim, args.layers)
     tok = ByteTokenizer()
     print(f"same weights: transformers Emu3ForConditionalGeneration and nano_emu GPT, {gpt.num_params() / 1e6:.2f}M "
           f"params (dim {args.dim}, {args.layers} layers), float32, CPU, {torch.get_num_threads()} thread(s), torch {torch.__version__}; "
@@ -151,7 +263,7 @@ def bench_transformers(args):
         n_new = len(layout.grid_schedule(h, w))
         hf = lambda: ref.generate(torch.tensor([cond]), attention_mask=torch.ones(1, len(cond), dtype=torch.long),
                                   negative_prompt_ids=torch.tensor([negative]), guidance_scale=3.0,
-                                  prefix_allowed_tokens_fn=emu3_peer.emu3_allowed_tokens(layout, h, w, len(cond) - 1),
+                                  prefix_allowed_tokens_fn=emu3_allowed_tokens(layout, h, w, len(cond) - 1),
                                   do_sample=False, max_new_tokens=n_new + 5, eos_token_id=layout.eos,
                                   pad_token_id=layout.pad)[0, len(cond):]
         runs = {"transformers generate": hf}
@@ -211,12 +323,12 @@ def bench_sjd(args):
     if args.coupled:
         variants.append((f"sjd {args.window} coupled", args.window, True))
     if args.transformers:   # the same weights in transformers' Emu3, drawn with its generate()
-        ref = emu3_peer.emu3_from_tiny(pipe)
+        ref = emu3_from_tiny(pipe)
         variants.insert(0, ("transformers generate", None, False))
     for name, sjd, coupled in variants:
         pipe.sjd, pipe.sjd_coupled = sjd or 0, coupled
         if sjd is None:
-            codes_of = lambda batch, seed: emu3_peer.transformers_draw(ref, pipe, batch, seed)
+            codes_of = lambda batch, seed: transformers_draw(ref, pipe, batch, seed)
         else:
             codes_of = lambda batch, seed: list(pipe.draw_stream(batch, seed=seed))[-1].codes
         codes_of(captions[:args.batch], 0)   # warm-up (allocates the cache)
@@ -251,17 +363,17 @@ def bench_sjd(args):
 
 
 def bench_emu3(args):
-    gpu_table.emu3(cli.resolve_device(args.device), getattr(torch, args.dtype), args.h, args.w, args.window,
+    benchmark.emu3(cli.resolve_device(args.device), getattr(torch, args.dtype), args.h, args.w, args.window,
                    args.top_k, args.variants.split(","), tiny=args.preset == "tiny")
 
 
 def bench_llamagen(args):
-    gpu_table.llamagen(cli.resolve_device(args.device), getattr(torch, args.dtype), args.size, args.image_size,
+    benchmark.llamagen(cli.resolve_device(args.device), getattr(torch, args.dtype), args.size, args.image_size,
                        args.images, args.compile, tiny=args.tiny)
 
 
 def bench_chameleon(args):
-    gpu_table.chameleon(cli.resolve_device(args.device), getattr(torch, args.dtype), args.layers, args.steps,
+    benchmark.chameleon(cli.resolve_device(args.device), getattr(torch, args.dtype), args.layers, args.steps,
                         args.compile, tiny=args.tiny)
 
 
@@ -269,7 +381,7 @@ def bench_gpu(args):
     device = cli.resolve_device("cpu" if args.dry_run else args.device)
     dtype = torch.float32 if args.dry_run else getattr(torch, args.dtype)
     h, w = (4, 4) if args.dry_run else (args.h, args.w)
-    table = gpu_table.gpu_table(device, dtype, args.peak_gbps, h, w, args.window, tiny=args.dry_run, out=args.out)
+    table = benchmark.gpu_table(device, dtype, args.peak_gbps, h, w, args.window, tiny=args.dry_run, out=args.out)
     print("\n" + table, end="")
     if args.out:
         print(f"wrote {args.out}")
@@ -353,8 +465,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="emu3_8b", choices=["emu3_8b", "tiny"], help="model shapes (tiny: smoke test)")
     p.add_argument("--window", type=int, default=16, help="SJD window")
     p.add_argument("--top-k", type=int, default=2048, help="Emu3-Gen's top-k")
-    p.add_argument("--variants", default=",".join(gpu_table.EMU3_VARIANTS),
-                   help=f"which of {','.join(gpu_table.EMU3_VARIANTS)} to run")
+    p.add_argument("--variants", default=",".join(benchmark.EMU3_VARIANTS),
+                   help=f"which of {','.join(benchmark.EMU3_VARIANTS)} to run")
 
     p = command("llamagen", bench_llamagen, "llamagen: seconds per image of a released LlamaGen size (random weights "
                 "of its shapes) + VQ-16, the demo's sampling (CFG 4, top-k 2000)")

@@ -17,15 +17,12 @@ arithmetic: where the wide one runs near the machine's FLOP rate, no tuning of t
 """
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from nano_emu import shapes  # noqa: E402
-from nano_emu.tiny import load_tiny  # noqa: E402
+from nano_emu import shapes
+from nano_emu.tiny import load_tiny
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("--ckpt", default="out/tiny", help="a train_tiny.py output folder")

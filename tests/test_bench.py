@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # bench.py and experiments/ sit at the repo root
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # bench.py sits at the repo root
 import bench  # noqa: E402
 
 
@@ -57,7 +57,7 @@ def test_a_trained_checkpoint_in_transformers_draws_what_nano_emu_draws(capsys, 
     captions = [shapes.caption("red", "circle", "center"), shapes.caption("blue", "square", "top left"),
                 shapes.caption("green", "triangle", "bottom right")]
     mine = list(pipe.draw_stream(captions, seed=0))[-1].codes
-    theirs = bench.emu3_peer.transformers_draw(bench.emu3_peer.emu3_from_tiny(pipe), pipe, captions, seed=0)
+    theirs = bench.transformers_draw(bench.emu3_from_tiny(pipe), pipe, captions, seed=0)
     assert len({len(pipe.tokenizer.encode(c)) for c in captions}) == 2
     assert torch.equal(mine, theirs)
     out = run(capsys, "sjd", "--ckpt", str(tmp_path), "--per-triple", "1", "--max-images", "2", "--window", "3",

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import train_tiny
+from nano_emu import recipe
 from nano_emu import shapes
 from nano_emu.checkpoint import LOCK_NAME, SETTINGS_KEY, RunMismatch, load_checkpoint, settings_of
 from nano_emu.image import to_tensor
@@ -131,7 +132,7 @@ def test_a_second_run_on_the_same_out_is_refused_naming_the_first(tmp_path):
 
 def settled_run(folder, *flags):
     """A finished run's folder as train_tiny.py --quick writes it (random weights; the settings it stores)."""
-    args = train_tiny.fill_from_preset(quick_args(folder, *flags))
+    args = recipe.fill_from_preset(quick_args(folder, *flags))
     args.out = Path(args.out)
     write_run(folder, vq_meta={SETTINGS_KEY: settings_of(args)}, gpt_meta={SETTINGS_KEY: settings_of(args)})
     return folder
@@ -140,20 +141,20 @@ def settled_run(folder, *flags):
 def test_resume_with_other_settings_is_refused_before_training(tmp_path, monkeypatch):
     """Before: --resume --video on a finished image run retrained over it (and failed on 52 mismatched keys)."""
     out = settled_run(tmp_path / "run")
-    monkeypatch.setattr(train_tiny, "vq_stage", lambda *a: pytest.fail("trained"))
+    monkeypatch.setattr(recipe, "vq_stage", lambda *a: pytest.fail("trained"))
     with pytest.raises(RunMismatch, match=r"--video off there, on now.*add --change FLAG") as error:
         train_tiny.main(quick_args(out, "--resume", "--video"))
     assert "--vq-width 4 there, 8 now" in str(error.value)   # what --video changes in the preset, named too
     with pytest.raises(RunMismatch, match="--gpt-steps 40 there, 80 now"):
         train_tiny.main(quick_args(out, "--resume", "--gpt-steps", "80"))
-    monkeypatch.setattr(train_tiny, "vq_stage", lambda *a: (_ for _ in ()).throw(RuntimeError("trains")))
+    monkeypatch.setattr(recipe, "vq_stage", lambda *a: (_ for _ in ()).throw(RuntimeError("trains")))
     with pytest.raises(RuntimeError, match="trains"):   # a change asked for on purpose goes through
         train_tiny.main(quick_args(out, "--resume", "--gpt-steps", "80", "--change", "gpt-steps"))
     assert not (out / LOCK_NAME).exists()   # released on the way out
 
 
 def test_resume_on_an_empty_folder_says_it_starts_fresh(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train_tiny, "vq_stage", lambda *a: (_ for _ in ()).throw(RuntimeError("stop")))
+    monkeypatch.setattr(recipe, "vq_stage", lambda *a: (_ for _ in ()).throw(RuntimeError("stop")))
     with pytest.raises(RuntimeError, match="stop"):
         train_tiny.main(quick_args(tmp_path / "new", "--resume"))
     assert "holds no checkpoint yet (vq.safetensors, gpt.safetensors), so the run starts fresh" in capsys.readouterr().out

@@ -14,6 +14,7 @@ from PIL import Image
 
 import sample
 import train_tiny
+from nano_emu import recipe
 from nano_emu import shapes
 from nano_emu.checkpoint import load_checkpoint
 from nano_emu.image import load_clip
@@ -49,7 +50,7 @@ def test_quick_run_learns_and_writes_everything(quick_run):
 
 def test_refuses_to_overwrite_a_run(quick_run):
     out, _ = quick_run
-    with pytest.raises(train_tiny.UsageError, match="--resume"):
+    with pytest.raises(recipe.UsageError, match="--resume"):
         train_tiny.main(train_tiny.parse_args(["--quick", "--out", str(out)]))
 
 
@@ -245,8 +246,8 @@ def test_quick_scenes_run_trains_draws_answers_and_captions(quick_scenes_run, tm
 
 
 def test_world_scenes_picks_its_preset():
-    args = train_tiny.fill_from_preset(train_tiny.parse_args(["--world", "scenes"]))
-    assert args.preset == "scenes" and args.gpt_steps == train_tiny.PRESETS["scenes"]["gpt_steps"]
-    assert train_tiny.fill_from_preset(train_tiny.parse_args([])).preset == "tiny"
-    args = train_tiny.fill_from_preset(train_tiny.parse_args(["--world", "scenes", "--preset", "tiny"]))
-    assert args.gpt_steps == train_tiny.PRESETS["tiny"]["gpt_steps"]
+    args = recipe.fill_from_preset(train_tiny.parse_args(["--world", "scenes"]))
+    assert args.preset == "scenes" and args.gpt_steps == recipe.PRESETS["scenes"]["gpt_steps"]
+    assert recipe.fill_from_preset(train_tiny.parse_args([])).preset == "tiny"
+    args = recipe.fill_from_preset(train_tiny.parse_args(["--world", "scenes", "--preset", "tiny"]))
+    assert args.gpt_steps == recipe.PRESETS["tiny"]["gpt_steps"]

@@ -1,0 +1,286 @@
+"""The tiny runs' recipe: what train_tiny.py trains, with what settings, and how it scores the result.
+
+train_tiny.py parses flags and hands them to `train`; the stages live here so that every script that needs them
+(train_tiny.py, posttrain.py) reads one copy:
+
+- PRESETS: model sizes and step counts per preset (a flag left unset takes its preset's value), VIDEO: the clip
+  knobs of --video runs, SAMPLING: how each kind of run samples (one table);
+- `prepare`: the worlds (a folder is read and checked here), the caption tokenizer, the VQ config and the token
+  layout, every caption checked against the context, all before any training step;
+- the stages: `vq_stage` (the VQ learns images -> codes), `gpt_stage` (the GPT learns caption -> image and
+  image -> caption strings, nano_emu/train.py), `evaluate_run` (metrics.json and pictures through the same Pipeline a
+  user samples with, nano_emu/evaluate.py);
+- `train`: the three in order, with timings, into the run's folder.
+"""
+
+import json
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from . import cli, evaluate, shapes
+from .checkpoint import (SETTINGS_KEY, VQ_HASH_KEY, check_resume, check_same_vq, read_meta, settings_of,
+                         weights_hash)
+from .folder import Folder
+from .gpt import GPT, GPTConfig
+from .image import to_tensor
+from .layout import Layout
+from .tiny import TINY_TEMPERATURE, choose_tokenizer, describe_tokenizer, tiny_pipeline
+from .train import Pool, batch_rng, init_vq_for_training, setup_distributed, train_gpt, train_vq
+from .vq import VQConfig, VQModel
+from .world import MovingShapes, Scenes, Shapes, World
+
+# what each preset trains; any flag given on the command line overrides its preset's value
+PRESETS = {
+    "tiny": dict(vq_steps=1750, vq_batch=8, vq_lr=1e-3, pool=8000, gpt_steps=2600, gpt_batch=24, gpt_lr=3e-3,
+                 gpt_dim=128, gpt_layers=4, eval_per_triple=7, eval_images=256, tokenizer="auto",
+                 vq_width=4, p_drop_caption=0.1, visual_weight=0.5, understood_image_weight=0.0, answer_weight=2.0),
+    "quick": dict(vq_steps=40, vq_batch=4, vq_lr=1e-3, pool=256, gpt_steps=40, gpt_batch=8, gpt_lr=2e-3,
+                  gpt_dim=64, gpt_layers=2, eval_per_triple=1, eval_images=16, tokenizer="auto",
+                  vq_width=4, p_drop_caption=0.0, visual_weight=1.0, understood_image_weight=1.0, answer_weight=1.0),
+    # --world scenes: tiny's VQ (the objects are the shapes world's sprites) and GPT, trained for most of the 20
+    # minutes on a larger pool (captions are sentences, and each scene also brings four questions to answer): at
+    # equal time, more steps of this GPT beat a wider, deeper one (docs/scenes.md); 9 draws per prompt so that 621
+    # seen images are scored (12 prompts per category, 9 for single objects)
+    "scenes": dict(vq_steps=1750, vq_batch=8, vq_lr=1e-3, pool=30000, gpt_steps=10000, gpt_batch=24, gpt_lr=3e-3,
+                   gpt_dim=128, gpt_layers=4, eval_per_triple=9, eval_images=256, tokenizer="auto",
+                   vq_width=4, p_drop_caption=0.1, visual_weight=0.5, understood_image_weight=0.0,
+                   answer_weight=2.0),
+    "small": dict(vq_steps=6000, vq_batch=16, vq_lr=1e-3, pool=40000, gpt_steps=6000, gpt_batch=64, gpt_lr=1e-3,
+                  gpt_dim=384, gpt_layers=8, eval_per_triple=8, eval_images=1024, tokenizer="auto",
+                  vq_width=4, p_drop_caption=0.0, visual_weight=1.0, understood_image_weight=1.0, answer_weight=1.0),
+}
+
+# With --video, clips join both stages. The VQ gets twice the image run's steps and codes twice as wide (a code
+# frame holds 4 frames of motion; at width 4 and the image run's steps, 70% of clip reconstructions read right, at
+# width 8 and 2x steps 95%: docs/video.md); vq_clip_share of its steps train on a batch of 8-frame
+# clips, all in its second half (vq_stage's curriculum; 0.25: images and clips alternate there). The GPT's steps
+# are divided by (1 - gpt_clip_share), so its image steps stay the image run's (in expectation); clips get 60% of
+# them and a pool of 12,000 (drawn clips 58% -> 76% right against 40% of 4,000). --vq-steps / --gpt-steps given by
+# hand are totals.
+VIDEO = {
+    "tiny": dict(vq_width=8, vq_clip_share=0.25, vq_clip_batch=2, clip_pool=12000, gpt_clip_share=0.6,
+                 eval_clips=216),
+    "quick": dict(vq_width=8, vq_clip_share=0.25, vq_clip_batch=1, clip_pool=64, gpt_clip_share=0.5, eval_clips=12),
+    "small": dict(vq_width=8, vq_clip_share=0.25, vq_clip_batch=4, clip_pool=40000, gpt_clip_share=0.6,
+                  eval_clips=288),
+}
+
+
+def preset(args) -> dict:
+    """The values the run's preset gives to every flag left unset (with --video, the clip knobs too)."""
+    name = "quick" if args.quick else args.preset
+    values = dict(PRESETS[name])
+    if args.video:   # (--video does not go with --world scenes: make_worlds refuses it)
+        values.update(VIDEO.get(name, VIDEO["tiny"]))
+        values["vq_steps"] *= 2
+        share = values["gpt_clip_share"] if args.gpt_clip_share is None else args.gpt_clip_share
+        values["gpt_steps"] = round(values["gpt_steps"] / (1 - share))
+    return values
+
+
+# The sampling temperature a run evaluates with and saves as its checkpoint's default, chosen per world on
+# validation draws (experiments/sweep_sampling.py, seeds the reported evaluation never uses; docs/tiny_model.md):
+# the shapes world draws better at 0.5 than at 1 in both seeds' checkpoints (seen and held out); scenes gained
+# nothing from other temperatures (docs/scenes.md), and clips and folders were not swept, so they keep 1
+SHAPES_TEMPERATURE = 0.5
+
+
+def fill_from_preset(args):
+    """Give every setting left unset (None) its preset's value."""
+    if args.preset is None:   # the world's own preset unless one is named
+        args.preset = "scenes" if args.world == "scenes" else "tiny"
+    for key, value in preset(args).items():   # (a preset may set what no flag offers)
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.temperature is None:
+        shapes = args.world == "shapes" and args.data is None and not args.video
+        args.temperature = SHAPES_TEMPERATURE if shapes else TINY_TEMPERATURE
+    return args
+
+
+class UsageError(ValueError):
+    """A problem with what the user asked for (flags, folder, captions), found before any training step."""
+
+
+# flags --resume does not compare with the run's: where it writes and runs, how often it saves, what it evaluates with
+RESUME_IGNORES = ("out", "resume", "change", "device", "compile", "ckpt_every", "eval_per_triple", "eval_images",
+                  "eval_clips", "cfg", "temperature", "top_k")
+
+
+def check_output_folder(out: Path, resume: bool) -> None:
+    """Never silently train over someone's checkpoints."""
+    existing = [p.name for p in (out / "vq.safetensors", out / "gpt.safetensors") if p.exists()]
+    if existing and not resume:
+        raise UsageError(f"{out} already holds {', '.join(existing)}: pass --resume to continue that run, "
+                         f"or --out to start a new one elsewhere")
+
+
+def make_worlds(args) -> list[World]:
+    """The run's worlds: the main one (the shapes world, scenes, or --data FOLDER), then with --video the clips."""
+    if args.data is not None:
+        main = Folder(args.data, image_size=args.image_size or 64, heldout_fraction=args.heldout_fraction,
+                      seed=args.seed, strict=args.strict, background=args.background,
+                      caption_column=args.caption_column)
+    else:
+        if args.image_size not in (None, 64):
+            raise UsageError(f"--image-size {args.image_size}: the built-in worlds are 64x64; --image-size goes with "
+                             f"--data FOLDER")
+        main = Scenes() if args.world == "scenes" else Shapes()
+    if args.data is not None and args.world != "shapes":
+        raise UsageError("--data FOLDER is the world to train on; it does not go with --world")
+    if args.video and (args.data is not None or args.world != "shapes"):
+        raise UsageError("--video trains on moving shapes beside the shapes world; it does not go with --data or "
+                         "--world scenes")
+    return [main] + ([MovingShapes()] if args.video else [])
+
+
+def check_context(worlds: list[World], tokenizer, layout: Layout, grid: tuple[int, int], t: int,
+                  context: int) -> None:
+    """Refuse, before training, any text whose token string would not fit the GPT's context (never truncated)."""
+    h, w = grid
+    block = 3 + len(tokenizer.encode(f"{t}*{h}*{w}")) + t * (h * (w + 1) + 1)   # BOI meta IMG rows EOF.. EOI
+    room = context - block - 3                                                  # BOS, EOS, and one to spare
+    for world in worlds:
+        for text in world.texts():
+            n = len(tokenizer.encode(text))
+            if n > room:
+                raise UsageError(f"{world.where(text)}the caption {text[:60]!r}{'...' if len(text) > 60 else ''} is "
+                                 f"{n} tokens; with the {h}x{w}-code image block the model's context of {context} "
+                                 f"leaves room for {room}: shorten it (or use a smaller --image-size)")
+
+
+def vq_config(args, worlds) -> VQConfig:
+    # images alone need no time axis (Emu3's causal temporal stack is for clips)
+    return VQConfig.tiny(temporal_factor=4 if any(world.frames for world in worlds) else 1, embed_dim=args.vq_width,
+                         **({"ch": 32, "norm_groups": 8} if args.preset == "small" else {}))
+
+
+def vq_stage(args, worlds, cfg, device, run, autocast):
+    clips = [world for world in worlds if world.frames]
+    torch.manual_seed(args.seed)
+    vq = VQModel(cfg).to(device)
+    init_vq_for_training(vq)   # a checkpoint (--resume) overwrites it
+
+    def sample_images(step):
+        rng = batch_rng(args.seed, run.rank, step)
+        # curriculum: images only for the first half (a VQ that met clips from step 0 never learned colour:
+        # docs/video.md), so those batches are the image run's; after it, clips at twice the run's share
+        if clips and step >= args.vq_steps // 2 and rng.random() < 2 * args.vq_clip_share:
+            return to_tensor(clips[0].sample(args.vq_clip_batch, rng).pixels).to(device)   # (B, 8, 3, H, W)
+        return to_tensor(worlds[0].sample(args.vq_batch, rng).pixels).to(device)           # (B, 3, H, W)
+
+    with autocast:
+        history = train_vq(vq, sample_images, args.vq_steps, args.vq_lr, args.out / "vq.safetensors",
+                           {"kind": "vq", "config": asdict(cfg), SETTINGS_KEY: settings_of(args)}, run,
+                           resume=args.resume, ckpt_every=args.ckpt_every)
+    return vq.eval(), history
+
+
+def gpt_config(args, layout: Layout) -> GPTConfig:
+    return GPTConfig.tiny(layout.vocab_size, dim=args.gpt_dim, n_layer=args.gpt_layers,
+                          intermediate_size=int(args.gpt_dim * 8 / 3) // 16 * 16)   # Llama's 8/3 SwiGLU width
+
+
+def gpt_stage(args, worlds, tokenizer, tokenizer_spec, layout, vq, device, run, autocast):
+    config = gpt_config(args, layout)
+    torch.manual_seed(args.seed)
+    gpt = GPT(config).to(device)
+    pools = []
+    for k, world in enumerate(worlds):   # the GPT's data: each world's pool, VQ-encoded once
+        examples = world.pool(args.clip_pool if world.frames else args.pool, np.random.default_rng([args.seed, k + 1]))
+        pools.append(Pool(evaluate.encode(vq, examples.pixels), examples.captions, examples.answers,
+                          share=args.gpt_clip_share if world.frames else 1.0))
+    options = dict(p_drop_caption=args.p_drop_caption, visual_weight=args.visual_weight,
+                   understood_image_weight=args.understood_image_weight, answer_weight=args.answer_weight)
+    meta = {"kind": "gpt", "config": asdict(config), "layout": asdict(layout), "tokenizer": tokenizer_spec,
+            "image_size": worlds[0].image_size, "world": worlds[0].name, "sequence_options": options,
+            "sampling": {"cfg_scale": args.cfg, "temperature": args.temperature, "top_k": args.top_k},
+            VQ_HASH_KEY: weights_hash(vq.state_dict()), SETTINGS_KEY: settings_of(args)}
+    if args.resume and (args.out / "gpt.safetensors").is_file():   # a GPT half-trained on another VQ is not resumed
+        check_same_vq(read_meta(args.out / "gpt.safetensors"), meta[VQ_HASH_KEY], args.out / "gpt.safetensors",
+                      args.out / "vq.safetensors")
+    with autocast:
+        history = train_gpt(gpt, layout, tokenizer, pools, args.gpt_steps, args.gpt_batch, args.gpt_lr,
+                            args.out / "gpt.safetensors", meta, run, seed=args.seed, resume=args.resume,
+                            ckpt_every=args.ckpt_every, sequence_options=options, compile=args.compile)
+    return gpt.eval(), history
+
+
+@torch.no_grad()
+def evaluate_run(args, worlds, vq, gpt, layout, tokenizer) -> dict:
+    """metrics.json and the pictures, every world through the same Pipeline a user samples with (evaluate.py)."""
+    pipe = tiny_pipeline(gpt, vq, tokenizer, layout, image_size=worlds[0].image_size,
+                         sampling={"cfg_scale": args.cfg, "temperature": args.temperature, "top_k": args.top_k})
+    columns = 6 if args.eval_images >= 64 else 2
+    metrics = {}
+    for world in worlds:
+        metrics.update(evaluate.evaluate(pipe, world, args.out, seed=args.seed, n=args.eval_images, columns=columns,
+                                   repeats=args.eval_clips if world.frames else args.eval_per_triple))
+    return metrics
+
+
+class Plan(NamedTuple):
+    worlds: list[World]
+    tokenizer: object
+    tokenizer_spec: object
+    vq_cfg: VQConfig
+    layout: Layout
+
+
+def prepare(args) -> Plan:
+    """Flags -> what the run trains on and with, all checked before any training step: the worlds (a folder is
+    read here), the caption tokenizer, the VQ's config and the token layout; every caption fits the context."""
+    worlds = make_worlds(args)
+    tokenizer, tokenizer_spec = choose_tokenizer(args.tokenizer, worlds)
+    vq_cfg = vq_config(args, worlds)
+    layout = Layout.tiny(vq_cfg.codebook_size, text_vocab=tokenizer.n_vocab)
+    side = worlds[0].image_size // vq_cfg.spatial_factor
+    check_context(worlds, tokenizer, layout, (side, side), t=shapes.VIDEO_FRAMES // vq_cfg.temporal_factor
+                  if args.video else 1, context=GPTConfig.tiny(layout.vocab_size).max_seq_len)
+    return Plan(worlds, tokenizer, tokenizer_spec, vq_cfg, layout)
+
+
+def train(args):
+    fill_from_preset(args)
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} is a file, not a folder")
+    plan = prepare(args)   # a user's folder is read and checked here, before anything is trained
+    worlds, tokenizer, tokenizer_spec, vq_cfg, layout = plan
+    device = cli.resolve_device(args.device)
+    run, device = setup_distributed(device)
+    if run.world_size > 1 and device.type == "cpu":   # processes share the cores: oversubscribed threads crawl
+        torch.set_num_threads(max(1, (torch.get_num_threads()) // run.world_size))
+    if run.main:
+        check_output_folder(args.out, args.resume)
+        if args.resume:   # the run in --out, with its settings (but those --change names); or a fresh one
+            print(check_resume(args.out, settings_of(args), ignore=RESUME_IGNORES, allowed=args.change,
+                               hint="to change a flag on purpose, add --change FLAG (e.g. --change gpt-steps)"))
+        args.out.mkdir(parents=True, exist_ok=True)
+        print(f"captions: {describe_tokenizer(tokenizer_spec)}")
+    dtype = getattr(torch, args.dtype)
+    autocast = torch.autocast(device.type, dtype) if dtype != torch.float32 else nullcontext()
+    timings, start = {}, time.time()
+
+    vq, vq_history = vq_stage(args, worlds, vq_cfg, device, run, autocast)
+    timings["vq_s"] = round(time.time() - start, 1)
+    gpt, gpt_history = gpt_stage(args, worlds, tokenizer, tokenizer_spec, layout, vq, device, run, autocast)
+    timings["gpt_s"] = round(time.time() - start - timings["vq_s"], 1)
+    if not run.main:
+        return None
+    evaluate.plot_losses({"vq": vq_history, "gpt": gpt_history}, args.out / "loss.png", {"vq": "recon", "gpt": "loss"})
+    metrics = evaluate_run(args, worlds, vq, gpt, layout, tokenizer)
+    timings["eval_s"] = round(time.time() - start - timings["vq_s"] - timings["gpt_s"], 1)
+    timings["total_s"] = round(time.time() - start, 1)
+    metrics.update(timings, final_vq_recon=vq_history[-1]["recon"], final_gpt_loss=gpt_history[-1]["loss"],
+                   first_vq_recon=vq_history[0]["recon"], first_gpt_loss=gpt_history[0]["loss"])
+    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(f"\n{'metric':34s} value\n" + "\n".join(f"{k:34s} {v}" for k, v in metrics.items()))
+    pictures = sorted(p.name for p in args.out.glob("*.png"))
+    print(f"\nwrote {args.out}/: vq.safetensors gpt.safetensors metrics.json {' '.join(pictures)}")
+    return metrics
