@@ -27,8 +27,7 @@ from pathlib import Path
 from nano_emu import cli, recipe
 from nano_emu.checkpoint import FolderInUse, RunMismatch, output_lock
 from nano_emu.folder import BACKGROUNDS, FolderError
-from nano_emu.recipe import PRESETS, SHAPES_TEMPERATURE, UsageError
-from nano_emu.tiny import TINY_CFG_SCALE, TINY_TEMPERATURE
+from nano_emu.recipe import PRESETS, SAMPLING, UsageError
 
 
 def main(args):
@@ -58,12 +57,13 @@ def parse_args(argv=None):
                    help="torch.compile the GPT's training step (on 2 CPU cores 1.18x per step after ~25 s of "
                         "compiling; needs a C++ compiler on a CPU); the VQ stays eager (compiled it was slower)")
     p.add_argument("--seed", type=cli.at_least(0), default=0)
-    p.add_argument("--cfg", type=cli.above(0), default=TINY_CFG_SCALE,
+    p.add_argument("--cfg", type=cli.above(0), default=None,
                    help="CFG scale for evaluation and sample grids (compared with cfg 1 = no guidance); "
-                        "saved in the checkpoint as its default")
+                        f"saved in the checkpoint as its default (default: {SAMPLING['shapes']['cfg']:g})")
     p.add_argument("--temperature", type=cli.at_least(0, float), default=None,
                    help=f"sampling temperature for evaluation and sample grids; saved as the checkpoint's default "
-                        f"(default: {SHAPES_TEMPERATURE:g} for the shapes world, {TINY_TEMPERATURE:g} otherwise)")
+                        f"(default: {SAMPLING['shapes']['temperature']:g} for the shapes world, "
+                        f"{SAMPLING['scenes']['temperature']:g} otherwise)")
     p.add_argument("--top-k", type=count, default=None, help="top-k for evaluation and sample grids (default: off)")
     p.add_argument("--ckpt-every", type=count, default=250, help="checkpoint interval, in steps")
     for name, kind, text in [("vq-steps", count, "VQ training steps"), ("vq-batch", count, "VQ batch size"),

@@ -30,7 +30,7 @@ from .folder import Folder
 from .gpt import GPT, GPTConfig
 from .image import to_tensor
 from .layout import Layout
-from .tiny import TINY_TEMPERATURE, choose_tokenizer, describe_tokenizer, tiny_pipeline
+from .tiny import choose_tokenizer, describe_tokenizer, tiny_pipeline
 from .train import Pool, batch_rng, init_vq_for_training, setup_distributed, train_gpt, train_vq
 from .vq import VQConfig, VQModel
 from .world import MovingShapes, Scenes, Shapes, World
@@ -84,23 +84,34 @@ def preset(args) -> dict:
     return values
 
 
-# The sampling temperature a run evaluates with and saves as its checkpoint's default, chosen per world on
-# validation draws (experiments/sweep_sampling.py, seeds the reported evaluation never uses; docs/tiny_model.md):
-# the shapes world draws better at 0.5 than at 1 in both seeds' checkpoints (seen and held out); scenes gained
-# nothing from other temperatures (docs/scenes.md), and clips and folders were not swept, so they keep 1
-SHAPES_TEMPERATURE = 0.5
+# How a run samples when it evaluates, and what its checkpoint saves as its default (--cfg / --temperature override
+# it), per kind of run: one table. Chosen on validation draws (experiments/sweep_sampling.py, on seeds the reported
+# evaluation never uses): CFG 2 everywhere (CFG 3 overshoots models this small); temperature 0.5 for the shapes
+# world, where it drew better than 1 in both seeds' checkpoints; scenes gained nothing from another temperature,
+# clips and folders were not swept (docs/tiny_model.md, docs/scenes.md).
+SAMPLING = {
+    "shapes": dict(cfg=2.0, temperature=0.5),
+    "scenes": dict(cfg=2.0, temperature=1.0),
+    "video": dict(cfg=2.0, temperature=1.0),
+    "folder": dict(cfg=2.0, temperature=1.0),
+}
+
+
+def run_kind(args) -> str:
+    """Which row of SAMPLING a run takes: its folder, its clips, or its built-in world."""
+    return "folder" if args.data is not None else "video" if args.video else args.world
 
 
 def fill_from_preset(args):
-    """Give every setting left unset (None) its preset's value."""
+    """Give every setting left unset (None) its preset's value, and the sampling its run kind's (SAMPLING)."""
     if args.preset is None:   # the world's own preset unless one is named
         args.preset = "scenes" if args.world == "scenes" else "tiny"
     for key, value in preset(args).items():   # (a preset may set what no flag offers)
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    if args.temperature is None:
-        shapes = args.world == "shapes" and args.data is None and not args.video
-        args.temperature = SHAPES_TEMPERATURE if shapes else TINY_TEMPERATURE
+    for key, value in SAMPLING[run_kind(args)].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     return args
 
 

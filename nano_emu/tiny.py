@@ -9,7 +9,7 @@ modules' (`VQConfig.tiny()`, `GPTConfig.tiny()`, `Layout.tiny()`); this file hol
   reads it back): whole words for the toy worlds' small languages, or UTF-8 bytes;
 - the prompt conventions (`tiny_pipeline`): square images of `image_size` pixels taken as they are (other ratios
   are refused: the toys never saw them), no prompt suffix, the empty caption as CFG's unconditional branch, and the
-  sampling defaults below;
+  sampling its checkpoint records (recipe.SAMPLING chose it when the run was trained);
 - `load_tiny(folder)`, the loader sample.py and the notebooks call.
 
     pipe = load_tiny("out/tiny")
@@ -28,14 +28,6 @@ from .sampler import Guidance, Sampling
 from .tokenizer import ByteTokenizer, WordTokenizer
 from .vq import VQConfig, VQModel
 from .weights import load_state_dict_strict
-
-# How the tiny models sample when a checkpoint does not say (train_tiny.py saves its run's CFG and temperature in
-# every checkpoint), chosen on a validation draw (experiments/sweep_sampling.py, seeds that the reported evaluation
-# never uses; docs/tiny_model.md): CFG 2 drew the asked shape most often, seen and held out; CFG 3 overshoots a
-# model this small into broken shapes. train_tiny.py's shapes runs save temperature 0.5 (re-swept on two seeds)
-TINY_CFG_SCALE = 2.0
-TINY_TEMPERATURE = 1.0
-
 
 def make_tokenizer(kind: str, words: list[str] | None = None):
     """The caption tokenizer of a tiny run and the spec its checkpoint stores: "bytes" (UTF-8 bytes), or
@@ -85,13 +77,14 @@ def tiny_pipeline(gpt: GPT, vq: VQModel, tokenizer, layout: Layout, image_size: 
                   sampling: dict | None = None) -> Pipeline:
     """The toy models as train_tiny.py trains them (in memory, or read back by load_tiny): square images of
     image_size pixels taken as they are, no prompt conventions. sampling: {"cfg_scale": .., "temperature": ..,
-    "top_k": ..} as the checkpoint records them; missing entries take the tiny defaults above."""
+    "top_k": ..} as the checkpoint records them; an entry left out takes Guidance's / Sampling's own default
+    (unguided, temperature 1)."""
     given = {k: v for k, v in (sampling or {}).items() if v is not None}
     side = image_size
     return Pipeline(gpt, vq, tokenizer, layout, image_area=side * side,
                     resize=dict(min_pixels=side * side, max_pixels=side * side), max_aspect_ratio=1.0,
-                    guidance=Guidance(cfg_scale=given.pop("cfg_scale", TINY_CFG_SCALE)),
-                    sampling=Sampling(**{"temperature": TINY_TEMPERATURE, **given}))
+                    guidance=Guidance(cfg_scale=given.pop("cfg_scale")) if "cfg_scale" in given else Guidance(),
+                    sampling=Sampling(**given))
 
 
 def load_tiny(folder: str | Path, device="cpu", dtype=torch.float32) -> Pipeline:
@@ -119,6 +112,9 @@ def load_tiny(folder: str | Path, device="cpu", dtype=torch.float32) -> Pipeline
         if key not in gpt_meta:
             raise ValueError(f"{gpt_path}: its metadata has no {key!r} entry (it has {', '.join(gpt_meta)}): not a "
                              f"GPT checkpoint as train_tiny.py writes them")
+    if "sampling" not in gpt_meta:
+        print(f"note: {gpt_path} records no sampling defaults (written before runs saved them): drawing unguided at "
+              f"temperature 1 unless told (--cfg, --temperature)")
     return tiny_pipeline(gpt.to(device, dtype).eval(), vq.to(device).eval(), tokenizer_from_spec(gpt_meta["tokenizer"]),
                          Layout(**gpt_meta["layout"]), image_size=gpt_meta.get("image_size", 64),
                          sampling=gpt_meta.get("sampling"))

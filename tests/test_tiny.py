@@ -100,3 +100,25 @@ def test_the_python_api_refuses_bad_sampling_options_by_name(pipe, option, value
         pipe.draw(["a red circle in the top left"], **{option: value})
     with pytest.raises(ValueError, match=rf"^{option} must be"):
         pipe.options(**{option: value})
+
+
+def test_a_checkpoint_samples_with_the_defaults_it_records(tmp_path, capsys):
+    """A run saves its sampling (recipe.SAMPLING, or --cfg / --temperature); a checkpoint written before runs saved
+    it samples unguided at temperature 1, and says so, instead of guessing a preset's."""
+    pipe = load_tiny(write_run(tmp_path / "saved", gpt_meta={"sampling": {"cfg_scale": 3.0, "temperature": 0.5,
+                                                                           "top_k": None}}))
+    assert (pipe.guidance.cfg_scale, pipe.sampling.temperature, pipe.sampling.top_k) == (3.0, 0.5, None)
+    assert "records no sampling" not in capsys.readouterr().out
+    pipe = load_tiny(write_run(tmp_path / "old", gpt_meta={"sampling": None}))
+    assert (pipe.guidance.cfg_scale, pipe.sampling.temperature) == (1.0, 1.0)
+    assert "records no sampling defaults" in capsys.readouterr().out
+
+
+def test_each_kind_of_run_takes_its_row_of_the_sampling_table():
+    import train_tiny
+    from nano_emu import recipe
+    for flags, kind in (([], "shapes"), (["--world", "scenes"], "scenes"), (["--video"], "video")):
+        args = recipe.fill_from_preset(train_tiny.parse_args(flags))
+        assert (args.cfg, args.temperature) == (recipe.SAMPLING[kind]["cfg"], recipe.SAMPLING[kind]["temperature"])
+    args = recipe.fill_from_preset(train_tiny.parse_args(["--cfg", "3", "--temperature", "0.7"]))
+    assert (args.cfg, args.temperature) == (3.0, 0.7)
