@@ -16,7 +16,6 @@
     python sample.py --ckpt out/tiny --complete shape.png --keep-rows 3 --n 4 --out completed.png  # image completion
 """
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -234,85 +233,61 @@ def main(args):
 
 
 def build_parser() -> cli.ArgumentParser:
-    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = p.add_argument_group("model (one of)")
-    source.add_argument("--ckpt", type=cli.existing_folder,
-                        help="a train_tiny.py output folder (vq.safetensors + gpt.safetensors)")
-    source.add_argument("--weights", type=cli.hub_folder,
-                        help="released Emu3 folder: Emu3-Gen / Emu3-Chat (original or -hf layout)")
-    source.add_argument("--vq", type=cli.hub_path,
-                        help="Emu3-VisionTokenizer folder (not needed for -hf folders, which hold the VQ); "
-                             "with --llamagen, its VQ file")
-    gen = p.add_argument_group("text -> image")
-    gen.add_argument("--prompt", action="append", default=[], help="caption to draw (repeat for several)")
-    gen.add_argument("--n", type=cli.at_least(1), default=1, help="images per prompt (one grid row per prompt)")
-    gen.add_argument("--negative", default=None, help="negative prompt for CFG (default: the checkpoint's)")
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[1], usage="%(prog)s MODEL WHAT [options]")
+    source = p.add_argument_group("MODEL: one of")
+    source.add_argument("--ckpt", type=cli.existing_folder, metavar="DIR", help="a train_tiny.py output folder")
+    source.add_argument("--weights", type=cli.hub_folder, metavar="DIR", help="Emu3-Gen / -Chat (original or -hf)")
+    source.add_argument("--vq", type=cli.hub_path, help="Emu3-VisionTokenizer (original layout); LlamaGen's VQ")
+    source.add_argument("--llamagen", type=cli.hub_file, metavar="FILE", help="a LlamaGen c2i GPT (.pt, .safetensors)")
+    source.add_argument("--chameleon", type=cli.hub_folder, metavar="DIR", help="a Chameleon or Anole folder")
+    gen = p.add_argument_group("WHAT: text -> image")
+    gen.add_argument("--prompt", action="append", default=[], help="caption to draw (repeat for rows)")
+    gen.add_argument("--n", type=cli.at_least(1), default=1, help="images per prompt (a grid row each)")
+    gen.add_argument("--negative", default=None, help="negative prompt (default: the model's)")
     # g = 1 is unguided; g < 1 weakens the prompt, g = 0 ignores it (draws the negative prompt), g < 0 steers away
-    gen.add_argument("--cfg", type=cli.cfg_scale, default=None,
-                     help="classifier-free guidance scale, 1 = off (default: the checkpoint's; Emu3-Gen: 3.0)")
+    gen.add_argument("--cfg", type=cli.cfg_scale, default=None, help="guidance scale, 1 = off (default: the model's)")
     gen.add_argument("--frames", type=cli.checked(int, lambda n: n > 0 and n % TEMPORAL_FACTOR == 0,
                                                   f"a positive multiple of {TEMPORAL_FACTOR} (the VQ's temporal "
                                                   f"factor: {TEMPORAL_FACTOR} frames per code frame)"),
-                     default=None, help="draw a clip of this many frames (a checkpoint trained with --video); "
-                                        "--out .gif plays it, other formats show its frames in a row")
-    gen.add_argument("--ratio", type=cli.ratio, default="1:1",
-                     help="aspect ratio width:height (area fixed by the checkpoint)")
-    gen.add_argument("--temperature", type=cli.temperature, default=None,
-                     help="0 = greedy (default: the checkpoint's)")
-    gen.add_argument("--top-k", type=cli.top_k, default=None, help="sample from the k most likely tokens "
-                     "(default: the checkpoint's; Emu3-Gen: 2048)")
-    gen.add_argument("--top-p", type=cli.top_p, default=None,
-                     help="nucleus sampling (default: off)")
+                     default=None, help="draw a clip of this many frames (a --video run)")
+    gen.add_argument("--ratio", type=cli.ratio, default="1:1", help="width:height (the area is the model's)")
+    gen.add_argument("--temperature", type=cli.temperature, default=None, metavar="T", help="0 = greedy")
+    gen.add_argument("--top-k", type=cli.top_k, default=None, metavar="K", help="(default: the model's)")
+    gen.add_argument("--top-p", type=cli.top_p, default=None, metavar="P", help="nucleus sampling (default: off)")
     # torch.Generator takes any seed in [0, 2**64)
     gen.add_argument("--seed", type=cli.checked(int, lambda s: 0 <= s < 2**64, "in [0, 2**64)"), default=0)
     gen.add_argument("--out", type=cli.output_file(cli.image_suffixes(), "an image format PIL writes (.png, .jpg)",
                                                    probe=cli.writes_rgb),
-                     default="sample.png", help="output image (.png, .jpg, ...)")
-    gen.add_argument("--progress", type=cli.output_file({".gif"}, "a GIF (.gif)"), default=None,
-                     help="also write a GIF (.gif) of the image filling in row by row")
-    c2i = p.add_argument_group("LlamaGen class -> image (with --vq, --n, --cfg, --top-k, --temperature, --seed, --out)")
-    c2i.add_argument("--llamagen", type=cli.hub_file, help="a released LlamaGen c2i GPT checkpoint (c2i_B_256.pt, ...; .pt or "
-                     ".safetensors); --vq is then its VQ (vq_ds16_c2i.pt)")
-    c2i.add_argument("--class", dest="classes", action="append", default=[],
-                     help="ImageNet class index or name to draw, e.g. 207 or 'golden retriever' (repeat for rows)")
-    c2i.add_argument("--gpt-model", default=None, help="GPT-B | GPT-L | GPT-XL | GPT-XXL | GPT-3B "
-                     "(default: read off the checkpoint's shapes)")
-    c2i.add_argument("--image-size", type=cli.at_least(1), default=None, help="pixels per side: 256 or 384 for the released weights (default: from the file name); "
-                     "with --chameleon, 512 as released")
-    c2i.add_argument("--cfg-interval", type=cli.at_least(-1), default=None,
-                     help="guide only the first cfg_interval + 2 tokens (LlamaGen's flag; default -1: all)")
-    cham = p.add_argument_group("Chameleon / Anole (with --prompt to draw, Anole only; --image/--question to answer)")
-    cham.add_argument("--chameleon", type=cli.hub_folder, help="a Chameleon or Anole folder: transformers layout "
-                      "(config.json, *.safetensors, tokenizer.json) or original (consolidated.pth, params.json)")
-    cham.add_argument("--tokenizer-dir", type=cli.existing_folder, default=None,
-                      help="the original layout's tokenizer/ folder (default: inside --chameleon or ../../tokenizer)")
-    extra = p.add_argument_group("decoding extras (every family)")
-    extra.add_argument("--cdk-k", type=cli.cdk_k, default=None,
-                       help="CM3Leon's contrastive decoding with top-K instead of the CFG mix: candidates within "
-                            "0.1x of the k-th likeliest conditional token, ranked by log p(cond) - log p(uncond)")
-    extra.add_argument("--complete", type=cli.image_file, default=None,
-                       help="image to complete: its first --keep-rows rows of codes are kept, the rest drawn")
-    extra.add_argument("--keep-rows", type=cli.at_least(0), default=None, help="rows of codes --complete keeps")
-    und = p.add_argument_group("image -> text")
-    und.add_argument("--caption", type=cli.image_or_clip,
-                     help="image, animated GIF or folder of frames to caption (tiny models)")
-    und.add_argument("--image", type=cli.image_file, help="image to ask about (a tiny checkpoint, e.g. of --world scenes, or "
-                     "Emu3-Chat)")
-    und.add_argument("--question", default="", help="question about --image")
-    und.add_argument("--max-new-tokens", type=cli.at_least(1), default=256)
+                     default="sample.png", help="image (.png, .jpg; .gif for a clip)")
+    gen.add_argument("--progress", type=cli.output_file({".gif"}, "a GIF (.gif)"), default=None, metavar="GIF",
+                     help="also a GIF of the image filling in row by row")
+    gen.add_argument("--class", dest="classes", action="append", default=[], help="LlamaGen: ImageNet class, "
+                     "e.g. 207 or 'golden retriever'")
+    gen.add_argument("--gpt-model", default=None, help="LlamaGen: GPT-B | -L | -XL | -XXL | -3B (default: read off)")
+    gen.add_argument("--image-size", type=cli.at_least(1), default=None, help="LlamaGen 256 | 384, Chameleon 512")
+    gen.add_argument("--cfg-interval", type=cli.at_least(-1), default=None, metavar="N",
+                     help="LlamaGen: guide the first N + 2 tokens only")
+    gen.add_argument("--tokenizer-dir", type=cli.existing_folder, default=None, metavar="DIR",
+                     help="Chameleon's original tokenizer/ folder")
+    gen.add_argument("--cdk-k", type=cli.cdk_k, default=None, metavar="K",
+                     help="CM3Leon's contrastive decoding (top-K) instead of CFG")
+    gen.add_argument("--complete", type=cli.image_file, default=None, metavar="IMAGE",
+                     help="complete an image: keep its first --keep-rows rows")
+    gen.add_argument("--keep-rows", type=cli.at_least(0), default=None, metavar="N", help="rows of codes kept")
+    und = p.add_argument_group("WHAT: image -> text")
+    und.add_argument("--caption", type=cli.image_or_clip, metavar="IMAGE", help="an image, GIF or frames folder")
+    und.add_argument("--image", type=cli.image_file, help="an image to ask about (with --question)")
+    und.add_argument("--question", default="", help="a question about --image")
+    und.add_argument("--max-new-tokens", type=cli.at_least(1), default=256, metavar="N")
     speed = p.add_argument_group("speed (same results, fewer seconds)")
-    speed.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on a GPU; "
-                       "the first image pays the compile time)")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     speed.add_argument("--sjd", type=cli.checked(int, lambda n: n == 0 or n >= 2, "0 (off) or a window >= 2"),
                        nargs="?", const=16, default=0, metavar="WINDOW",
-                       help="speculative Jacobi decoding: verify WINDOW drafted tokens per forward (default 16 when "
-                            "given; same distribution, fewer forwards)")
-    speed.add_argument("--coupled", action="store_true", help="with --sjd: coupled redraws (MC-SJD), so drafts stay "
-                       "put across iterations and more are accepted; same distribution")
-    p.add_argument("--device", type=cli.device, default="auto", help="auto | cpu | cuda[:N] | mps")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="GPT weights and activations (auto: float32 for --ckpt, bfloat16 for --weights; "
-                        "the VQ stays float32)")
+                       help="speculative Jacobi decoding (16 if no WINDOW)")
+    speed.add_argument("--coupled", action="store_true", help="with --sjd: coupled redraws (MC-SJD)")
+    speed.add_argument("--device", type=cli.device, default="auto", help="auto | cpu | cuda[:N] | mps")
+    speed.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="the GPT's (auto: float32 tiny, bf16 released)")
     return p
 
 

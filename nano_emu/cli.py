@@ -29,7 +29,12 @@ from .sampler import Guidance, Sampling
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser, but an error is ONE line: argparse first prints the whole usage, which for a script
-    with twenty flags buries the line that says what is wrong. Exit code 2, as argparse's."""
+    with twenty flags buries the line that says what is wrong. Exit code 2, as argparse's. --help keeps the
+    description's own line breaks (its examples) and gives each flag one line where it fits."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=30))
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")
