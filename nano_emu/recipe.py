@@ -43,10 +43,9 @@ PRESETS = {
     "quick": dict(vq_steps=40, vq_batch=4, vq_lr=1e-3, pool=256, gpt_steps=40, gpt_batch=8, gpt_lr=2e-3,
                   gpt_dim=64, gpt_layers=2, eval_per_triple=1, eval_images=16, tokenizer="auto",
                   vq_width=4, p_drop_caption=0.0, visual_weight=1.0, understood_image_weight=1.0, answer_weight=1.0),
-    # --world scenes: tiny's VQ (the objects are the shapes world's sprites) and GPT, trained for most of the 20
-    # minutes on a larger pool (captions are sentences, and each scene also brings four questions to answer): at
-    # equal time, more steps of this GPT beat a wider, deeper one (docs/scenes.md); 9 draws per prompt so that 621
-    # seen images are scored (12 prompts per category, 9 for single objects)
+    # --world scenes: tiny's VQ (the objects are the shapes world's sprites) and GPT, trained longer on a larger
+    # pool (captions are sentences, and each scene also brings questions to answer): at equal time more steps of
+    # this GPT beat a wider, deeper one (docs/scenes.md); 9 draws per prompt, so that a category is scored on ~100
     "scenes": dict(vq_steps=1750, vq_batch=8, vq_lr=1e-3, pool=30000, gpt_steps=10000, gpt_batch=24, gpt_lr=3e-3,
                    gpt_dim=128, gpt_layers=4, eval_per_triple=9, eval_images=256, tokenizer="auto",
                    vq_width=4, p_drop_caption=0.1, visual_weight=0.5, understood_image_weight=0.0,
@@ -57,12 +56,11 @@ PRESETS = {
 }
 
 # With --video, clips join both stages. The VQ gets twice the image run's steps and codes twice as wide (a code
-# frame holds 4 frames of motion; at width 4 and the image run's steps, 70% of clip reconstructions read right, at
-# width 8 and 2x steps 95%: docs/video.md); vq_clip_share of its steps train on a batch of 8-frame
-# clips, all in its second half (vq_stage's curriculum; 0.25: images and clips alternate there). The GPT's steps
-# are divided by (1 - gpt_clip_share), so its image steps stay the image run's (in expectation); clips get 60% of
-# them and a pool of 12,000 (drawn clips 58% -> 76% right against 40% of 4,000). --vq-steps / --gpt-steps given by
-# hand are totals.
+# frame holds 4 frames of motion, and a narrower, shorter-trained VQ misreads motion: docs/video.md);
+# vq_clip_share of its steps train on a batch of 8-frame clips, all in its second half (vq_stage's curriculum).
+# The GPT's steps are divided by (1 - gpt_clip_share), so its image steps stay the image run's (in expectation);
+# clips get the larger share and a larger pool, which drew clips right more often (docs/video.md).
+# --vq-steps / --gpt-steps given by hand are totals.
 VIDEO = {
     "tiny": dict(vq_width=8, vq_clip_share=0.25, vq_clip_batch=2, clip_pool=12000, gpt_clip_share=0.6,
                  eval_clips=216),

@@ -43,10 +43,9 @@ VISUAL_WEIGHT = 0.5   # Emu3 weights the loss on vision tokens by 0.5 relative t
 def init_vq_for_training(vq) -> None:
     """Only matters when training from scratch (a checkpoint overwrites every weight). With default init the
     temporal stack scrambles the 4-channel latent and the 40-odd residual blocks add noise, and a toy VQ
-    learns slowly: on the shapes world, 500 steps reach ~19.6 dB PSNR. Starting every residual branch at zero
-    and every causal time conv as a copy of the current frame makes the untrained model a plain 2-D
-    autoencoder that learns to use time later: ~24.4 dB after the same 500 steps (experiments in
-    docs/tiny_model.md)."""
+    learns slowly. Starting every residual branch at zero and every causal time conv as a copy of the current
+    frame makes the untrained model a plain 2-D autoencoder that learns to use time later, and reaches a given
+    PSNR in far fewer steps (docs/tiny_model.md)."""
     for module in vq.modules():
         if isinstance(module, ResnetBlock):
             torch.nn.init.zeros_(module.conv2.weight), torch.nn.init.zeros_(module.conv2.bias)
@@ -149,7 +148,7 @@ def fit(model: torch.nn.Module, loss_fn: Callable, steps: int, lr: float, ckpt_p
             optimizer.load_state_dict(opt_state)
         saved_extra = load_extra(ckpt_path, device=device)
         for name, tensor in extra.items():
-            if name in saved_extra:   # a checkpoint from before they were saved resumes as it used to
+            if name in saved_extra:   # an older checkpoint without them resumes without them
                 tensor.copy_(saved_extra[name])
         if "rng" in saved_extra:
             _set_rng_state(device, saved_extra["rng"].cpu())
@@ -224,7 +223,8 @@ def train_vq(vq, sample_images: Callable, steps: int, lr: float, ckpt_path: Path
             dist.broadcast(vq.quantize.embedding.weight.data, src=0)
         counts.zero_()
 
-    # plain Adam without clipping: on the toy VQ, clipping at 1.0 cost ~5 dB PSNR at the same step count
+    # plain Adam without clipping: clipped at 1.0, the toy VQ fell far behind at the same step count
+    # (docs/tiny_model.md)
     return fit(vq, loss_fn, steps, lr, ckpt_path, meta, run, after_step=restart, betas=(0.9, 0.999),
                clip_grad=None, desc="vq", extra={"code_counts": counts}, **fit_kwargs)
 
