@@ -1,5 +1,5 @@
-"""The README's file table keeps its line counts true, and every file it names exists (a stale table is how a
-reader first learns not to trust a README)."""
+"""The README names only files that exist (a stale file table is how a reader first learns not to trust a README).
+Line counts are left out on purpose: a one-line edit anywhere would otherwise fail CI until the README followed."""
 
 import re
 from pathlib import Path
@@ -7,21 +7,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_the_file_tables_line_counts_are_the_files():
-    rows = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| `")]
-    checked = 0
-    for row in rows:
-        files, counts = row.split("|")[1], row.split("|")[2]
-        names = re.findall(r"`([^`]+)`", files)
-        numbers = [int(n) for n in re.findall(r"\d+", counts)]
-        if not numbers:
-            continue
+def test_every_file_the_readme_names_exists():
+    text = (ROOT / "README.md").read_text()
+    named = 0
+    for row in (line for line in text.splitlines() if line.startswith("| `")):   # the code table
+        names = re.findall(r"`([^`]+)`", row.split("|")[1])
         folder = Path(names[0]).parent   # "nano_emu/tiny.py", "emu3.py": later names sit in the first one's folder
-        paths = [ROOT / (name if "/" in name else folder / name) for name in names]
-        assert len(paths) == len(numbers), row
-        for path, n in zip(paths, numbers):
-            assert path.is_file(), f"the README names {path.relative_to(ROOT)}, which does not exist"
-            assert len(path.read_text().splitlines()) == n, f"{path.relative_to(ROOT)} has " \
-                f"{len(path.read_text().splitlines())} lines, the README says {n}"
-            checked += 1
-    assert checked >= 20   # the table is there and read
+        for name in names:
+            path = ROOT / (name if "/" in name else folder / name)
+            assert path.exists(), f"the README's code table names {path.relative_to(ROOT)}, which does not exist"
+            named += 1
+    for link in re.findall(r"\]\(([^)#]+)\)", text):   # [text](path) links to files in the repo
+        if not link.startswith("http"):
+            assert (ROOT / link).exists(), f"the README links {link}, which does not exist"
+    assert named >= 10   # the table is there and read
