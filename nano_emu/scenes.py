@@ -1,54 +1,31 @@
 """*scenes*: a toy world where the words matter, scored like GenEval by an exact checker, with questions.
 
-A black canvas holds 1-4 filled circles, squares or upright triangles in shapes.py's six pure colours (its exact
-integer masks), each "small" or "large", never touching. A small grammar captions each scene in one of the six
-categories of GenEval (Ghosh et al. 2023), and the checker scores a picture against a caption per category as
-GenEval does, by geometry (shapes.py's blob reader on every connected region) instead of a detector:
+1-4 filled circles, squares or upright triangles on black, in shapes.py's six pure colours and exact masks, each
+"small" or "large", never touching. A small grammar captions a scene in one of GenEval's six categories (Ghosh et
+al. 2023), and the checker scores a picture per category as GenEval does, by geometry instead of a detector:
 
     single_object  "a circle", "a large square"          colors      "a red circle", "a small blue triangle"
     two_object     "a circle and a small square"         color_attr  "a red circle and a large green square"
     counting       "three triangles", "two blue squares" position    "a large cyan triangle above a magenta circle"
 
-Honest language: captions are complete (every object in the picture is named: "two blue squares" shows exactly
-two blue squares and nothing else; what a caption leaves out, such as the colour of "a circle", is drawn at
-random). The two things of a two-object caption differ in the words given, so which object is which never needs
-guessing. "A left of B" (right of, above, below) compares centroids: B - A must point along the relation's axis
-by at least |across| + REL_MARGIN px, so the four relations are exclusive cones with dead zones on the diagonals.
-The checker uses exactly this; scenes drawn for a position caption sit deep inside the cone (along >= 2 |across|
-+ REL_MARGIN), so blur or a code's worth of VQ error cannot flip them. Scoring tolerates extra objects except in
-counting (exactly N), as GenEval does; score(strict=True) also requires nothing else, as the captions promise.
+Captions are complete: every object drawn is named, and what a caption leaves out is drawn at random. "A left of
+B" compares centroids: B - A must point along the relation's axis by at least |across| + REL_MARGIN px, so the four
+relations are exclusive cones; position scenes are drawn deep inside theirs, so VQ error cannot flip them. Scoring
+tolerates extra objects except in counting, as GenEval; score(strict=True) also wants nothing else. Sizes are set
+for the tiny VQ's 8 px codes: small (half-extent 7-8 px) and large (11-12 px) stay apart through blur, noise and
+pooling (tests), GAP and BORDER keep neighbours apart and still fit four large objects.
 
-Sizes: a tiny VQ reads 64x64 as 8x8 codes of 8 px, so an object must span about two codes: "small" is a
-half-extent of 7 or 8 px (14-16 px boxes), "large" 11 or 12 px (22-24 px), >= 1.9x apart in area, which the
-checker tells apart through 3x3 and 5x5 blur, noise with stray pixels, and 2x pool-and-upsample (tests). At 6 px
-it cannot: 5x5 blur turns 12 px squares into circles, 2x pooling makes a quarter of small circles and triangles
-squares (4x pooling loses most small shapes whatever the size rule). GAP = 4 px of black between boxes and
-BORDER = 2 px to the edge keep same-coloured neighbours apart under blur and still fit four large objects. CANVAS
-is one constant: objects keep their pixel sizes, so a larger canvas only gives them room.
+Held out, by what a picture shows (so no question can leak it): exactly three triangles or four circles
+(HELDOUT_COUNTS), both objects of a pair such as a red circle with a blue square (HELDOUT_BINDINGS; the swap is
+seen), a triangle above a circle or a square left of a triangle, even loosely (HELDOUT_RELATIONS). Every part of
+each is seen in training; the "heldout" split holds the prompts that name one.
 
-Held out, judged on what the picture shows, not on what its caption says (so a question stream cannot leak it
-either): no training picture shows
-- HELDOUT_COUNTS: exactly three triangles, or exactly four circles (any colours);
-- HELDOUT_BINDINGS: both objects of a pair, e.g. a red circle and a blue square (the swap, a blue circle and a
-  red square, is seen);
-- HELDOUT_RELATIONS: a triangle above a circle (= a circle below a triangle) or a square left of a triangle, even
-  loosely (along >= |across| / 2 + 1 px: within ~63 degrees of the axis).
-Each part is seen: three squares, two and four triangles; red circles and blue squares with other objects;
-triangles above squares, squares above circles, circles above triangles. The "heldout" split holds the prompts
-that name one of these (counting, color_attr and position prompts); tests check the coverage and the stream.
-
-A picture is captioned (image -> text) by describe(): the most specific true and complete caption of the grammar,
-so a caption has one right answer ("a circle" is drawn from; "a small red circle" is what the picture says).
-Questions are (question, answer) strings the picture answers uniquely: "how many circles?" -> "two", "what colour
-is the square?" -> "blue" (only with exactly one square), "what is left of the green square?" -> "a red circle"
-(only when exactly one object is even loosely left of it, and that one clearly).
-
-At ~535 lines this is over the house budget of ~400: grammar, sampler, checker and questions are four readers of
-one geometry (sprites, centroids, the relation cones, the held-out rules), and splitting them would put those
-rules in two places. The sections below follow that order.
+describe() captions a picture with the grammar's most specific true and complete caption (one right answer);
+questions() asks what the picture answers uniquely ("how many circles?", "what is left of the green square?").
+Grammar, sampler, checker and questions read one geometry (sprites, centroids, relation cones, held-out rules), so
+they share this module, in that order.
 """
 import itertools
-import re
 from functools import cache
 from typing import NamedTuple
 
@@ -123,10 +100,8 @@ def caption(prompt: Prompt) -> str:
 
 
 def describe(objects) -> str:
-    """The one caption a picture gets in the image -> text direction: the grammar's most specific true and complete
-    caption of these objects (every word it can say), so that a caption has one right answer. One object: "a small
-    red circle"; two different ones: both in full, left one first ("a small red circle and a large blue square");
-    two or more of one colour and shape: "three red triangles"; more of one shape: "three triangles"."""
+    """A picture's one caption (image -> text): the grammar's most specific true and complete caption of these
+    objects, left one first: "a small red circle and a large blue square", "three red triangles", "three triangles"."""
     objects = sorted(objects, key=lambda o: (o.x, o.y))
     kinds = {(o.color, o.shape) for o in objects}
     if len(objects) == 1 or (len(objects) == 2 and len(kinds) == 2):
@@ -197,8 +172,7 @@ def prompts(split: str = "train", category: str | None = None) -> tuple[Prompt, 
 
 
 def vocabulary() -> list[str]:
-    """Every word of the captions, questions and answers, then the meta text's digits and "*" (layout.py's
-    "8*8"): the whole vocabulary of a tokenizer.WordTokenizer for this world, in a fixed order."""
+    """Every word of captions, questions and answers, then the digits and "*" of layout.py's "8*8", in a fixed order."""
     texts = ["a and", *COLORS, *SHAPES, *PLURALS.values(), *SIZE_HALVES, *NUMBERS, *RELATIONS,
              "how many what colour shape size is the object there yes no ?"]
     words = list(dict.fromkeys(w for text in texts for w in text.split()))
@@ -265,9 +239,8 @@ def sample_prompts(n: int, rng: np.random.Generator | int, split: str = "train",
 
 def _place(half: np.ndarray, used: np.ndarray, relation: list[str | None], shape: np.ndarray,
            rng: np.random.Generator, candidates: int = 48) -> tuple[np.ndarray, np.ndarray]:
-    """Integer box centres (n, K, 2) for objects of half-extents (n, K), placed one slot at a time from
-    `candidates` uniform draws each, keeping the first that clears every earlier box by GAP (and, for slot 1 of
-    a position scene, puts it deep in the relation's cone from slot 0). Returns (centres, placed (n,))."""
+    """Integer box centres (n, K, 2) for objects of half-extents (n, K), one slot at a time: the first of `candidates`
+    draws that clears every earlier box by GAP (slot 1 of a position scene: deep in the cone). -> (centres, placed)"""
     n, k = half.shape
     centre = np.zeros((n, k, 2), dtype=np.int64)
     placed = np.ones(n, dtype=bool)
@@ -346,8 +319,8 @@ def render(scenes: list[Scene]) -> np.ndarray:
 
 def draw_scenes(prompts_: list[Prompt | str], rng: np.random.Generator | int,
                 avoid_heldout: bool | None = None) -> tuple[np.ndarray, list[Scene]]:
-    """Fresh pictures (n, H, W, 3) and scenes for given prompts or captions. By default a prompt that names
-    nothing held out gets a training-safe scene (showing nothing held out), as the training stream would."""
+    """Fresh pictures (n, H, W, 3) and scenes for prompts or captions; by default one that names nothing held out
+    gets a scene that shows nothing held out, as the training stream would."""
     rng = np.random.default_rng(rng)
     prompts_ = [_as_prompt(p) for p in prompts_]
     named = np.array([names_heldout(p) for p in prompts_], dtype=bool)
@@ -361,9 +334,8 @@ def draw_scenes(prompts_: list[Prompt | str], rng: np.random.Generator | int,
 
 def sample_scenes(n: int, rng: np.random.Generator | int, split: str = "train",
                   category: str | None = None) -> tuple[np.ndarray, list[str], list[Scene]]:
-    """n random pictures (n, H, W, 3) uint8 with their captions and scenes. split: "train" never names or shows
-    anything held out, "heldout" names (so shows) a held-out composition in every caption, "all" draws from
-    everything with no check."""
+    """n random pictures (n, H, W, 3) uint8, captions and scenes. split: "train" never names or shows anything held
+    out, "heldout" names one in every caption, "all" draws from everything."""
     rng = np.random.default_rng(rng)  # passes a Generator through, seeds a new one from an int
     chosen = sample_prompts(n, rng, split, category)
     images, scenes = draw_scenes(chosen, rng, avoid_heldout=split == "train")
@@ -429,8 +401,7 @@ def score(image: np.ndarray, prompt: Prompt | str, strict: bool = False) -> bool
 
 
 def geneval(images: np.ndarray, prompts_: list[Prompt | str], strict: bool = False) -> dict[str, float]:
-    """Accuracy per category present, and "overall": their mean (GenEval's score). Call it once for seen prompts
-    and once for held-out ones (names_heldout tells them apart)."""
+    """Accuracy per category present, and "overall": their mean (GenEval's score)."""
     hits: dict[str, list[bool]] = {}
     for image, prompt in zip(images, prompts_):
         p = _as_prompt(prompt)
@@ -454,7 +425,6 @@ def _all_questions(objects) -> dict[str, list[tuple[str, str]]]:
             if n:
                 kinds["count"].append((f"how many {c} {PLURALS[s]}?", NUMBERS[n]))
             kinds["exists"].append((f"is there a {c} {s}?", "yes" if n else "no"))
-    for s in SHAPES:
         same = [o for o in objects if o.shape == s]
         if len(same) == 1:
             kinds["color"].append((f"what colour is the {s}?", same[0].color))
@@ -475,9 +445,8 @@ def _all_questions(objects) -> dict[str, list[tuple[str, str]]]:
 
 
 def questions(scene: Scene | list[Obj], rng: np.random.Generator | int, n: int = 4) -> list[tuple[str, str]]:
-    """Up to n (question, answer) pairs about a scene, of different kinds: a kind at random among those the
-    picture answers, an answer at random among that kind's (so "zero" does not crowd out "three", and "is there"
-    answers yes as often as no), then a question with that answer."""
+    """Up to n (question, answer) pairs of different kinds: a kind, then an answer of it, then a question with that
+    answer, each at random (so "zero" does not crowd out "three", and "is there" answers yes as often as no)."""
     rng = np.random.default_rng(rng)
     kinds = _all_questions(scene.objects if isinstance(scene, Scene) else scene)
     pairs = []
@@ -495,20 +464,3 @@ def question_kind(question: str) -> str:
         if question.strip().lower().startswith(prefix):
             return kind
     raise ValueError(f"{question!r} is not a question of the scenes world")
-
-
-def normalise_answer(text: str) -> str:
-    """Lower case, words only, digits as number words, no leading article: "A red circle." -> "red circle"."""
-    words = [NUMBERS[int(w)] if w.isdigit() and int(w) < len(NUMBERS) else w
-             for w in re.findall(r"[a-z]+|\d+", text.lower())]
-    return " ".join(words[1:] if words[:1] in (["a"], ["an"], ["the"]) else words)
-
-
-def qa_score(predictions: list[str], pairs: list[tuple[str, str]]) -> dict[str, float]:
-    """Exact-match accuracy of predicted answers (after normalise_answer) over all pairs and per kind."""
-    hits: dict[str, list[bool]] = {}
-    for pred, (question, answer) in zip(predictions, pairs, strict=True):
-        correct = normalise_answer(pred) == normalise_answer(answer)
-        hits.setdefault("all", []).append(correct)
-        hits.setdefault(question_kind(question), []).append(correct)
-    return {k: float(np.mean(v)) for k, v in hits.items()}

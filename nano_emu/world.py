@@ -17,6 +17,7 @@ empty question; Scenes adds real questions. A drawing is scored against a world-
 world's (colour, shape, position) triple, a scenes prompt); worlds without a checker have no targets.
 """
 
+import re
 from typing import NamedTuple
 
 import numpy as np
@@ -173,6 +174,24 @@ class MovingShapes(World):
         return [shapes.video_caption(*t) for t in self.SHOWCASE], 0
 
 
+def normalise_answer(text: str) -> str:
+    """Lower case, words only, digits as number words, no leading article: "A red circle." -> "red circle"."""
+    words = [scenes.NUMBERS[int(w)] if w.isdigit() and int(w) < len(scenes.NUMBERS) else w
+             for w in re.findall(r"[a-z]+|\d+", text.lower())]
+    return " ".join(words[1:] if words[:1] in (["a"], ["an"], ["the"]) else words)
+
+
+def qa_score(predictions: list[str], pairs: list[tuple[str, str]]) -> dict[str, float]:
+    """Exact-match accuracy of predicted answers to scenes questions (after normalise_answer), over all pairs and
+    per kind of question."""
+    hits: dict[str, list[bool]] = {}
+    for pred, (question, answer) in zip(predictions, pairs, strict=True):
+        correct = normalise_answer(pred) == normalise_answer(answer)
+        hits.setdefault("all", []).append(correct)
+        hits.setdefault(scenes.question_kind(question), []).append(correct)
+    return {k: float(np.mean(v)) for k, v in hits.items()}
+
+
 class Scenes(World):
     """scenes.py: GenEval's six categories, scored per category; captions and questions to understand."""
 
@@ -226,7 +245,7 @@ class Scenes(World):
         """Captions: "caption_exact" is the exact match with the picture's one caption (scenes.describe: the most
         specific true and complete one); "caption_accuracy" counts any caption of the grammar that is true of the
         picture and complete (scenes.score strict: every object named), however little it says. Questions:
-        exact match after scenes.normalise_answer, overall and per kind."""
+        exact match after normalise_answer, overall and per kind."""
         result = {}
         captions = [(p, e, x) for p, e, q, x in zip(predicted, expected, questions, pixels) if not q]
         if captions:
@@ -235,7 +254,7 @@ class Scenes(World):
             result["caption_exact"] = float(np.mean([p.strip() == e for p, e, _ in captions]))
         pairs = [(p, (q, e)) for p, e, q in zip(predicted, expected, questions) if q]
         if pairs:
-            rates = scenes.qa_score([p for p, _ in pairs], [qa for _, qa in pairs])
+            rates = qa_score([p for p, _ in pairs], [qa for _, qa in pairs])
             result.update({"qa_accuracy": rates.pop("all"), **{f"qa_{k}": v for k, v in rates.items()}})
         return result
 

@@ -9,7 +9,7 @@ from nano_emu import scenes
 from nano_emu.shapes import COLORS, SHAPES
 from nano_emu.scenes import CATEGORIES, CANVAS, Obj, Prompt, Scene, Thing
 from nano_emu.tokenizer import WordTokenizer
-from nano_emu.world import Scenes
+from nano_emu.world import Scenes, normalise_answer, qa_score
 
 PALETTE = np.array([(0, 0, 0), *COLORS.values()], dtype=np.uint8)
 
@@ -418,13 +418,13 @@ def test_questions_have_unique_answers(split):
 
 
 def test_answers_normalise_and_score():
-    assert scenes.normalise_answer("A red circle.") == scenes.normalise_answer("red circle") == "red circle"
-    assert scenes.normalise_answer(" 2 ") == "two" and scenes.normalise_answer("Yes!") == "yes"
+    assert normalise_answer("A red circle.") == normalise_answer("red circle") == "red circle"
+    assert normalise_answer(" 2 ") == "two" and normalise_answer("Yes!") == "yes"
     pairs = [("how many circles?", "two"), ("what colour is the square?", "blue"),
              ("what is left of the green square?", "a red circle"), ("is there a red circle?", "no")]
-    result = scenes.qa_score(["2", "Blue", "the red circle", "yes"], pairs)
+    result = qa_score(["2", "Blue", "the red circle", "yes"], pairs)
     assert result == {"all": 0.75, "count": 1.0, "color": 1.0, "relation": 1.0, "exists": 0.0}
     with pytest.raises(ValueError):
-        scenes.qa_score(["two"], pairs)  # one prediction per question
+        qa_score(["two"], pairs)  # one prediction per question
     with pytest.raises(ValueError, match="not a question"):
         scenes.question_kind("why is the sky blue?")
