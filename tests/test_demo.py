@@ -102,6 +102,17 @@ def test_ask_answers_as_the_pipeline(random_run, tmp_path):
     assert demo.ask(str(picture), "") == EMPTY_ANSWER
 
 
+def test_a_video_run_answers_about_a_clip(tmp_path):
+    demo = Demo(load_tiny(write_run(tmp_path / "video", video=True)))
+    frames = [Image.fromarray(shapes.render("red", "circle", "center", dx=4 * k - 14)) for k in range(8)]
+    clip = tmp_path / "clip.gif"
+    save_image(frames[0], clip, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    assert demo.clips and demo.ask(None, "", clip=str(clip)) == demo.pipe.answer_clip(str(clip), "", 256)
+    assert demo.ask(None, "") == "Upload an image first (or a clip)."
+    frames[0].save(tmp_path / "still.gif")   # a GIF of one frame is an image
+    assert demo.ask(None, "", clip=str(tmp_path / "still.gif")) == demo.pipe.answer(frames[0], "", 256)
+
+
 def test_run_facts_name_the_world_and_the_headline_numbers(random_run, tmp_path):
     facts = run_facts(random_run)
     assert "trained on the world" in facts and "No metrics.json" in facts
