@@ -36,6 +36,7 @@ from .vq import VQConfig
 USER_ERRORS = (ValueError, OSError)
 SJD_WINDOW = 16              # the window the page's SJD checkbox turns on (sample.py --sjd's default)
 ANSWER_TOKENS = 256          # the longest answer (sample.py --max-new-tokens' default)
+NOT_DRAWN = (128, 128, 128)  # the rows still to come: grey, which no world draws on (shapes and scenes are black)
 EMPTY_ANSWER = "(no words: the model ended its answer at once)"   # an empty box would look like nothing happened
 
 # metrics.json's headline numbers, as (label, name); {split} is seen / heldout, {cfg} the run's own CFG. A world
@@ -95,7 +96,9 @@ def run_facts(folder: str | Path) -> str:
     if "tokenizer" in gpt:
         lines.append(f"- captions: {describe_tokenizer(gpt['tokenizer'])}")
     if sampling:
-        lines.append("- samples with " + ", ".join(f"{k} {v:g}" for k, v in sampling.items() if v is not None))
+        names = {"cfg_scale": "CFG", "temperature": "temperature", "top_k": "top-k"}
+        lines.append("- samples with " + ", ".join(f"{names.get(k, k)} {v:g}" for k, v in sampling.items()
+                                                   if v is not None))
     metrics_path = folder / "metrics.json"
     if not metrics_path.is_file():
         return "\n".join(lines + ["", "*No metrics.json: the run has not finished its evaluation.*"])
@@ -137,7 +140,7 @@ class Demo:
     def draw(self, prompt: str, negative: str | None = None, cfg: float | None = None,
              temperature: float | None = None, top_k: int | None = None, seed: int = 0,
              sjd: bool = False) -> Iterator[tuple[Image.Image | None, str]]:
-        """Yields (image so far, status) after every finished row: the finished rows decoded onto a black canvas of
+        """Yields (image so far, status) after every finished row: the finished rows decoded onto a grey canvas of
         the full size, then the whole image with its tokens/s and forwards. A prompt the model cannot take yields
         (None, the reason) instead. top_k 0 or None: off; negative None: the checkpoint's negative prompt."""
         with self.lock:
@@ -169,7 +172,7 @@ class Demo:
             if rows.rows_done == rows.rows_total:
                 last = rows
                 continue
-            canvas = Image.new("RGB", (w * factor, h * factor))
+            canvas = Image.new("RGB", (w * factor, h * factor), NOT_DRAWN)
             canvas.paste(pipe.decode(rows.codes)[0], (0, 0))
             yield canvas, f"row {rows.rows_done} of {rows.rows_total}: {tokens / sampling_s:.0f} tokens/s so far"
             time.sleep(self.pace)

@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # a headless browser that asks nothing of the network (this machine's is closed) and keeps no state between runs
 FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,1000"]
+         "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,1150"]
 
 
 def missing() -> str | None:
