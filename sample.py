@@ -20,13 +20,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from PIL import Image
 
 from nano_emu import cli
 from nano_emu.image import load_clip, save_image
 from nano_emu.pipeline import Pipeline
-from nano_emu.tiny import load_tiny
 from nano_emu.vq import VQConfig
 
 TEMPORAL_FACTOR = VQConfig.emu3().temporal_factor   # frames per code frame: 4 in the released VQ and the tiny one
@@ -50,29 +48,6 @@ class StatusLine:
 
 
 STATUS = StatusLine()
-
-
-def load(args) -> Pipeline:
-    device = cli.resolve_device(args.device)
-    if args.ckpt:
-        return load_tiny(args.ckpt, device=device, dtype=torch.float32 if args.dtype == "auto" else
-                         getattr(torch, args.dtype))
-    if args.chameleon:
-        from nano_emu.chameleon import load_chameleon
-        dtype = torch.bfloat16 if args.dtype == "auto" else getattr(torch, args.dtype)   # bf16 as released
-        start = time.time()
-        pipe = load_chameleon(args.chameleon, tokenizer_dir=args.tokenizer_dir, device=device, dtype=dtype,
-                              image_size=args.image_size or 512)
-        print(f"  {pipe.gpt.num_params() / 1e9:.2f}B-parameter Chameleon loaded in {time.time() - start:.1f}s")
-        return pipe
-    from nano_emu.emu3 import load_emu3
-    # auto: bf16, as Emu3's demos run it (the released checkpoints are fp32: 34 GB)
-    dtype = torch.bfloat16 if args.dtype == "auto" else getattr(torch, args.dtype)
-    print(f"loading {args.weights}" + (f" + {args.vq}" if args.vq else "") + f" as {dtype} on {device} ...")
-    start = time.time()
-    pipe = load_emu3(args.weights, vq_path=args.vq, device=device, dtype=dtype)
-    print(f"  {pipe.gpt.num_params() / 1e9:.2f}B-parameter GPT loaded in {time.time() - start:.1f}s")
-    return pipe
 
 
 def grid_image(images: list[Image.Image], columns: int) -> Image.Image:
@@ -171,15 +146,8 @@ def draw_classes(args) -> None:
     image (one --class, --n 1) is written bare."""
     from PIL import ImageDraw
 
-    from nano_emu.llamagen import load_llamagen
-    device = cli.resolve_device(args.device)
-    dtype = torch.float32 if args.dtype == "auto" else getattr(torch, args.dtype)
-    start = time.time()
-    pipe = load_llamagen(args.llamagen, args.vq, gpt_model=args.gpt_model, image_size=args.image_size,
-                         device=device, dtype=dtype)
+    pipe = cli.load_pipeline(args)
     pipe.compile, pipe.sjd, pipe.sjd_coupled = args.compile, args.sjd, args.coupled
-    print(f"loaded a {pipe.gpt.num_params() / 1e6:.1f}M-parameter GPT and a {pipe.vq.cfg.spatial_factor}x VQ "
-          f"in {time.time() - start:.1f}s")
     classes = [c for c in args.classes for _ in range(args.n)]
     h, w = pipe.grid()
     cfg = pipe.guidance.cfg_scale if args.cfg is None else args.cfg
@@ -222,7 +190,7 @@ def main(args):
             print(f"note: removed {stale}, left by a write that was killed before it finished")
     if args.llamagen:   # LlamaGen's class-to-image weights
         return draw_classes(args)
-    pipe = load(args)
+    pipe = cli.load_pipeline(args)
     pipe.compile, pipe.sjd, pipe.sjd_coupled = args.compile, args.sjd, args.coupled
     if args.complete:
         complete(pipe, args)

@@ -1,5 +1,5 @@
-"""What the command-line scripts (sample.py, train_tiny.py, bench.py) share: argparse types that refuse nonsense up
-front, and what --device auto means.
+"""What the command-line scripts (sample.py, train_tiny.py, bench.py, demo.py) share: argparse types that refuse
+nonsense up front, what --device auto means, and the Pipeline the model flags name (load_pipeline).
 
 A flag the library would choke on deep inside (`--temperature -1` surfaced as "codes must lie in [0, 512)",
 `--top-k 0` as a tensor size mismatch) is refused while parsing, in one line that names the flag and the rule:
@@ -16,6 +16,7 @@ import argparse
 import io
 import math
 import os
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -24,6 +25,7 @@ from PIL import Image
 
 from .hub import parse_id
 from .image import load_clip, load_image
+from .pipeline import Pipeline
 from .sampler import Guidance, Sampling
 
 
@@ -122,6 +124,41 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     return torch.device(name)
+
+
+def load_pipeline(args) -> Pipeline:
+    """The Pipeline the model flags name, as sample.py and demo.py take them: --ckpt (a tiny run folder),
+    --chameleon [--tokenizer-dir] (Chameleon / Anole), --llamagen with --vq (LlamaGen c2i), else --weights [--vq]
+    (Emu3); on --device, in --dtype (auto: float32 for tiny and LlamaGen, bfloat16 as Emu3 and Chameleon are
+    released and demoed). The released ones take folders or Hugging Face Hub ids (hub.py)."""
+    from .tiny import load_tiny
+    device = resolve_device(args.device)
+
+    def dtype(auto: torch.dtype) -> torch.dtype:
+        return auto if args.dtype == "auto" else getattr(torch, args.dtype)
+
+    if args.ckpt:
+        return load_tiny(args.ckpt, device=device, dtype=dtype(torch.float32))
+    start = time.time()
+    if args.llamagen:
+        from .llamagen import load_llamagen
+        pipe = load_llamagen(args.llamagen, args.vq, gpt_model=args.gpt_model, image_size=args.image_size,
+                             device=device, dtype=dtype(torch.float32))
+        print(f"loaded a {pipe.gpt.num_params() / 1e6:.1f}M-parameter GPT and a {pipe.vq.cfg.spatial_factor}x VQ "
+              f"in {time.time() - start:.1f}s")
+        return pipe
+    if args.chameleon:
+        from .chameleon import load_chameleon
+        pipe = load_chameleon(args.chameleon, tokenizer_dir=args.tokenizer_dir, device=device,
+                              dtype=dtype(torch.bfloat16), image_size=args.image_size or 512)
+        print(f"  {pipe.gpt.num_params() / 1e9:.2f}B-parameter Chameleon loaded in {time.time() - start:.1f}s")
+        return pipe
+    from .emu3 import load_emu3
+    print(f"loading {args.weights}" + (f" + {args.vq}" if args.vq else "") + f" as {dtype(torch.bfloat16)} on "
+          f"{device} ...")
+    pipe = load_emu3(args.weights, vq_path=args.vq, device=device, dtype=dtype(torch.bfloat16))
+    print(f"  {pipe.gpt.num_params() / 1e9:.2f}B-parameter GPT loaded in {time.time() - start:.1f}s")
+    return pipe
 
 
 def device(text: str) -> str:
