@@ -35,7 +35,8 @@ class ArgumentParser(argparse.ArgumentParser):
     description's own line breaks (its examples) and gives each flag one line where it fits."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=30))
+        kwargs.setdefault("formatter_class",
+                          lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=30))
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):

@@ -110,8 +110,9 @@ class VQConfig:
     def tiny(cls, **overrides) -> "VQConfig":
         """The same blocks, narrow (0.8M parameters): 64x64 toy images -> 8x8 codes of width 4 from 256, L2-normalised
         as in LlamaGen. On the shapes world 256 codes reconstruct as well as 512 or 1024 and each is used far
-        more often, which the GPT learns faster (docs/tiny_model.md has the ablations). train_tiny.py drops the time axis (temporal_factor=1) for image-only
-        runs (an image needs none); --video keeps it and widens the code to 8 (a code frame holds 4 frames of motion)."""
+        more often, which the GPT learns faster (docs/tiny_model.md has the ablations). train_tiny.py drops the
+        time axis (temporal_factor=1) for image-only runs (an image needs none); --video keeps it and widens the
+        code to 8 (a code frame holds 4 frames of motion)."""
         kw = dict(ch=16, ch_mult=(1, 2, 2, 4), num_res_blocks=1, embed_dim=4,
                   codebook_size=256, temporal_factor=4, norm_groups=4, l2_norm=True)
         kw = {**kw, **overrides}
