@@ -56,6 +56,7 @@ def parse_args(argv=None):
     world.add_argument("--world", choices=["shapes", "scenes"], default="shapes",
                        help="one shape, or 1-4 objects scored like GenEval")
     world.add_argument("--video", action="store_true", help="also 8-frame clips of moving shapes")
+    world.add_argument("--plan", action="store_true", help="scenes: the layout in words before each picture")
     world.add_argument("--data", type=cli.existing_folder, default=None, metavar="FOLDER",
                        help="your images: captioned or class folders (docs/own_data.md)")
     world.add_argument("--image-size", type=int, choices=[32, 64, 128], default=None, help="--data: pixels per side")
@@ -96,6 +97,9 @@ def parse_args(argv=None):
     video.add_argument("--gpt-clip-share", type=share, default=None, metavar="X", help="share of GPT steps on clips")
     video.add_argument("--eval-clips", type=count, default=None, metavar="X", help="clips drawn for the metrics")
     args = p.parse_args(argv)
+    if args.plan and (args.world != "scenes" or args.data is not None):
+        p.error("--plan writes each picture's layout in words before it, which only the scenes world knows: "
+                "add --world scenes")
     if args.compile and cli.resolve_device(args.device).type == "cpu" and shutil.which(
             os.environ.get("CXX", "c++")) is None:
         p.error("--compile on a CPU needs a C++ compiler (torch.compile writes C++): install g++ or clang++, set CXX "

@@ -7,6 +7,7 @@
   the number AR image models report, and one that means something for any folder of images;
 - text -> image: drawn images read back by the world's checker (the shapes world: colour, shape and position all
   right; scenes: GenEval's categories), seen and held-out, with the checkpoint's CFG and without (cfg 1);
+- plans (a model trained with them): how often the plan it writes agrees with the caption, before any drawing;
 - image -> text: greedy captions (and answers to questions) of fresh examples, exact match;
 - pictures: loss curves and labelled sample grids (matplotlib), because people would rather look than read.
 
@@ -26,6 +27,7 @@ from matplotlib.figure import Figure   # a Figure saves itself without pyplot: n
 
 from . import shapes
 from .gpt import apply_rope
+from .layout import Plan
 from .pipeline import Pipeline
 from .world import World
 from .image import from_tensor, to_tensor
@@ -60,14 +62,17 @@ def vq_report(vq, images: np.ndarray, batch_size: int = 256) -> dict:
 
 
 @torch.no_grad()
-def image_nll(pipe: Pipeline, codes: torch.Tensor, captions: list[str], batch_size: int = 64) -> float:
+def image_nll(pipe: Pipeline, codes: torch.Tensor, captions: list[str], batch_size: int = 64,
+              plans: list[str] | None = None) -> float:
     """Mean negative log-likelihood of the codes given the captions, nats per image token: the generation string
-    `BOS caption BOI "h*w" IMG rows.. EOI EOS` teacher-forced through the GPT, averaged over the visual codes."""
+    `BOS caption BOI "h*w" IMG rows.. EOI EOS` teacher-forced through the GPT, averaged over the visual codes.
+    plans: each image's true plan, written after its caption (a model trained with plans)."""
     gpt, layout, device = pipe.gpt, pipe.layout, pipe.gpt.lm_head.weight.device
+    planned = [[Plan(p)] for p in plans] if plans is not None else [[]] * len(captions)
     total, count = 0.0, 0
     for i in range(0, len(codes), batch_size):
-        rows = [layout.encode([c, x], pipe.tokenizer, eos=True) for c, x in zip(captions[i:i + batch_size],
-                                                                                 codes[i:i + batch_size])]
+        rows = [layout.encode([c, *p, x], pipe.tokenizer, eos=True)
+                for c, p, x in zip(captions[i:i + batch_size], planned[i:i + batch_size], codes[i:i + batch_size])]
         length = max(map(len, rows))
         ids = torch.tensor([r + [layout.pad] * (length - len(r)) for r in rows], device=device)
         logits = gpt(ids[:, :-1])                                                  # (B, T-1, V)
@@ -151,11 +156,17 @@ def evaluate(pipe: Pipeline, world: World, out: Path, seed: int = 0, repeats: in
     for split in ("train", "heldout"):
         examples = world.sample(min(n, 256), nll_rng, split)
         metrics[key(world, "nll", "seen" if split == "train" else split)] = round(
-            image_nll(pipe, encode(pipe.vq, examples.pixels), examples.captions), 4)
+            image_nll(pipe, encode(pipe.vq, examples.pixels), examples.captions,
+                      plans=examples.plans if pipe.layout.has_plans else None), 4)
 
     checked = {}   # group -> (drawings, captions, targets) at the checkpoint's cfg, for checked.png
     for group, (captions, targets) in world.draw_tasks(repeats).items():
         metrics[key(world, "drawn", group)] = len(captions)
+        if pipe.layout.has_plans and world.plans:   # are the plans it writes right, before any drawing?
+            generator = torch.Generator(pipe.gpt.lm_head.weight.device).manual_seed(seed)
+            written = pipe.write_plans(captions, pipe.sampling, generator)
+            metrics[key(world, "plan_agrees", group)] = float(np.mean([world.plan_agrees(p, c)
+                                                                       for p, c in zip(written, captions)]))
         for g in (cfg, 1.0):
             drawn = draw(pipe, captions, frames=world.frames, cfg_scale=g, seed=seed)
             scores = world.score(drawn, targets)

@@ -17,6 +17,13 @@ malformed string (row of the wrong length, a missing marker, a text token inside
 saying where and what; it is repaired only when the caller asks (`repair=True`), never silently.
 `grid_schedule` lists what may follow IMG at each offset; the sampler turns it into its constraint table.
 
+A plan before the picture (optional, tiny layouts made with plan=True): between the caption and the image block
+the string may carry the picture's layout in words, written by the model before it draws (a generation
+chain-of-thought; plans.py writes and reads the words):
+
+    BOS caption BOP "small red circle at top left then large blue square at bottom right" EOP BOI "h*w" IMG ...
+    plan prompt: BOS caption BOP  -> the model writes the plan and EOP; the image prompt then continues with BOI
+
 LlamaGen's class-to-image string is the bare case (`Layout.llamagen()`): the condition token, then the h*w codes in
 raster order with no markers at all (its roles other than `pad` are None), so the grid size is the model's own.
 
@@ -42,6 +49,10 @@ class LayoutError(ValueError):
     """A token sequence that does not follow the layout."""
 
 
+class Plan(str):
+    """Text that a token string writes between BOP and EOP (the picture's plan), not as caption text."""
+
+
 @dataclass(frozen=True)
 class Layout:
     pad: int
@@ -58,6 +69,8 @@ class Layout:
     # more ids an answer may never hold (Chameleon: <unk>, the <reserved...> block, every "<...>" special but EOS,
     # as its reference text decoder forbids them); empty for the others, so older saved layouts still load
     answer_forbidden: tuple[int, ...] = ()
+    bop: int | None = None   # begins a plan (tiny layouts with plans only; None: the layout has no plan segment)
+    eop: int | None = None   # ends it
 
     @property
     def vocab_size(self) -> int:
@@ -91,12 +104,13 @@ class Layout:
                    eol=151846, eof=151847, first_visual=151854, codebook_size=32768)
 
     @classmethod
-    def tiny(cls, codebook_size: int = 1024, text_vocab: int = 256) -> "Layout":
+    def tiny(cls, codebook_size: int = 1024, text_vocab: int = 256, plan: bool = False) -> "Layout":
         """Toy models: text ids 0..text_vocab-1 (256 UTF-8 bytes for tokenizer.ByteTokenizer, or a
-        WordTokenizer's words), then 8 specials, then the codes."""
-        n = text_vocab
+        WordTokenizer's words), then 8 specials (10 with a plan segment: BOP, EOP), then the codes."""
+        n, plans = text_vocab, 2 if plan else 0
         return cls(pad=n, bos=n + 1, eos=n + 2, img=n + 3, boi=n + 4, eoi=n + 5, eol=n + 6, eof=n + 7,
-                   first_visual=n + 8, codebook_size=codebook_size)
+                   first_visual=n + 8 + plans, codebook_size=codebook_size,
+                   **(dict(bop=n + 8, eop=n + 9) if plan else {}))
 
     @classmethod
     def llamagen(cls, codebook_size: int = 16384) -> "Layout":
@@ -118,21 +132,27 @@ class Layout:
     def is_visual(self, tokens: torch.Tensor) -> torch.Tensor:
         return (tokens >= self.first_visual) & (tokens < self.first_visual + self.codebook_size)
 
+    @property
+    def has_plans(self) -> bool:
+        return self.bop is not None
+
     def is_special(self, token: int) -> bool:
-        return token in (self.pad, self.bos, self.eos, self.img, self.boi, self.eoi, self.eol, self.eof)
+        return token is not None and token in (self.pad, self.bos, self.eos, self.img, self.boi, self.eoi, self.eol,
+                                               self.eof, self.bop, self.eop)
 
     def answer_mask(self, vocab_size: int, device=None) -> torch.Tensor:
         """(vocab_size,) bool: what an answer about an image may contain -- text and EOS, never a visual token or
         an image/padding marker. The one mask every caption and chat answer is generated under."""
         allowed = torch.ones(vocab_size, dtype=torch.bool, device=device)
         allowed[self.first_visual:self.first_visual + self.codebook_size] = False
-        allowed[[t for t in (self.pad, self.bos, self.img, self.boi, self.eoi, self.eol, self.eof) if t is not None]] = False
+        allowed[[t for t in (self.pad, self.bos, self.img, self.boi, self.eoi, self.eol, self.eof, self.bop, self.eop)
+                 if t is not None]] = False
         allowed[[t for t in self.answer_forbidden if t < vocab_size]] = False
         return allowed
 
     def name(self, token: int) -> str:
         """A readable name for error messages."""
-        for role in ("pad", "bos", "eos", "img", "boi", "eoi", "eol", "eof"):
+        for role in ("pad", "bos", "eos", "img", "boi", "eoi", "eol", "eof", "bop", "eop"):
             if token == getattr(self, role):
                 return role.upper()
         if self.first_visual <= token < self.vocab_size:
@@ -163,15 +183,28 @@ class Layout:
         return [self.boi, *tokenizer.encode(meta), self.img, *grid.flatten().tolist(), self.eoi]
 
     def encode(self, parts: list, tokenizer, bos: bool = True, eos: bool = False) -> list[int]:
-        """parts: strings (text) and integer tensors (image/video codes), in order."""
+        """parts: strings (text), Plans (written between BOP and EOP) and integer tensors (image/video codes)."""
         tokens = [self.bos] if bos else []
         for part in parts:
-            tokens += tokenizer.encode(part) if isinstance(part, str) else self.image_block(part, tokenizer)
+            if isinstance(part, Plan):
+                tokens += self.plan_block(part, tokenizer)
+            else:
+                tokens += tokenizer.encode(part) if isinstance(part, str) else self.image_block(part, tokenizer)
         return tokens + [self.eos] if eos else tokens
 
-    def generation_prompt(self, text: str, h: int, w: int, tokenizer, t: int = 1) -> list[int]:
+    def plan_block(self, plan: str, tokenizer) -> list[int]:
+        """BOP plan EOP; refused by a layout without a plan segment."""
+        if not self.has_plans:
+            raise ValueError("this layout has no plan segment (a tiny run trained with --plan has one)")
+        return [self.bop, *tokenizer.encode(plan), self.eop]
+
+    def plan_prompt(self, text: str, tokenizer) -> list[int]:
+        """BOS caption BOP: the model writes the plan, then EOP."""
+        return [self.bos, *tokenizer.encode(text), *self.plan_block("", tokenizer)[:-1]]
+
+    def generation_prompt(self, text: str, h: int, w: int, tokenizer, t: int = 1, plan: str | None = None) -> list[int]:
         """Emu3's mode 'G': BOS text BOI "h*w" IMG (or "t*h*w" for a clip of t > 1 code frames); the model
-        writes the rows."""
+        writes the rows. plan: BOP plan EOP between the text and BOI (a layout with plans)."""
         if self.fixed_grid:   # Chameleon: the caption, then BOI; the grid is the layout's
             if (h, w) != tuple(self.image_grid) or t != 1:
                 raise ValueError(f"this layout draws {self.image_grid[0]}x{self.image_grid[1]} images only, not "
@@ -180,7 +213,8 @@ class Layout:
         if self.condition_only:   # LlamaGen: the condition alone; the grid size is fixed by the model
             return tokenizer.encode(text)
         meta = f"{h}*{w}" if t == 1 else f"{t}*{h}*{w}"
-        return [self.bos, *tokenizer.encode(text), self.boi, *tokenizer.encode(meta), self.img]
+        planned = self.plan_block(plan, tokenizer) if plan is not None else []
+        return [self.bos, *tokenizer.encode(text), *planned, self.boi, *tokenizer.encode(meta), self.img]
 
     def understanding_prompt(self, codes: torch.Tensor, question: str, tokenizer,
                              template: str = "{image}{question}") -> list[int]:
@@ -207,8 +241,8 @@ class Layout:
     # --- reading -------------------------------------------------------------------------------------------
 
     def decode(self, tokens, tokenizer, repair: bool = False) -> list:
-        """Token ids -> list of parts: str for text runs, LongTensor (h, w) or (t, h, w) for image blocks.
-        Stops at EOS; BOS and PAD are skipped. Raises LayoutError on malformed structure unless `repair`."""
+        """Token ids -> list of parts: str for text runs, Plan for a plan, LongTensor (h, w) or (t, h, w) for image
+        blocks. Stops at EOS; BOS and PAD are skipped. Raises LayoutError on malformed structure unless `repair`."""
         tokens = tokens.tolist() if torch.is_tensor(tokens) else list(tokens)
         parts, text, i = [], [], 0
         while i < len(tokens):
@@ -222,6 +256,13 @@ class Layout:
                 codes, i = self._read_block(tokens, i, tokenizer, repair)
                 parts.append(codes)
                 continue
+            if self.has_plans and tok == self.bop:
+                if text:
+                    parts.append(tokenizer.decode(text))
+                    text = []
+                plan, i = self._read_plan(tokens, i, tokenizer)
+                parts.append(plan)
+                continue
             if tok in (self.bos, self.pad):
                 pass
             elif self.is_special(tok) or self.first_visual <= tok < self.vocab_size:
@@ -233,6 +274,16 @@ class Layout:
         if text:
             parts.append(tokenizer.decode(text))
         return parts
+
+    def _read_plan(self, tokens: list[int], start: int, tokenizer) -> tuple[Plan, int]:
+        """The plan whose BOP is at `start`: text tokens up to EOP. Returns (plan, index after EOP)."""
+        for i in range(start + 1, len(tokens)):
+            if tokens[i] == self.eop:
+                return Plan(tokenizer.decode(tokens[start + 1:i])), i + 1
+            if self.is_special(tokens[i]) or self.first_visual <= tokens[i] < self.vocab_size:
+                raise LayoutError(f"token {i}: {self.name(tokens[i])} inside the plan that starts at token {start} "
+                                  f"(a plan is text, closed by EOP)")
+        raise LayoutError(f"the plan starting at token {start} is never closed by EOP")
 
     def decode_image(self, tokens, tokenizer, repair: bool = False) -> torch.Tensor:
         """The codes of the first image block in `tokens`."""

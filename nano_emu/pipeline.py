@@ -124,25 +124,45 @@ class Pipeline:
 
     def draw_stream(self, prompts: list[str], ratio: str = "1:1", seed: int = 0, negative_prompt: str | None = None,
                     frames: int | None = None, keep: torch.Tensor | None = None, constrain: bool = True,
-                    sjd: int | None = None, **options) -> Iterator[Rows]:
+                    sjd: int | None = None, record: bool = False, plans: list[str] | None = None,
+                    **options) -> Iterator[Rows]:
         """Yields sampler.Rows after every finished row (last: the whole image). Each prompt gets the
         checkpoint's suffix; the negative prompt (default: the checkpoint's) is the unconditional branch.
         options: fields of sampler.Guidance (cfg_scale, cfg_on, cfg_interval, cdk_k, ...) and sampler.Sampling
         (temperature, top_k, top_p); those left out or None take the checkpoint's defaults. sjd None takes
         self.sjd. frames: draw clips of that many frames instead (a multiple of the VQ's temporal factor); Rows
-        then stacks the code frames' rows. keep: (B, r, w) codes of the first rows (image completion)."""
+        then stacks the code frames' rows. keep: (B, r, w) codes of the first rows (image completion).
+        A model whose layout has a plan segment first writes each prompt's plan (write_plans), then draws from
+        caption and plan; `plans` gives them instead. Rows.plans holds them. record: Rows.logprobs (sampler)."""
         h, w = self.grid(ratio)
         t = self.code_frames(frames)
         guidance, sampling = self.options(**options)
         negative = self.negative_prompt if negative_prompt is None else negative_prompt
-        cond = [self.layout.generation_prompt(p + self.prompt_suffix, h, w, self.tokenizer, t) for p in prompts]
-        uncond = [self.layout.generation_prompt(negative, h, w, self.tokenizer, t)] * len(prompts)
         generator = torch.Generator(self.gpt.lm_head.weight.device).manual_seed(seed)
+        if plans is not None and (not self.layout.has_plans or len(plans) != len(prompts)):
+            raise ValueError("plans go with a model trained with plans (--plan), one per prompt")
+        if self.layout.has_plans and plans is None:
+            plans = self.write_plans(prompts, sampling, generator)
+        cond = [self.layout.generation_prompt(p + self.prompt_suffix, h, w, self.tokenizer, t, plan=plan)
+                for p, plan in zip(prompts, plans or [None] * len(prompts))]
+        uncond = [self.layout.generation_prompt(negative, h, w, self.tokenizer, t)] * len(prompts)
         window = self.sjd if sjd is None else sjd
         loop = partial(jacobi_decode, window=window, coupled=self.sjd_coupled) if window else plain_decode
-        yield from generate_image_stream(self.gpt, self.layout, cond, h, w, t, negative_prompts=uncond,
-                                         guidance=guidance, sampling=sampling, generator=generator,
-                                         constrain=constrain, keep=keep, engine=self.engine, loop=loop)
+        for rows in generate_image_stream(self.gpt, self.layout, cond, h, w, t, negative_prompts=uncond,
+                                          guidance=guidance, sampling=sampling, generator=generator,
+                                          constrain=constrain, keep=keep, engine=self.engine, loop=loop, record=record):
+            yield rows._replace(plans=plans)
+
+    def write_plans(self, prompts: list[str], sampling: Sampling, generator: torch.Generator | None = None,
+                    max_new_tokens: int = 48) -> list[str]:
+        """The plan the model writes for each prompt (layout.py's plan segment): BOS caption BOP, then words until
+        EOP, drawn with `sampling` (text only: no marker, no visual token, no EOS)."""
+        allowed = self.layout.answer_mask(self.gpt.config.vocab_size, self.gpt.lm_head.weight.device)
+        allowed[self.layout.eos], allowed[self.layout.eop] = False, True
+        prompts = [self.layout.plan_prompt(p + self.prompt_suffix, self.tokenizer) for p in prompts]
+        written = generate_text(self.gpt, self.layout, prompts, max_new_tokens, sampling=sampling,
+                                generator=generator, allowed=allowed, engine=self.engine, stop=self.layout.eop)
+        return [self.tokenizer.decode(ids) for ids in written]
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor, frames: int | None = None) -> list[Image.Image] | list[list[Image.Image]]:

@@ -13,7 +13,9 @@ train_tiny.py parses flags and hands them to `train`; the stages live here so th
 - `train`: the three in order, with timings, into the run's folder.
 """
 
+import argparse
 import json
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -23,14 +25,15 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from . import cli, evaluate, shapes
+from . import cli, evaluate, plans, scenes, shapes
 from .checkpoint import (SETTINGS_KEY, VQ_HASH_KEY, check_resume, check_same_vq, read_meta, settings_of,
                          weights_hash)
 from .folder import Folder
 from .gpt import GPT, GPTConfig
 from .image import to_tensor
 from .layout import Layout
-from .tiny import choose_tokenizer, describe_tokenizer, tiny_pipeline
+from .posttrain import Settings, memorised, minutes, post_train, quick_scores, read_curve, round_path
+from .tiny import choose_tokenizer, describe_tokenizer, load_tiny, tiny_pipeline
 from .train import Pool, batch_rng, init_vq_for_training, setup_distributed, train_gpt, train_vq
 from .vq import VQConfig, VQModel
 from .world import MovingShapes, Scenes, Shapes, World
@@ -140,7 +143,10 @@ def make_worlds(args) -> list[World]:
         if args.image_size not in (None, 64):
             raise UsageError(f"--image-size {args.image_size}: the built-in worlds are 64x64; --image-size goes with "
                              f"--data FOLDER")
-        main = Scenes() if args.world == "scenes" else Shapes()
+        main = Scenes(plans=args.plan) if args.world == "scenes" else Shapes()
+    if args.plan and not main.plans:
+        raise UsageError(f"--plan writes each picture's layout in words before it, which only the scenes world knows "
+                         f"(not {'your folder' if args.data is not None else 'the shapes world'}): add --world scenes")
     if args.data is not None and args.world != "shapes":
         raise UsageError("--data FOLDER is the world to train on; it does not go with --world")
     if args.video and (args.data is not None or args.world != "shapes"):
@@ -155,6 +161,9 @@ def check_context(worlds: list[World], tokenizer, layout: Layout, grid: tuple[in
     h, w = grid
     block = 3 + len(tokenizer.encode(f"{t}*{h}*{w}")) + t * (h * (w + 1) + 1)   # BOI meta IMG rows EOF.. EOI
     room = context - block - 3                                                  # BOS, EOS, and one to spare
+    if layout.has_plans:   # BOP, the longest plan (every object, each the longest words), EOP
+        entry = "large magenta triangle at bottom middle"
+        room -= 2 + len(tokenizer.encode(plans.SEPARATOR.join([entry] * scenes.MAX_OBJECTS)))
     for world in worlds:
         for text in world.texts():
             n = len(tokenizer.encode(text))
@@ -204,7 +213,7 @@ def gpt_stage(args, worlds, tokenizer, tokenizer_spec, layout, vq, device, run, 
     for k, world in enumerate(worlds):   # the GPT's data: each world's pool, VQ-encoded once
         examples = world.pool(args.clip_pool if world.frames else args.pool, np.random.default_rng([args.seed, k + 1]))
         pools.append(Pool(evaluate.encode(vq, examples.pixels), examples.captions, examples.answers,
-                          share=args.gpt_clip_share if world.frames else 1.0))
+                          share=args.gpt_clip_share if world.frames else 1.0, plans=examples.plans))
     options = dict(p_drop_caption=args.p_drop_caption, visual_weight=args.visual_weight,
                    understood_image_weight=args.understood_image_weight, answer_weight=args.answer_weight)
     meta = {"kind": "gpt", "config": asdict(config), "layout": asdict(layout), "tokenizer": tokenizer_spec,
@@ -234,7 +243,7 @@ def evaluate_run(args, worlds, vq, gpt, layout, tokenizer) -> dict:
     return metrics
 
 
-class Plan(NamedTuple):
+class Setup(NamedTuple):
     worlds: list[World]
     tokenizer: object
     tokenizer_spec: object
@@ -242,17 +251,17 @@ class Plan(NamedTuple):
     layout: Layout
 
 
-def prepare(args) -> Plan:
+def prepare(args) -> Setup:
     """Flags -> what the run trains on and with, all checked before any training step: the worlds (a folder is
     read here), the caption tokenizer, the VQ's config and the token layout; every caption fits the context."""
     worlds = make_worlds(args)
     tokenizer, tokenizer_spec = choose_tokenizer(args.tokenizer, worlds)
     vq_cfg = vq_config(args, worlds)
-    layout = Layout.tiny(vq_cfg.codebook_size, text_vocab=tokenizer.n_vocab)
+    layout = Layout.tiny(vq_cfg.codebook_size, text_vocab=tokenizer.n_vocab, plan=args.plan)
     side = worlds[0].image_size // vq_cfg.spatial_factor
     check_context(worlds, tokenizer, layout, (side, side), t=shapes.VIDEO_FRAMES // vq_cfg.temporal_factor
                   if args.video else 1, context=GPTConfig.tiny(layout.vocab_size).max_seq_len)
-    return Plan(worlds, tokenizer, tokenizer_spec, vq_cfg, layout)
+    return Setup(worlds, tokenizer, tokenizer_spec, vq_cfg, layout)
 
 
 def train(args):
@@ -293,3 +302,120 @@ def train(args):
     pictures = sorted(p.name for p in args.out.glob("*.png"))
     print(f"\nwrote {args.out}/: vq.safetensors gpt.safetensors metrics.json {' '.join(pictures)}")
     return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# post-training a finished run (posttrain.py; the stage is nano_emu/posttrain.py)
+
+
+def run_settings(run: Path) -> argparse.Namespace:
+    """The flags a finished run was trained with (stored in its checkpoints), to rebuild its worlds and evaluation;
+    a folder that is no finished train_tiny.py run is a UsageError saying why."""
+    for name in ("vq.safetensors", "gpt.safetensors"):
+        if not (run / name).is_file():
+            raise UsageError(f"{run} is not a train_tiny.py run: it has no {name} (give --run the --out folder of a "
+                             f"finished run)")
+    meta = read_meta(run / "gpt.safetensors")
+    if SETTINGS_KEY not in meta:
+        raise UsageError(f"{run / 'gpt.safetensors'} records no training settings (a checkpoint from before runs "
+                         f"stored them): its world cannot be rebuilt to judge its drawings")
+    settings = {"plan": False, **meta[SETTINGS_KEY]}   # runs from before --plan had none
+    return argparse.Namespace(**{k: Path(v) if k in ("out", "data") and v is not None else v
+                                 for k, v in settings.items()})
+
+
+def post_train_run(args) -> dict:
+    """posttrain.py: post-train the run in args.run into args.out (a new run folder: its checkpoints, rollouts,
+    curve, metrics.json beside the pretrained model's metrics_before.json)."""
+    run_args = run_settings(args.run)
+    world = make_worlds(run_args)[0]
+    if not world.checker and not getattr(world, "repeats", True):
+        raise UsageError(f"{args.run}: its folder's captions are all different, so the model's reading of a drawing "
+                         f"can only match its caption word for word: there is no judge to post-train against")
+    if args.judge == "checker" and not world.checker:
+        print(f"the {world.name} world has no checker: the model's own reading of its drawings judges them")
+    settings = Settings(method=args.method, rounds=args.rounds, prompts=args.prompts, k=args.k,
+                        steps_per_round=args.steps_per_round, batch=args.batch, lr=args.lr, cfg=args.cfg,
+                        temperature=args.temperature, beta=args.beta, ce=args.ce, clip=args.clip, kl=args.kl,
+                        judge=args.judge, seed=args.seed)
+    check_output_folder(args.out, args.resume)
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = cli.resolve_device(args.device)
+    pipe = load_tiny(args.run, device=device)
+    shutil.copy(args.run / "vq.safetensors", args.out / "vq.safetensors")
+    if (args.run / "metrics.json").is_file():
+        shutil.copy(args.run / "metrics.json", args.out / "metrics_before.json")
+    anchor_examples = world.pool(args.anchor_pool, np.random.default_rng([run_args.seed, 101]))
+    anchor = Pool(evaluate.encode(pipe.vq, anchor_examples.pixels), anchor_examples.captions,
+                  anchor_examples.answers, plans=anchor_examples.plans)
+    source = read_meta(args.run / "gpt.safetensors")
+    meta = {k: v for k, v in source.items() if k not in ("step", "steps", "history")}
+    meta["posttrained_from"] = str(args.run)
+    (args.out / "posttrain.json").write_text(json.dumps({"run": str(args.run), **asdict(settings)}, indent=2))
+
+    clock = {"start": time.perf_counter(), "paused": 0.0, "offset": 0.0}
+    curve = read_curve(args.out) if args.resume else []
+    if not args.resume:
+        (args.out / "curve.jsonl").unlink(missing_ok=True)
+    if curve:
+        clock["offset"] = curve[-1]["minutes"] * 60
+
+    def point(round_done: int) -> None:
+        paused = time.perf_counter()
+        elapsed = clock["offset"] + paused - clock["start"] - clock["paused"]
+        rounds = [r for r in read_curve(args.out) if r["round"] < round_done]   # a resumed run redraws its points
+        accepted = [info["accepted"] for info in round_infos(args.out, round_done)]
+        row = {"round": round_done, "step": round_done * settings.steps_per_round, "minutes": minutes(elapsed),
+               "accepted": accepted[-1] if accepted else None,
+               **quick_scores(pipe, world, args.curve_repeats, run_args.seed)}
+        (args.out / "curve.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds + [row]))
+        print(f"curve: {row}")
+        clock["paused"] += time.perf_counter() - paused
+
+    if not curve:
+        point(0)
+
+    def after_round(round_: int) -> None:
+        if (round_ + 1) % args.curve_every == 0 or round_ + 1 == settings.rounds:
+            point(round_ + 1)
+
+    history = post_train(pipe, world, settings, anchor, source.get("sequence_options", {}), args.out, meta,
+                         resume=args.resume, ckpt_every=args.ckpt_every, after_round=after_round)
+    seconds = clock["offset"] + time.perf_counter() - clock["start"] - clock["paused"]
+    evaluate.plot_losses({"post-train": history}, args.out / "loss.png", {"post-train": "loss"})
+    plot_curve(read_curve(args.out), args.out / "curve.png", settings.method)
+    run_args.out = args.out
+    metrics = evaluate_run(run_args, [world], pipe.vq, pipe.gpt, pipe.layout, pipe.tokenizer)
+    if settings.method != "continue":
+        metrics["memorised_seen"] = round(memorised(pipe, world, args.out, run_args.eval_per_triple, run_args.seed), 4)
+    metrics.update(posttrain_minutes=minutes(seconds), method=settings.method,
+                   accepted_per_round=[info["accepted"] for info in round_infos(args.out, settings.rounds)])
+    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    before = json.loads((args.out / "metrics_before.json").read_text()) if (args.out / "metrics_before.json").is_file() \
+        else {}
+    print(f"\n{'metric':34s} {'before':>10s} {'after':>10s}")
+    for key, value in metrics.items():
+        if isinstance(value, (int, float)) and not key.endswith("_s"):
+            print(f"{key:34s} {before.get(key, ''):>10} {value:>10}")
+    print(f"\nwrote {args.out}/: gpt.safetensors vq.safetensors metrics.json metrics_before.json curve.jsonl "
+          f"curve.png rollouts/ and the evaluation's pictures")
+    return metrics
+
+
+def round_infos(out: Path, rounds: int) -> list[dict]:
+    return [read_meta(round_path(out, r)) for r in range(rounds) if round_path(out, r).is_file()]
+
+
+def plot_curve(rows: list[dict], path: Path, method: str) -> None:
+    """curve.png: the checker's overall score against minutes of post-training, seen and held-out, with and
+    without guidance."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(6, 3.6))
+    ax = fig.subplots()
+    for key in [k for k in (rows[0] if rows else {}) if k.startswith(("seen_", "heldout_"))]:
+        ax.plot([r["minutes"] for r in rows], [r[key] for r in rows], marker="o", lw=1, label=key.replace("_", ", "))
+    ax.set(title=f"post-training ({method}): overall score", xlabel="minutes of post-training", ylim=(0, 1))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

@@ -279,6 +279,7 @@ class ImageJob(NamedTuple):
     sampling: Sampling
     generator: torch.Generator | None
     pad: int
+    record: list | None = None   # a list: the loop appends (B, n) log-probs of its drawn tokens (plain_decode only)
 
     def distribution(self, logits: torch.Tensor, first_step: int) -> torch.Tensor:
         """Logits (rows, T, V) for the tokens at offsets first_step.. -> what they are drawn from (B, T, V)."""
@@ -300,12 +301,18 @@ def plain_decode(job: ImageJob) -> Iterator[tuple[torch.Tensor, int]]:
     logits, length = job.engine.prefill(job.prompts, job.pad, n_new - start)
     out = torch.full((batch, n_new), job.pad, dtype=torch.long, device=logits.device)
     out[:, :start] = job.kept
+    logprobs = torch.zeros(batch, n_new, device=logits.device) if job.record is not None else None
     input_pos = torch.tensor([length], device=logits.device)   # the cache slot of the token fed next
     rows_done = sum(end < start for end in job.row_ends)
     row_ends = set(job.row_ends)
     for step in range(start, n_new):
         scores = job.guidance(logits[:, None], step, job.mask)[:, 0]           # (B, V)
-        token = job.sampling.sample(scores, job.generator)                     # (B,)
+        if logprobs is not None:   # the same draw as Sampling.sample, from the distribution it keeps the log-prob of
+            weights = job.sampling.probabilities(scores)                       # (B, V)
+            token = weights.argmax(-1) if job.sampling.temperature == 0 else sample_from(weights, job.generator)
+            logprobs[:, step] = weights.gather(-1, token[:, None])[:, 0].log()
+        else:
+            token = job.sampling.sample(scores, job.generator)                 # (B,)
         out[:, step] = token
         if step + 1 < n_new:   # nothing comes after the last token, so it needs no forward
             fed = token.repeat(job.guidance.branches)[:, None]                 # (rows, 1): every branch sees it
@@ -315,6 +322,8 @@ def plain_decode(job: ImageJob) -> Iterator[tuple[torch.Tensor, int]]:
             rows_done += 1
             if rows_done < len(row_ends):   # the last row is reported with the final tokens below
                 yield out[:, :step + 1], rows_done
+    if logprobs is not None:
+        job.record.append(logprobs)
     yield out, rows_done
 
 
@@ -323,6 +332,8 @@ class Rows(NamedTuple):
     codes: torch.Tensor | None  # (B, rows_done, w) codes of the finished rows (frames stacked); None unconstrained
     rows_done: int
     rows_total: int
+    logprobs: torch.Tensor | None = None   # (B, n) log-prob of each token under what it was drawn from (record=True)
+    plans: list[str] | None = None         # the plans the model wrote before drawing (a layout with plans)
 
 
 @torch.inference_mode()
@@ -331,15 +342,19 @@ def generate_image_stream(model, layout: Layout, prompts: list[list[int]], h: in
                           image_prompts: list[list[int]] | None = None, guidance: Guidance = Guidance(),
                           sampling: Sampling = Sampling(), generator: torch.Generator | None = None,
                           constrain: bool = True, keep: torch.Tensor | None = None, engine: Engine | None = None,
-                          loop: Loop = plain_decode) -> Iterator[Rows]:
+                          loop: Loop = plain_decode, record: bool = False) -> Iterator[Rows]:
     """Draw len(prompts) images of h x w codes (or clips of t code frames); yields Rows after every finished row,
     the last one carrying every token through EOS. Prompts end with IMG (Layout.generation_prompt).
     negative_prompts: the unconditional branch, one per prompt, needed when guidance is guided (Emu3: a negative
     prompt; toy models: the empty caption). image_prompts: Chameleon's image-only branch (3-way CFG, with
     guidance.image_scale). keep: (B, r, w) codes of the first r rows, kept as given (image completion; images
     only). engine: an Engine of `model` to reuse (its cache, its compiled step); None makes one for this call.
-    loop: plain_decode (one token per forward) or e.g. functools.partial(sjd.jacobi_decode, window=16)."""
+    loop: plain_decode (one token per forward) or e.g. functools.partial(sjd.jacobi_decode, window=16).
+    record: the last Rows also carries the log-prob of every drawn token under the distribution it was drawn from
+    (guidance, constraint, temperature, top-k/p applied): what post-training needs of a rollout (plain_decode)."""
     batch = len(prompts)
+    if record and loop is not plain_decode:
+        raise ValueError("record=True keeps the log-probs of plain decoding; speculative loops do not record them")
     if guidance.guided and (negative_prompts is None or len(negative_prompts) != batch):
         raise ValueError(f"cfg_scale {guidance.cfg_scale} needs one negative (unconditional) prompt per prompt; "
                          f"pass negative_prompts, or cfg_scale=1 for unguided sampling")
@@ -362,8 +377,9 @@ def generate_image_stream(model, layout: Layout, prompts: list[list[int]], h: in
                    for kind in constraint.schedule[:start]]
         kept = torch.tensor(columns, dtype=torch.long).view(start, batch).T                  # (B, start)
         branches = [[p + kept[i].tolist() for i, p in enumerate(branch)] for branch in branches]
+    recorded = [] if record else None
     job = ImageJob(engine, [p for branch in branches for p in branch], kept.to(engine.device), constraint,
-                   constrain, row_ends, guidance, sampling, generator, layout.pad)
+                   constrain, row_ends, guidance, sampling, generator, layout.pad, recorded)
     visual_steps = torch.tensor([s for s, kind in enumerate(constraint.schedule) if kind == VISUAL],
                                 device=engine.device)
     for tokens, rows_done in loop(job):
@@ -371,7 +387,7 @@ def generate_image_stream(model, layout: Layout, prompts: list[list[int]], h: in
         if constrain:   # the structure is guaranteed, so the codes sit at the schedule's visual offsets
             done = visual_steps[:rows_done * w]
             codes = (tokens[:, done] - layout.first_visual).view(batch, rows_done, w)
-        yield Rows(tokens, codes, rows_done, len(row_ends))
+        yield Rows(tokens, codes, rows_done, len(row_ends), recorded[0] if recorded else None)
 
 
 def generate_image(model, layout: Layout, prompts: list[list[int]], h: int, w: int, t: int = 1,
@@ -388,11 +404,14 @@ def generate_image(model, layout: Layout, prompts: list[list[int]], h: int, w: i
 @torch.inference_mode()
 def generate_text(model, layout: Layout, prompts: list[list[int]], max_new_tokens: int = 64,
                   sampling: Sampling = GREEDY, generator: torch.Generator | None = None,
-                  allowed: torch.Tensor | None = None, engine: Engine | None = None) -> list[list[int]]:
-    """Continue each prompt until EOS (not included in the result) or max_new_tokens; greedy by default, as
-    Emu3-Chat. allowed: optional (V,) bool mask of tokens that may be generated (e.g. no visual tokens).
+                  allowed: torch.Tensor | None = None, engine: Engine | None = None,
+                  stop: int | None = None) -> list[list[int]]:
+    """Continue each prompt until EOS (or `stop`, e.g. a plan's EOP; not included in the result) or
+    max_new_tokens; greedy by default, as Emu3-Chat. allowed: optional (V,) bool mask of tokens that may be
+    generated (e.g. no visual tokens).
     Unlike an image, text has no schedule: whether every row has stopped is asked of the device each step."""
     engine = engine or Engine(model)
+    stop = layout.eos if stop is None else stop
     logits, length = engine.prefill(prompts, layout.pad, max_new_tokens)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=logits.device)
     input_pos = torch.tensor([length], device=logits.device)
@@ -404,10 +423,10 @@ def generate_text(model, layout: Layout, prompts: list[list[int]], max_new_token
         token = sampling.sample(logprobs, generator)
         token = token.masked_fill(finished, layout.pad)   # rows that hit EOS keep feeding padding
         out.append(token)
-        finished |= token == layout.eos
+        finished |= token == stop
         if bool(finished.all()) or step + 1 == max_new_tokens:
             break
         logits = engine.step(token[:, None], input_pos)
         input_pos += 1
     rows = torch.stack(out, dim=1).tolist()
-    return [row[:row.index(layout.eos)] if layout.eos in row else row for row in rows]
+    return [row[:row.index(stop)] if stop in row else row for row in rows]

@@ -385,19 +385,34 @@ def fits(obj: Obj, thing: Thing) -> bool:
     return obj.shape == thing.shape and thing.color in (None, obj.color) and thing.size in (None, obj.size)
 
 
-def score(image: np.ndarray, prompt: Prompt | str, strict: bool = False) -> bool:
-    """Whether a picture does what a prompt asks, by GenEval's rule for its category: the named things are there
-    (counting: exactly `count` of them; position: some pair in the relation). strict: and nothing else."""
+def fits_prompt(objects, prompt: Prompt | str, relation: bool = True) -> bool:
+    """Whether objects are what a prompt asks, by GenEval's rule for its category: the named things are there
+    (counting: exactly `count` of them; position: some pair in the relation, unless relation=False)."""
     p = _as_prompt(prompt)
-    objects, junk = _read(image)
-    if strict and (junk or len(objects) != p.count * len(p.things)):
-        return False
     found = [[o for o in objects if fits(o, t)] for t in p.things]  # disjoint: two things differ in their words
     if p.category == "counting":
         return len(found[0]) == p.count
     if not all(found):
         return False
-    return p.relation is None or any(holds(p.relation, (a.x, a.y), (b.x, b.y)) for a in found[0] for b in found[1])
+    return not relation or p.relation is None or any(holds(p.relation, (a.x, a.y), (b.x, b.y))
+                                                     for a in found[0] for b in found[1])
+
+
+def score(image: np.ndarray, prompt: Prompt | str, strict: bool = False) -> bool:
+    """Whether a picture does what a prompt asks (fits_prompt on what the checker reads). strict: and nothing
+    else."""
+    p = _as_prompt(prompt)
+    objects, junk = _read(image)
+    if strict and (junk or len(objects) != p.count * len(p.things)):
+        return False
+    return fits_prompt(objects, p)
+
+
+def described_objects(prompt: Prompt | str) -> list[Obj]:
+    """The objects a caption of describe() says a picture holds (no positions: centroids 0; what it leaves out,
+    None), so that what the model reads can be checked against a prompt."""
+    p = _as_prompt(prompt)
+    return [Obj(t.color, t.shape, t.size, 0.0, 0.0) for t in p.things * p.count]
 
 
 def geneval(images: np.ndarray, prompts_: list[Prompt | str], strict: bool = False) -> dict[str, float]:

@@ -8,7 +8,8 @@ have seen. Data parallel training is nanoGPT's: torchrun sets RANK / WORLD_SIZE,
 
 The GPT learns two kinds of sequence with one next-token loss (Emu3, baaivision/Emu3 emu3/train/datasets.py):
 - generation:    BOS caption BOI "h*w" IMG rows.. EOF EOI EOS  -- the caption is dropped 10% of the time, which
-                 teaches the unconditional branch CFG needs; visual tokens are weighted 0.5 as in Emu3;
+                 teaches the unconditional branch CFG needs; visual tokens are weighted 0.5 as in Emu3; with plans
+                 (layout.py's plan segment) the caption is followed by BOP plan EOP, dropped with it;
 - understanding: BOS [image block] caption EOS                  -- loss on the caption and EOS only.
 A clip is written the same way: its block says "t*h*w" and closes every code frame with EOF (layout.py).
 """
@@ -27,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, load_extra, save_checkpoint
-from .layout import Layout
+from .layout import Layout, Plan
 from .vq import VectorQuantizer
 from .vq_blocks import AttnBlock, CausalConv3d, ResnetBlock, TemporalResnetBlock
 from .weights import load_state_dict_strict
@@ -131,13 +132,15 @@ def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
 def fit(model: torch.nn.Module, loss_fn: Callable, steps: int, lr: float, ckpt_path: Path, meta: dict,
         run: Distributed, ckpt_every: int = 250, resume: bool = False, warmup: int = 20, betas=(0.9, 0.95),
         clip_grad: float | None = 1.0, after_step: Callable | None = None, desc: str = "train",
-        log_every: int = 10, extra: dict[str, torch.Tensor] | None = None, compile: dict | None = None) -> list:
+        log_every: int = 10, extra: dict[str, torch.Tensor] | None = None, compile: dict | None = None,
+        schedule: Callable[[int], float] | None = None) -> list:
     """Train `model` for `steps` steps of `loss_fn(net, step) -> (loss, logs)`; `net` is the model, DDP-wrapped
     when distributed. Checkpoints to ckpt_path (with `meta`, e.g. the config). Returns the logged history.
     extra: tensors of training state that loss_fn / after_step update in place (the VQ's code-usage counters);
     they are checkpointed with the weights and restored in place on resume, as is the torch RNG of the model's
     device, so that a resumed run takes the steps the uninterrupted one takes.
-    compile: torch.compile's options to compile `net` with (None: eager); `model` is still what is saved."""
+    compile: torch.compile's options to compile `net` with (None: eager); `model` is still what is saved.
+    schedule: step -> learning rate, instead of the warmup and cosine decay (post-training's linear anneal)."""
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=0.0)
     done, history, extra = 0, [], extra or {}
@@ -168,7 +171,7 @@ def fit(model: torch.nn.Module, loss_fn: Callable, steps: int, lr: float, ckpt_p
     try:
         while done < steps:
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(done, steps, lr, warmup)
+                group["lr"] = lr_at(done, steps, lr, warmup) if schedule is None else schedule(done)
             loss, logs = loss_fn(net, done)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -236,12 +239,13 @@ class Pool(NamedTuple):
     captions: list[str]
     answers: list[list[tuple[str, str]]]
     share: float = 1.0        # the chance that a step's batch comes from this pool (the first takes the rest)
+    plans: list[str] | None = None   # each example's plan (plans.py), written after its caption; None: no plans
 
 
 def sequences(layout: Layout, tokenizer, codes: torch.Tensor, captions: list[str],
               answers: list[list[tuple[str, str]]], rng: np.random.Generator, p_understand: float = 0.5,
               p_drop_caption: float = 0.1, visual_weight: float = VISUAL_WEIGHT, understood_image_weight: float = 0.0,
-              answer_weight: float = 1.0):
+              answer_weight: float = 1.0, plans: list[str] | None = None):
     """A mixed batch of generation and understanding sequences. codes (B, h, w) or (B, t, h, w).
     Returns inputs (B, T), targets (B, T) and loss weights (B, T) (0 on padding and on prompts).
 
@@ -250,12 +254,13 @@ def sequences(layout: Layout, tokenizer, codes: torch.Tensor, captions: list[str
     times its weight in a generation string (0: the answer only, as Emu3; 1: every token alike, as CM3Leon and
     Chameleon). `BOS image caption` starts exactly like the unconditional generation string `BOS "" image`, so this
     trains CFG's unconditional branch on every understanding sequence for free.
-    answer_weight: loss weight of the answer (and its EOS) of an understanding sequence."""
+    answer_weight: loss weight of the answer (and its EOS) of an understanding sequence.
+    plans: each example's plan, written between its caption and its image (and dropped with the caption)."""
     def weight(token):
         return visual_weight if layout.first_visual <= token else 1.0
 
     rows = []
-    for item_codes, caption, pairs in zip(codes, captions, answers):
+    for i, (item_codes, caption, pairs) in enumerate(zip(codes, captions, answers)):
         if rng.random() < p_understand:
             question, answer = pairs[rng.integers(len(pairs))] if len(pairs) > 1 else pairs[0]
             prompt = layout.understanding_prompt(item_codes, question, tokenizer)
@@ -264,8 +269,9 @@ def sequences(layout: Layout, tokenizer, codes: torch.Tensor, captions: list[str
             prompt_weights = [understood_image_weight * weight(t) for t in prompt[1:]]
             weights = prompt_weights + [answer_weight] * len(answer)
         else:
-            text = "" if rng.random() < p_drop_caption else caption
-            tokens = layout.encode([text, item_codes], tokenizer, eos=True)
+            dropped = rng.random() < p_drop_caption
+            plan = [] if plans is None or dropped else [Plan(plans[i])]
+            tokens = layout.encode(["" if dropped else caption, *plan, item_codes], tokenizer, eos=True)
             weights = [weight(t) for t in tokens[1:]]
         rows.append((tokens, weights))
     length = max(len(tokens) for tokens, _ in rows)
@@ -301,7 +307,8 @@ def train_gpt(gpt, layout: Layout, tokenizer, pools: list[Pool], steps: int, bat
                 break
         pick = rng.integers(len(pool.codes), size=batch_size)
         inputs, targets, weights = sequences(layout, tokenizer, pool.codes[pick], [pool.captions[i] for i in pick],
-                                             [pool.answers[i] for i in pick], rng, **(sequence_options or {}))
+                                             [pool.answers[i] for i in pick], rng, **(sequence_options or {}),
+                                             plans=None if pool.plans is None else [pool.plans[i] for i in pick])
         loss = weighted_loss(net(inputs.to(device)), targets.to(device), weights.to(device))
         return loss, {"loss": loss.detach()}
 

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import scenes, shapes
+from . import plans, scenes, shapes
 
 
 class Examples(NamedTuple):
@@ -30,6 +30,7 @@ class Examples(NamedTuple):
     captions: list[str]                     # what each is drawn from (caption -> image strings)
     answers: list[list[tuple[str, str]]]    # what each is understood with: (question, answer); ("", caption) first
     targets: list | None = None             # what the checker scores a drawing of each caption against
+    plans: list[str] | None = None          # each picture's layout in words (plans.py), where the world has plans
 
 
 class World:
@@ -40,6 +41,7 @@ class World:
     image_size = 64                 # square images of this many pixels
     frames: int | None = None       # pixel frames of an example (clips), None for images
     prefix = ""                     # of its metric names in metrics.json ("clip_" for clips beside images)
+    plans = False                   # its examples carry a plan (their layout in words) for the plan segment
     checker = False                 # score() reads drawings back (draw_tasks, score)
     vq_split = "all"                # what the VQ's reconstructions are measured on
     finite = False                  # a fixed set of examples (a folder), not a generator of fresh ones
@@ -82,6 +84,32 @@ class World:
     def category(self, target) -> str:
         """The row a drawing of `target` sits in, in the picture of checked drawings."""
         return ""
+
+    def plan_agrees(self, plan: str, caption: str) -> bool:
+        """Whether a written plan draws what the caption asks (worlds with plans)."""
+        raise NotImplementedError
+
+    # --- post-training (posttrain.py) ------------------------------------------------------------------
+
+    def rollout_tasks(self, n: int, rng: np.random.Generator) -> tuple[list[str], list]:
+        """n prompts to draw and judge, with their targets: from the training split only, never a held-out one."""
+        examples = self.sample(n, rng, "train")
+        return examples.captions, examples.targets if examples.targets is not None else examples.captions
+
+    def reward(self, pixels: np.ndarray, captions: list[str], targets: list, reader=None) -> np.ndarray:
+        """The post-training judge: 1.0 for a drawing that does what its caption asks, else 0.0. A world with a
+        checker asks it (a subclass may ask more than the evaluation does); with a `reader` the model's own reading
+        of its drawing judges instead (self_check), the only judge a world without a checker has."""
+        if reader is None and not self.checker:
+            raise ValueError(f"the {self.name} world has no checker: its drawings are judged by the model's own "
+                             f"reading of them (a reader)")
+        right = self.self_check(pixels, captions, targets, reader) if reader else self.judge(pixels, targets)
+        return np.array(right, dtype=float)
+
+    def self_check(self, pixels: np.ndarray, captions: list[str], targets: list, reader) -> list[bool]:
+        """Whether the model reads each drawing as its caption: reader(pixels, question) -> its greedy answers
+        ("" asks for a caption). A world whose captions say everything compares them word for word."""
+        return [r.strip() == c.strip() for r, c in zip(reader(pixels, ""), captions, strict=True)]
 
     def answer_tasks(self, n: int, rng: np.random.Generator) -> dict[str, Examples]:
         """group -> fresh examples to caption / answer about, scored by exact match (answer_accuracy)."""
@@ -127,6 +155,15 @@ class Shapes(World):
     def judge(self, pixels, targets):
         return [shapes.classify(x) == tuple(t) for x, t in zip(pixels, targets)]
 
+    def reward(self, pixels, captions, targets, reader=None):
+        """Colour, shape and position right AND the shape crisp (its fill in shapes.FILL_RANGES): post-training
+        is asked for square corners too."""
+        if reader is not None:
+            return super().reward(pixels, captions, targets, reader)
+        crisp = [(f := shapes.fill(x)) is not None and shapes.FILL_RANGES[t[1]][0] <= f <= shapes.FILL_RANGES[t[1]][1]
+                 for x, t in zip(pixels, targets)]
+        return np.array(self.judge(pixels, targets), dtype=float) * np.array(crisp, dtype=float)
+
     def category(self, target):
         return target[1]   # the shape
 
@@ -167,6 +204,9 @@ class MovingShapes(World):
         rates = shapes.score(pixels, targets)
         return {"adherence": rates.pop("all"), **rates}
 
+    def judge(self, pixels, targets):   # colour, shape and direction
+        return [shapes.classify_video(x) == tuple(t) for x, t in zip(pixels, targets)]
+
     def answer_tasks(self, n, rng):
         return {"": self.sample(n, rng)}
 
@@ -199,8 +239,11 @@ class Scenes(World):
     checker = True
     questions_per_scene = 4
 
+    def __init__(self, plans: bool = False):
+        self.plans = plans   # the examples carry their plans (plans.py), for a run trained with --plan
+
     def words(self):
-        return scenes.vocabulary()
+        return scenes.vocabulary() + (plans.WORDS if self.plans else [])
 
     def texts(self):
         return [scenes.caption(p) for p in scenes.prompts("train")]
@@ -209,7 +252,8 @@ class Scenes(World):
         images, captions, drawn = scenes.sample_scenes(n, rng, split=split)
         answers = [[("", scenes.describe(s.objects))] + scenes.questions(s, rng, self.questions_per_scene)
                    for s in drawn]   # drawn from any caption of the grammar; captioned with the one that says most
-        return Examples(images, captions, answers, [scenes.parse(c) for c in captions])
+        return Examples(images, captions, answers, [scenes.parse(c) for c in captions],
+                        [plans.write(s.objects) for s in drawn] if self.plans else None)
 
     def draw_tasks(self, repeats):
         """Every category's prompts, seen and held-out, `repeats` x 12 draws per category (12: the number of
@@ -235,8 +279,38 @@ class Scenes(World):
     def judge(self, pixels, targets):
         return [scenes.score(x, p) for x, p in zip(pixels, targets)]
 
+    def reward(self, pixels, captions, targets, reader=None):
+        """The checker, strict: what the caption names AND nothing else (the captions promise it), so a drawing
+        cannot earn its reward with extra objects."""
+        if reader is not None:
+            return super().reward(pixels, captions, targets, reader)
+        return np.array([scenes.score(x, p, strict=True) for x, p in zip(pixels, targets)], dtype=float)
+
+    def self_check(self, pixels, captions, targets, reader):
+        """The model's caption of its drawing (the most specific one it knows, describe()) must name what the
+        prompt asks and nothing else; for a position prompt the model must also answer the question the prompt
+        implies ("what is left of the blue square?" -> "a red circle"), asked with the colours it read."""
+        read = [scenes.parse(c) for c in reader(pixels, "")]
+        right = [r is not None and len(scenes.described_objects(r)) == p.count * len(p.things)
+                 and scenes.fits_prompt(scenes.described_objects(r), p, relation=False) for r, p in zip(read, targets)]
+        asked = [(i, p) for i, (p, ok) in enumerate(zip(targets, right)) if ok and p.relation is not None]
+        questions = {}
+        for i, p in asked:
+            objects = scenes.described_objects(read[i])
+            a = next(o for o in objects if scenes.fits(o, p.things[0]))
+            b = next(o for o in objects if scenes.fits(o, p.things[1]))
+            questions[i] = (f"what is {p.relation} the {b.color} {b.shape}?", f"a {a.color} {a.shape}")
+        for question in dict.fromkeys(q for q, _ in questions.values()):
+            index = [i for i, (q, _) in questions.items() if q == question]
+            for i, answer in zip(index, reader(pixels[index], question)):
+                right[i] = normalise_answer(answer) == normalise_answer(questions[i][1])
+        return right
+
     def category(self, target):
         return target.category
+
+    def plan_agrees(self, plan, caption):
+        return plans.agrees(plan, caption)
 
     def answer_tasks(self, n, rng):
         return {"seen": self.sample(n, rng, "train"), "heldout": self.sample(max(12, n // 2), rng, "heldout")}
