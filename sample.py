@@ -14,6 +14,7 @@
     python sample.py --chameleon Anole-7b-v0.1-hf --prompt "a watercolor fox" --out fox.png   # Anole draws
     python sample.py --ckpt out/tiny --prompt "a red circle in the top left" --cdk-k 8 --out cdk.png   # CM3Leon's CD-K
     python sample.py --ckpt out/tiny --complete shape.png --keep-rows 3 --n 4 --out completed.png  # image completion
+    python sample.py --ckpt out/tiny --adapter out/ft/adapter --prompt "3" --out 3.png    # a fine-tune's LoRA (finetune.py)
 """
 
 import argparse
@@ -27,6 +28,7 @@ from PIL import Image
 from nano_emu import cli
 from nano_emu.image import load_clip, save_image
 from nano_emu.pipeline import Pipeline
+from nano_emu.release import apply_adapter
 from nano_emu.tiny import load_tiny
 from nano_emu.vq import VQConfig
 
@@ -178,6 +180,8 @@ def draw_classes(args) -> None:
     start = time.time()
     pipe = load_llamagen(args.llamagen, args.vq, gpt_model=args.gpt_model, image_size=args.image_size,
                          device=device, dtype=dtype)
+    if args.adapter:
+        apply_adapter(pipe, "llamagen", args.llamagen, args.adapter)
     pipe.compile, pipe.sjd, pipe.sjd_coupled = args.compile, args.sjd, args.coupled
     print(f"loaded a {pipe.gpt.num_params() / 1e6:.1f}M-parameter GPT and a {pipe.vq.cfg.spatial_factor}x VQ "
           f"in {time.time() - start:.1f}s")
@@ -224,6 +228,10 @@ def main(args):
     if args.llamagen:   # LlamaGen's class-to-image weights
         return draw_classes(args)
     pipe = load(args)
+    if args.adapter:   # a fine-tune's LoRA (finetune.py), merged into the base it was trained on
+        family, base = ("tiny", args.ckpt) if args.ckpt else ("chameleon", args.chameleon) if args.chameleon \
+            else ("emu3", args.weights)
+        apply_adapter(pipe, family, base, args.adapter)
     pipe.compile, pipe.sjd, pipe.sjd_coupled = args.compile, args.sjd, args.coupled
     if args.complete:
         complete(pipe, args)
@@ -309,6 +317,8 @@ def build_parser() -> cli.ArgumentParser:
                             "given; same distribution, fewer forwards)")
     speed.add_argument("--coupled", action="store_true", help="with --sjd: coupled redraws (MC-SJD), so drafts stay "
                        "put across iterations and more are accepted; same distribution")
+    p.add_argument("--adapter", type=cli.existing_folder, default=None,
+                   help="a LoRA adapter folder (finetune.py's OUT/adapter, peft's format) for the base given")
     p.add_argument("--device", type=cli.device, default="auto", help="auto | cpu | cuda[:N] | mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="GPT weights and activations (auto: float32 for --ckpt, bfloat16 for --weights; "
