@@ -41,7 +41,8 @@ MODES = ("lora", "image-head", "full")
 TRAIN_CHECKPOINT = "train.safetensors"
 ANSWERED = 512   # held-out images captioned for the accuracy (the first ones)
 # what --resume may differ in: where it runs and how it reports, not what it trains
-RESUME_IGNORES = ("out", "resume", "change", "device", "ckpt_every", "samples", "save_merged", "plan_only")
+RESUME_IGNORES = ("out", "resume", "change", "device", "fsdp", "checkpointing", "ckpt_every", "samples",
+                  "save_merged", "plan_only")
 
 
 class UsageError(ValueError):
@@ -211,10 +212,11 @@ def prepare(options: Options, log=print) -> Job:
     recipe = Recipe(pipe, base.family, task, options.question, p_drop, options.image_area)
     longest = check_strings(folder.train + folder.heldout, recipe, pipe.gpt.config.max_seq_len)
     out = Path(options.out)
-    if run.main and options.resume:
-        log(check_resume(out, settings_of(options_settings(options)), names=(TRAIN_CHECKPOINT,),
-                         ignore=RESUME_IGNORES, allowed=options.change,
-                         hint="to change a flag on purpose, add --change FLAG"))
+    if options.resume:
+        if run.main:
+            log(check_resume(out, settings_of(options_settings(options)), names=(TRAIN_CHECKPOINT,),
+                             ignore=RESUME_IGNORES, allowed=options.change,
+                             hint="to change a flag on purpose, add --change FLAG"))
     elif (out / TRAIN_CHECKPOINT).exists():
         raise UsageError(f"{out} already holds {TRAIN_CHECKPOINT}: pass --resume to continue that run, or another "
                          f"--out")
@@ -230,7 +232,12 @@ def prepare(options: Options, log=print) -> Job:
         log(memory.check_fits(plan, free_memory(device), device))
     if options.plan_only:
         return Job(options, base, recipe, folder, {}, run, device, compute_dtype, plan, out, log)
-    codes = tokenize(folder.train + folder.heldout, recipe, pipe.vq, out / "codes.safetensors", log=log)
+    for turn in range(2 if run.world_size > 1 else 1):   # the main rank fills the cache, then the others read it
+        if run.world_size > 1:
+            dist.barrier()
+        if (turn == 0) == run.main:
+            codes = tokenize(folder.train + folder.heldout, recipe, pipe.vq, out / "codes.safetensors",
+                             log=log if run.main else lambda *a: None)
     if options.fsdp and run.world_size > 1:
         shard(gpt, compute_dtype)
     return Job(options, base, recipe, folder, codes, run, device, compute_dtype, plan, out, log)
@@ -354,7 +361,10 @@ def measure(job: Job, pipe) -> dict:
             shown = min(len(items), max(job.options.samples, 4))
             evaluate.captioned_grid(np.stack(images[:shown]), said[:shown], right[:shown], out / "captions.png",
                                     title="held-out images, captioned by the fine-tuned model")
-    if "draw" in tasks and job.options.samples:
+    if "draw" in tasks and job.options.samples and pipe.vq.decoder is None:
+        job.log("no samples.png: this release's VQ has no decoder (Chameleon's -hf conversion drops it; Anole's "
+                "keeps it)")
+    elif "draw" in tasks and job.options.samples:
         prompts = texts[:max(1, job.options.samples // 2)]
         drawn = pipe.draw([p for p in prompts for _ in range(2)], seed=job.options.seed)
         labels = prompts if job.base.family != "llamagen" else [
