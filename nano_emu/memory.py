@@ -7,8 +7,8 @@ Emu3 needs FSDP across GPUs and LoRA fits one card. The plan adds, per rank:
 - weights: every parameter at the dtype it is stored in (bf16 base, fp32 adapters, or fp32 masters), divided by
   the ranks for FSDP, plus (FSDP) the unsharded copies of what runs at once: the root's embedding and head and two
   blocks (the one running, the one prefetched) in the compute dtype;
-- gradients and optimizer state: for the parameters that train only, fp32 grads and AdamW's two fp32 moments,
-  divided by the ranks for FSDP;
+- gradients and optimizer state: for the parameters that train only (fp32: adapters or masters), a gradient and
+  AdamW's two moments in the parameter's dtype, divided by the ranks for FSDP;
 - activations: what the backward pass keeps of a batch of `batch` sequences of `seq_len` tokens. Per token and
   block a Llama block keeps about 10 x dim + 2 x kv_dim + 4 x SwiGLU width numbers (the normed inputs, q, k, v,
   the attention output, the SwiGLU gate, up, product and inputs; SDPA keeps no T x T matrix); with activation
@@ -75,7 +75,7 @@ def plan(model, batch: int, seq_len: int, loss_positions: int, compute_dtype: to
     config = model.config
     params = list(model.parameters())
     stored = sum(p.numel() * p.element_size() for p in params)
-    trained = sum(p.numel() for p in params if p.requires_grad)
+    trained = sum(p.numel() * p.element_size() for p in params if p.requires_grad)   # grads and moments alike
     shard = ranks if fsdp else 1
     gathered = 0
     if fsdp:   # the root (embeddings, final norm, head) and two blocks unsharded at once, in the compute dtype
@@ -90,7 +90,7 @@ def plan(model, batch: int, seq_len: int, loss_positions: int, compute_dtype: to
         kept = len(model.layers) * block_activations(config, tokens, compute_dtype)
     kept += tokens * config.dim * (nbytes(compute_dtype) + 4)    # the embedding output, the final norm's input
     logits = loss_positions * config.vocab_size * (nbytes(compute_dtype) + 4 + 4)
-    return Plan(stored // shard, gathered, trained * 4 // shard, trained * 8 // shard, kept, logits, ranks,
+    return Plan(stored // shard, gathered, trained // shard, 2 * trained // shard, kept, logits, ranks,
                 note=", FSDP" if fsdp else "")
 
 
