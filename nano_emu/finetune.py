@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import evaluate, lora, memory
-from .checkpoint import SETTINGS_KEY, check_resume, settings_of
+from .checkpoint import SETTINGS_KEY, check_resume, read_meta, settings_of
 from .engine import free_memory
 from .finetune_data import FolderData, Recipe, batch, read_folder, tokenize
 from .folder import FolderError
@@ -38,6 +38,8 @@ from .release import Base, adapter_of, load_base, save_release
 from .train import Distributed, batch_rng, fit, linear_to_zero, setup_distributed, whole_tensor
 
 MODES = ("lora", "image-head", "full")
+# learning rates by what trains (Options.lr overrides): few adapter numbers take large steps, every weight small ones
+DEFAULT_LR = {"lora": 1e-3, "image-head": 1e-3, "full": 1e-4}
 TRAIN_CHECKPOINT = "train.safetensors"
 ANSWERED = 512   # held-out images captioned for the accuracy (the first ones)
 # what --resume may differ in: where it runs and how it reports, not what it trains
@@ -181,6 +183,7 @@ def prepare(options: Options, log=print) -> Job:
     the memory plan. Then the codes are read from the cache or made."""
     if options.mode not in MODES:
         raise UsageError(f"mode must be one of {', '.join(MODES)}, got {options.mode!r}")
+    options.lr = options.lr or DEFAULT_LR[options.mode]
     device = torch.device(options.device)
     run, device = setup_distributed(device)
     if options.batch % run.world_size:
@@ -197,7 +200,10 @@ def prepare(options: Options, log=print) -> Job:
                      image_size=options.image_size, gpt_model=options.gpt_model, n_head=options.n_head)
     pipe = base.pipe
     task = task_of(options)
-    p_drop = options.p_drop if options.p_drop is not None else (0.0 if task == "answer" else 0.1)
+    # a tiny run trained with its own loss weights and caption drop (its sequence_options); releases: 1, 1, 0.1
+    trained = read_meta(base.path / "gpt.safetensors").get("sequence_options", {}) if base.family == "tiny" else {}
+    p_drop = options.p_drop if options.p_drop is not None else (
+        0.0 if task == "answer" else trained.get("p_drop_caption", 0.1))
     if base.family == "llamagen":
         if folder.convention != "class folders":
             raise UsageError(f"{options.data} is a captioned folder; a class-to-image model (LlamaGen) trains on "
@@ -209,7 +215,8 @@ def prepare(options: Options, log=print) -> Job:
             len({"q_proj", "k_proj", "v_proj"} & set(options.lora.targets)) not in (0, 3):
         raise UsageError("LlamaGen fuses q, k and v into one wqkv: LoRA targets all three of q_proj, k_proj, "
                          "v_proj or none")
-    recipe = Recipe(pipe, base.family, task, options.question, p_drop, options.image_area)
+    recipe = Recipe(pipe, base.family, task, options.question, p_drop, options.image_area,
+                    trained.get("visual_weight", 1.0), trained.get("answer_weight", 1.0))
     longest = check_strings(folder.train + folder.heldout, recipe, pipe.gpt.config.max_seq_len)
     out = Path(options.out)
     if options.resume:

@@ -24,6 +24,8 @@ Strings follow each release's conventions (layout.py writes them; the loss weigh
 - answer: `understanding_prompt(codes, question, chat_template)` then the caption as the answer and EOS; loss on
   the answer only (Emu3-Chat's post-training);
 - both (the tiny models, as train_tiny.py trains them): each example is one or the other, evenly.
+Every learned token weighs 1, except for a tiny run, whose own loss weights (its checkpoint's sequence_options:
+visual tokens 0.5, answers 2 in the default preset) are its "release's conventions" too.
 """
 
 import hashlib
@@ -102,12 +104,13 @@ class Recipe:
     strings of the task. `pipe` is the base's Pipeline; image_area overrides the release's pixels per image."""
 
     def __init__(self, pipe, family: str, task: str, question: str = "", p_drop: float = 0.0,
-                 image_area: int | None = None):
+                 image_area: int | None = None, visual_weight: float = 1.0, answer_weight: float = 1.0):
         if task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
         if task != "draw" and pipe.layout.condition_only:
             raise ValueError("a class-to-image model (LlamaGen) writes no text: its task is draw")
         self.pipe, self.family, self.task, self.question, self.p_drop = pipe, family, task, question, p_drop
+        self.visual_weight, self.answer_weight = visual_weight, answer_weight
         self.layout, self.tokenizer, self.factor = pipe.layout, pipe.tokenizer, pipe.vq.cfg.spatial_factor
         self.image_area = image_area or pipe.image_area
         self.pad = pipe.layout.pad
@@ -175,10 +178,13 @@ class Recipe:
             task = "answer" if rng is not None and rng.random() < 0.5 else "draw"
         if task == "answer":
             prompt, rest = self.answer(text, codes)
+            weights = [self.answer_weight] * len(rest)
         else:
             dropped = rng is not None and self.p_drop > 0 and rng.random() < self.p_drop
             prompt, rest = self.draw("" if dropped else text + self.pipe.prompt_suffix, codes)
-        return prompt + rest, [0.0] * (len(prompt) - 1) + [1.0] * len(rest)
+            first = self.layout.first_visual
+            weights = [self.visual_weight if first <= t < first + self.layout.codebook_size else 1.0 for t in rest]
+        return prompt + rest, [0.0] * (len(prompt) - 1) + weights
 
     def longest(self, item: Item) -> int:
         """The longest string the item can make (drawn and, with an answer task, answered), from its file's size:

@@ -190,3 +190,10 @@ def test_too_long_captions_and_memory_are_refused(base, folder, tmp_path, monkey
     with pytest.raises(MemoryError, match=r"the memory plan needs .* MiB per rank, and 2.0 MiB of RAM is free"):
         run(base, folder, tmp_path / "out")
     assert not (tmp_path / "out" / "codes.safetensors").exists()   # refused before the VQ ran
+
+
+def test_plan_only_prints_the_plan_and_trains_nothing(base, folder, tmp_path, capsys):
+    plan = run(base, folder, tmp_path / "out", "--plan-only", "--full")
+    printed = capsys.readouterr().out
+    assert "memory plan per rank (1 rank):" in printed and "optimizer state (AdamW, fp32)" in printed
+    assert plan.optimizer == 2 * plan.grads > 0 and not (tmp_path / "out" / "codes.safetensors").exists()
