@@ -364,9 +364,10 @@ def measure(job: Job, pipe) -> dict:
                 for text in pipe.answer(images[start:start + 32], recipe.question, max_new_tokens=48)]
         right = [s.strip() == it.text for s, it in zip(said, items)]
         metrics["caption_accuracy_heldout"] = round(float(np.mean(right)), 4) if right else None
-        if job.options.samples and job.base.family == "tiny":
-            shown = min(len(items), max(job.options.samples, 4))
-            evaluate.captioned_grid(np.stack(images[:shown]), said[:shown], right[:shown], out / "captions.png",
+        if job.options.samples and job.base.family == "tiny" and items:   # spread over the (sorted) folder
+            shown = np.linspace(0, len(items) - 1, min(len(items), max(job.options.samples, 4))).astype(int)
+            evaluate.captioned_grid(np.stack([images[i] for i in shown]), [said[i] for i in shown],
+                                    [right[i] for i in shown], out / "captions.png",
                                     title="held-out images, captioned by the fine-tuned model")
     if "draw" in tasks and job.options.samples and pipe.vq.decoder is None:
         job.log("no samples.png: this release's VQ has no decoder (Chameleon's -hf conversion drops it; Anole's "
