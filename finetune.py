@@ -25,13 +25,10 @@ from pathlib import Path
 
 from nano_emu import cli
 from nano_emu.checkpoint import FolderInUse, RunMismatch, output_lock
-from nano_emu.finetune import MODES, Options, UsageError, finish, prepare, train
+from nano_emu.finetune import DEFAULT_LR, Options, UsageError, finish, prepare, train
 from nano_emu.finetune_data import TASKS
 from nano_emu.folder import FolderError
 from nano_emu.lora import PROJECTIONS, AdapterMismatch, LoRAConfig
-
-# learning rates by what trains (--lr overrides): few adapter numbers take large steps, every weight small ones
-DEFAULT_LR = {"lora": 1e-3, "image-head": 1e-3, "full": 1e-4}
 
 
 def options_of(args) -> Options:
@@ -43,7 +40,7 @@ def options_of(args) -> Options:
         family=family, base=base, data=args.data, out=args.out, vq=args.vq, mode=mode,
         lora=LoRAConfig(args.rank, args.alpha, args.lora_dropout, tuple(args.targets)), task=args.task,
         question=args.question, p_drop=args.p_drop, steps=args.steps, batch=args.batch,
-        lr=args.lr or DEFAULT_LR[mode], warmup=min(args.warmup, args.steps), seed=args.seed,
+        lr=args.lr, warmup=min(args.warmup, args.steps), seed=args.seed,
         heldout_fraction=args.heldout_fraction, caption_column=args.caption_column, class_map=args.class_map,
         image_area=args.image_area, image_size=args.image_size, gpt_model=args.gpt_model,
         device=str(cli.resolve_device(args.device)), dtype=args.dtype, fsdp=args.fsdp,
