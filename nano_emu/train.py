@@ -23,10 +23,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
+
+try:   # FSDP2 and its DTensors are public from torch 2.6; an older torch trains without them (nothing is sharded)
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:
+    FSDPModule = DTensor = ()
 
 from .checkpoint import load_checkpoint, load_extra, save_checkpoint
 from .layout import Layout
