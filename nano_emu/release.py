@@ -39,8 +39,10 @@ from safetensors.torch import save_file
 from . import chameleon, emu3, llamagen
 from .checkpoint import read_meta, save_checkpoint
 from .hub import resolve
-from .lora import Adapter, LoRAConfig, LoRALinear, deltas, module_scaling
+from .lora import (Adapter, AdapterMismatch, LoRAConfig, LoRALinear, attach, deltas, module_scaling, read_adapter,
+                   unload)
 from .pipeline import Pipeline
+from .tiny import load_tiny
 from .weights import open_checkpoint, rename
 
 FAMILIES = ("tiny", "emu3", "llamagen", "chameleon")
@@ -84,7 +86,6 @@ def load_base(family: str, path, vq=None, device="cpu", dtype=torch.float32, ima
     """The family's loader, plus where the weights came from (for the writers) and the base's fingerprint.
     image_size: LlamaGen's and Chameleon's pixels per side (LlamaGen: default from the file name; Chameleon: 512);
     n_head: a LlamaGen GPT of a size LlamaGen never released (load_llamagen's)."""
-    from .tiny import load_tiny
     vq_path = None
     if family == "tiny":
         folder, layout = Path(path), "tiny"
@@ -113,6 +114,10 @@ def load_base(family: str, path, vq=None, device="cpu", dtype=torch.float32, ima
 # names: nano_emu's -> the release's
 
 
+# gpt.py's names -> LlamaGen's (q, k and v are fused into wqkv apart from this map: llamagen_state, fuse_qkv)
+LLAMAGEN_NAMES = {ours: theirs for theirs, ours in llamagen.GPT_NAMES.items()}
+
+
 def name_map(base: Base, in_memory: bool = False) -> dict[str, str]:
     """gpt.py module path (template) -> the release's. in_memory: the names of the model peft wraps (transformers'
     in-memory names), not of the files on disk; they differ for Emu3's -hf layout only."""
@@ -125,7 +130,8 @@ def name_map(base: Base, in_memory: bool = False) -> dict[str, str]:
             "lm_head": prefixes["head"].removesuffix(".weight")}
     if base.family == "chameleon":
         return {ours: theirs for theirs, ours in chameleon.HF_NAMES.items()}
-    return {ours: theirs for theirs, ours in llamagen.GPT_NAMES.items()}
+    return LLAMAGEN_NAMES
+
 
 
 def released_name(key: str, names: dict[str, str]) -> str:
@@ -141,11 +147,11 @@ def halves_to_interleaved(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def llamagen_state(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
     """gpt.py's state dict -> LlamaGen's (llamagen.gpt_from_llamagen inverted)."""
-    names, out = name_map_llamagen(), {}
+    out = {}
     for key, tensor in state.items():
         match = re.fullmatch(r"layers\.(\d+)\.self_attn\.(q|k|v)_proj\.weight", key)
         if match is None:
-            out[rename(key, names)] = tensor
+            out[rename(key, LLAMAGEN_NAMES)] = tensor
         elif match[2] == "q":
             attn = f"layers.{match[1]}.self_attn"
             out[f"layers.{match[1]}.attention.wqkv.weight"] = torch.cat([
@@ -153,10 +159,6 @@ def llamagen_state(state: dict[str, torch.Tensor], config) -> dict[str, torch.Te
                 halves_to_interleaved(state[f"{attn}.k_proj.weight"], config.n_kv_head),
                 state[f"{attn}.v_proj.weight"]])
     return out
-
-
-def name_map_llamagen() -> dict[str, str]:
-    return {ours: theirs for theirs, ours in llamagen.GPT_NAMES.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -171,8 +173,7 @@ def adapter_of(base: Base, gpt, config: LoRAConfig, state: dict | None = None) -
                for path, m in deltas(gpt).items() if isinstance(m, LoRALinear)}
     rank_pattern, alpha_pattern = {}, {}
     if base.family == "llamagen":   # fuse_qkv names the wqkv modules as LlamaGen does already
-        names = name_map_llamagen()
-        weights = {m if m.endswith(".wqkv") else released_name(m, names): ab
+        weights = {m if m.endswith(".wqkv") else released_name(m, LLAMAGEN_NAMES): ab
                    for m, ab in fuse_qkv(weights, gpt.config).items()}
         if any(m.endswith(".wqkv") for m in weights):
             rank_pattern, alpha_pattern = {"wqkv": 3 * config.rank}, {"wqkv": 3 * config.alpha}
@@ -213,7 +214,7 @@ def fuse_qkv(weights: dict, config) -> dict:
 def adapter_weights(base: Base, adapter: Adapter, source: str) -> dict[str, tuple]:
     """A peft adapter for the base's released model -> nano_emu paths -> (A, B, scaling), for lora.attach."""
     from .gpt import interleaved_to_halves
-    names = name_map(base, in_memory=True) if base.family != "llamagen" else name_map_llamagen()
+    names = name_map(base, in_memory=True)
     ours_by_theirs = {theirs: ours for ours, theirs in names.items()}
     out, cfg = {}, base.pipe.gpt.config
     for module, (a, b) in adapter.weights.items():
@@ -309,7 +310,6 @@ def apply_adapter(pipe: Pipeline, family: str, path, folder) -> None:
     peft adapter folder -> the adapter merged into the Pipeline's GPT (then a plain GPT again). An adapter trained
     on another base is refused: other modules or shapes, or (an adapter nano_emu wrote) another base's
     fingerprint, e.g. an Emu3-Chat adapter on Emu3-Gen, whose shapes are the same."""
-    from .lora import AdapterMismatch, attach, read_adapter, unload
     layout = {"tiny": "tiny", "llamagen": "pt", "chameleon": "transformers"}.get(family)
     if family == "emu3":
         layout = emu3_layout(resolve(path, emu3.EMU3_FILES))
