@@ -139,11 +139,13 @@ def check_strings(job_items, recipe: Recipe, context: int) -> int:
     the files' sizes before the VQ runs. Returns the longest string's length."""
     longest, broken = 0, []
     for item in job_items:
+        try:   # (a byte-level BPE takes any text; a tiny run's word tokenizer refuses words it does not know)
+            recipe.tokenizer.encode(item.text)
+        except ValueError as e:
+            raise UsageError(f"{item.file}: the caption {item.text!r} does not fit the base's tokenizer: {e}")
         try:
             n = recipe.longest(item)
-        except (ValueError, OSError) as e:
-            if "vocabulary" in str(e):   # a tiny model's word tokenizer: a word it does not know
-                raise UsageError(f"{item.file}: the caption {item.text!r} does not fit the base's tokenizer: {e}")
+        except (ValueError, OSError) as e:   # not an image, or one the release's processing refuses
             broken.append(f"{item.file} ({str(e).splitlines()[0]})")
             continue
         if n > context:

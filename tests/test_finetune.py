@@ -197,3 +197,10 @@ def test_plan_only_prints_the_plan_and_trains_nothing(base, folder, tmp_path, ca
     printed = capsys.readouterr().out
     assert "memory plan per rank (1 rank):" in printed and "optimizer state (AdamW, fp32)" in printed
     assert plan.optimizer == 2 * plan.grads > 0 and not (tmp_path / "out" / "codes.safetensors").exists()
+
+
+def test_unreadable_images_are_refused_by_name(base, tmp_path):
+    folder = write_folder(tmp_path / "colors", per_class=3)
+    (folder / "red" / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(stage.FolderError, match=r"1 image\(s\) cannot be read: .*broken.png"):
+        run(base, folder, tmp_path / "out")
