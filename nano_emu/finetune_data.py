@@ -189,6 +189,7 @@ class Recipe:
     def longest(self, item: Item) -> int:
         """The longest string the item can make (drawn and, with an answer task, answered), from its file's size:
         the context check before the VQ reads a pixel."""
+        upright_size(item.file)   # (every family: a file that is no image fails here, before the VQ)
         codes = torch.zeros(self.grid(item.file), dtype=torch.long)
         tasks = {"draw": ["draw"], "answer": ["answer"], "both": ["draw", "answer"]}[self.task]
         return max(len(self.string(item.text, codes, task=task)[0]) for task in tasks)
