@@ -14,6 +14,7 @@
     python sample.py --chameleon Anole-7b-v0.1-hf --prompt "a watercolor fox" --out fox.png   # Anole draws
     python sample.py --ckpt out/tiny --prompt "a red circle in the top left" --cdk-k 8 --out cdk.png   # CM3Leon's CD-K
     python sample.py --ckpt out/tiny --complete shape.png --keep-rows 3 --n 4 --out completed.png  # image completion
+    python sample.py --ckpt out/tiny --adapter out/ft/adapter --prompt "3" --out 3.png    # a fine-tune's LoRA (finetune.py)
 """
 
 import sys
@@ -25,6 +26,7 @@ from PIL import Image
 from nano_emu import cli
 from nano_emu.image import load_clip, save_image
 from nano_emu.pipeline import Pipeline
+from nano_emu.release import apply_adapter
 from nano_emu.vq import VQConfig
 
 TEMPORAL_FACTOR = VQConfig.emu3().temporal_factor   # frames per code frame: 4 in the released VQ and the tiny one
@@ -147,6 +149,8 @@ def draw_classes(args) -> None:
     from PIL import ImageDraw
 
     pipe = cli.load_pipeline(args)
+    if args.adapter:
+        apply_adapter(pipe, "llamagen", args.llamagen, args.adapter)
     pipe.compile, pipe.sjd, pipe.sjd_coupled = args.compile, args.sjd, args.coupled
     classes = [c for c in args.classes for _ in range(args.n)]
     h, w = pipe.grid()
@@ -191,6 +195,10 @@ def main(args):
     if args.llamagen:   # LlamaGen's class-to-image weights
         return draw_classes(args)
     pipe = cli.load_pipeline(args)
+    if args.adapter:   # a fine-tune's LoRA (finetune.py), merged into the base it was trained on
+        family, base = ("tiny", args.ckpt) if args.ckpt else ("chameleon", args.chameleon) if args.chameleon \
+            else ("emu3", args.weights)
+        apply_adapter(pipe, family, base, args.adapter)
     pipe.compile, pipe.sjd, pipe.sjd_coupled = args.compile, args.sjd, args.coupled
     if args.complete:
         complete(pipe, args)
@@ -208,6 +216,8 @@ def build_parser() -> cli.ArgumentParser:
     source.add_argument("--vq", type=cli.hub_path, help="Emu3-VisionTokenizer (original layout); LlamaGen's VQ")
     source.add_argument("--llamagen", type=cli.hub_file, metavar="FILE", help="a LlamaGen c2i GPT (.pt, .safetensors)")
     source.add_argument("--chameleon", type=cli.hub_folder, metavar="DIR", help="a Chameleon or Anole folder")
+    source.add_argument("--adapter", type=cli.existing_folder, default=None, metavar="DIR",
+                        help="with one of those: a LoRA adapter finetune.py wrote for it")
     gen = p.add_argument_group("WHAT: text -> image")
     gen.add_argument("--prompt", action="append", default=[], help="caption to draw (repeat for rows)")
     gen.add_argument("--n", type=cli.at_least(1), default=1, help="images per prompt (a grid row each)")

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 @dataclass
@@ -351,10 +352,13 @@ class GPT(nn.Module):
         return KVCache.nbytes(self.config, batch_size, max_len, self.lm_head.weight.dtype)
 
     def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
-                input_pos: torch.Tensor | None = None, every_position: bool = False) -> torch.Tensor:
+                input_pos: torch.Tensor | None = None, every_position: bool = False, *,
+                select: torch.Tensor | None = None, checkpoint_layers: bool = False) -> torch.Tensor:
         """idx (B, T) token ids.
         Without a cache: a full causal pass; attention_mask (B, T) is 1 for tokens, 0 for left padding (optional).
-        Returns logits (B, T, V).
+        Returns logits (B, T, V). Two training options (finetune.py): `select` (B, T) bool returns the logits of
+        the selected positions only, (N, V), so positions without loss never meet the 184622-wide head;
+        checkpoint_layers recomputes each block in the backward pass instead of keeping its activations.
         With a cache: a decode step writing slots input_pos (T,) of `cache` (padding was declared by
         cache.start). Returns logits (B, 1, V) for the last position, or (B, T, V) with every_position."""
         if (cache is None) != (input_pos is None):
@@ -375,7 +379,12 @@ class GPT(nn.Module):
                 mask = self._mask(causal, valid, torch.arange(T, device=idx.device))
             cos, sin = rope_cos_sin(positions, self.config, x.dtype)
             for layer in self.layers:
-                x = layer(x, cos, sin, mask)
+                if checkpoint_layers:   # keeps only each block's input; its inside is recomputed in backward
+                    x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                else:
+                    x = layer(x, cos, sin, mask)
+            if select is not None:
+                x = x[select]                                                      # (N, C)
             return self.lm_head(self.norm(x)).float()
 
         if attention_mask is not None:

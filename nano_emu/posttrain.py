@@ -39,7 +39,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .evaluate import answer, draw
 from .layout import Plan
 from .pipeline import Pipeline
-from .train import Distributed, Pool, batch_rng, fit, sequences, weighted_loss
+from .train import Distributed, Pool, batch_rng, fit, linear_to_zero, sequences, weighted_loss
 from .world import World
 
 METHODS = ("rft", "dpo", "grpo", "continue")
@@ -331,7 +331,7 @@ def post_train(pipe: Pipeline, world: World, settings: Settings, anchor: Pool, s
     pipe.gpt.train()
     history = fit(pipe.gpt, loss_fn, settings.steps, settings.lr, out / "gpt.safetensors",
                   {**meta, "posttrain": asdict(settings)}, Distributed(), ckpt_every=ckpt_every, resume=resume,
-                  schedule=lambda step: settings.lr * (1 - step / settings.steps), after_step=after_step,
+                  schedule=linear_to_zero, after_step=after_step,
                   desc=f"post-train ({settings.method})")
     pipe.gpt.eval()
     return history

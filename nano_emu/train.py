@@ -27,11 +27,16 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+try:   # FSDP2 and its DTensors are public from torch 2.6; an older torch trains without them (nothing is sharded)
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:
+    FSDPModule = DTensor = ()
+
 from .checkpoint import load_checkpoint, load_extra, save_checkpoint
 from .layout import Layout, Plan
 from .vq import VectorQuantizer
 from .vq_blocks import AttnBlock, CausalConv3d, ResnetBlock, TemporalResnetBlock
-from .weights import load_state_dict_strict
 
 VISUAL_WEIGHT = 0.5   # Emu3 weights the loss on vision tokens by 0.5 relative to text
 
@@ -117,6 +122,42 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))   # cosine down to 10%
 
 
+def linear_to_zero(step: int, steps: int, lr: float, warmup: int) -> float:
+    """Emu3's quality fine-tuning schedule: after the warmup, the learning rate falls linearly to zero."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * (steps - step) / max(1, steps - warmup)
+
+
+def whole_tensor(tensor):
+    """A tensor as a whole: an FSDP2 shard (DTensor) is gathered from every rank (a collective), others as they are."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _placed_like(tensor: torch.Tensor, reference):
+    """A whole tensor read from a checkpoint, sharded as `reference` is when that is an FSDP2 shard."""
+    if not isinstance(reference, DTensor):
+        return tensor
+    return distribute_tensor(tensor.to(reference.device), reference.device_mesh, reference.placements)
+
+
+def _load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str, names) -> None:
+    """Copy a checkpoint's whole tensors into the model (into each rank's shard under FSDP2), after checking that
+    it holds exactly `names` of the model's state dict with their shapes (one error lists every difference)."""
+    current = model.state_dict()
+    expected = {k: tuple(current[k].shape) for k in names}
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {expected[k]}"
+                  for k in sorted(expected.keys() & state.keys()) if tuple(state[k].shape) != expected[k]]
+    if missing or unexpected or mismatched:
+        raise ValueError(f"cannot resume from {source}: " + "; ".join(
+            f"{len(items)} {what}: {', '.join(items[:5])}" for what, items in
+            (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)) if items))
+    with torch.no_grad():
+        for key, tensor in state.items():
+            current[key].copy_(_placed_like(tensor, current[key]))
+
+
 def _rng_state(device: torch.device) -> torch.Tensor:
     """The torch RNG that random draws on `device` use (the VQ's dead-code restarts), as a tensor to checkpoint."""
     return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
@@ -133,21 +174,32 @@ def fit(model: torch.nn.Module, loss_fn: Callable, steps: int, lr: float, ckpt_p
         run: Distributed, ckpt_every: int = 250, resume: bool = False, warmup: int = 20, betas=(0.9, 0.95),
         clip_grad: float | None = 1.0, after_step: Callable | None = None, desc: str = "train",
         log_every: int = 10, extra: dict[str, torch.Tensor] | None = None, compile: dict | None = None,
-        schedule: Callable[[int], float] | None = None) -> list:
+        schedule: Callable = lr_at, trainable_only: bool = False) -> list:
     """Train `model` for `steps` steps of `loss_fn(net, step) -> (loss, logs)`; `net` is the model, DDP-wrapped
     when distributed. Checkpoints to ckpt_path (with `meta`, e.g. the config). Returns the logged history.
     extra: tensors of training state that loss_fn / after_step update in place (the VQ's code-usage counters);
     they are checkpointed with the weights and restored in place on resume, as is the torch RNG of the model's
     device, so that a resumed run takes the steps the uninterrupted one takes.
     compile: torch.compile's options to compile `net` with (None: eager); `model` is still what is saved.
-    schedule: step -> learning rate, instead of the warmup and cosine decay (post-training's linear anneal)."""
+    schedule(step, steps, lr, warmup) -> the step's learning rate (lr_at: warmup, then cosine down to 10%).
+    Only the parameters that require grad train (a fine-tune's frozen base does not); trainable_only: the
+    checkpoint holds those alone (a LoRA run saves its adapters, not the 8B model under them). A model sharded by
+    FSDP2 (fully_shard, finetune.py) trains as it is, without DDP around it; its checkpoints hold whole tensors,
+    gathered from every rank, so that it resumes on any number of processes."""
     device = next(model.parameters()).device
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=0.0)
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(list(trainable.values()), lr=lr, betas=betas, weight_decay=0.0)
+    kept = list(trainable) if trainable_only else list(model.state_dict())   # what a checkpoint holds
     done, history, extra = 0, [], extra or {}
     if resume and ckpt_path.exists():
         state, saved, opt_state = load_checkpoint(ckpt_path, device=device)
-        load_state_dict_strict(model, state, source=str(ckpt_path))
+        _load_weights(model, state, str(ckpt_path), kept)
         if opt_state is not None:
+            params = list(trainable.values())
+            for index, values in opt_state["state"].items():   # exp_avg, exp_avg_sq: sharded as their parameter
+                for key, value in values.items():
+                    if torch.is_tensor(value) and value.shape == params[index].shape:
+                        values[key] = _placed_like(value, params[index])
             optimizer.load_state_dict(opt_state)
         saved_extra = load_extra(ckpt_path, device=device)
         for name, tensor in extra.items():
@@ -158,25 +210,30 @@ def fit(model: torch.nn.Module, loss_fn: Callable, steps: int, lr: float, ckpt_p
         done, history = saved["step"], saved["history"]
         if run.main:
             print(f"resuming {desc} from {ckpt_path} at step {done}/{steps}")
-    net = DistributedDataParallel(model) if run.world_size > 1 else model
+    net = DistributedDataParallel(model) if run.world_size > 1 and not isinstance(model, FSDPModule) else model
     if compile is not None:   # the first steps pay the compiling
         net = torch.compile(net, **compile)
 
-    def save():
+    def save():   # every rank takes part (gathering FSDP2 shards is a collective); the main one writes
+        current = model.state_dict()
+        weights = {k: whole_tensor(current[k]) for k in kept}
+        opt_state = optimizer.state_dict()
+        opt_state["state"] = {i: {k: whole_tensor(v) if torch.is_tensor(v) else v for k, v in values.items()}
+                              for i, values in opt_state["state"].items()}
         if run.main:
-            save_checkpoint(ckpt_path, model.state_dict(), {**meta, "step": done, "steps": steps, "history": history},
-                            optimizer.state_dict(), extra={**extra, "rng": _rng_state(device)})
+            save_checkpoint(ckpt_path, weights, {**meta, "step": done, "steps": steps, "history": history},
+                            opt_state, extra={**extra, "rng": _rng_state(device)})
 
     bar = tqdm(total=steps, initial=done, desc=desc, disable=not run.main, dynamic_ncols=True)
     try:
         while done < steps:
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(done, steps, lr, warmup) if schedule is None else schedule(done)
+                group["lr"] = schedule(done, steps, lr, warmup)
             loss, logs = loss_fn(net, done)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if clip_grad is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+                torch.nn.utils.clip_grad_norm_(list(trainable.values()), clip_grad)
             optimizer.step()
             if after_step is not None:
                 after_step(done)
