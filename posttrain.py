@@ -78,6 +78,7 @@ def parse_args(argv=None):
                         help="rollouts' temperature (grpo: 1)")
     rounds.add_argument("--judge", choices=["checker", "self"], default=DEFAULTS.judge,
                         help="self: the model reads its drawings back")
+    rounds.add_argument("--balance", action="store_true", help="rft: accepted drawings picked category by category")
     rounds.add_argument("--anchor-pool", type=count, default=4000, metavar="N",
                         help="pretraining examples mixed into every batch")
     losses = p.add_argument_group("losses")

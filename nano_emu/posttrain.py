@@ -61,6 +61,7 @@ class Settings:
     clip: float = 0.2            # GRPO: PPO's ratio clip
     kl: float = 0.05             # GRPO: weight of the KL penalty to the reference
     judge: str = "checker"       # or "self": the model's reading of its own drawing, even where a checker exists
+    balance: bool = False        # rft: accepted drawings picked category by category (rare successes weigh more)
     seed: int = 0
 
     def __post_init__(self):
@@ -193,15 +194,19 @@ def draw_round(pipe: Pipeline, world: World, settings: Settings, round_: int, re
     reader = reader_of(pipe) if settings.judge == "self" or not world.checker else None
     reward = world.reward(pixels, prompts, [t for t in targets for _ in range(settings.k)], reader)
     ids = rollout_strings(pipe.layout, pipe.tokenizer, prompts, plans or None, codes)
+    categories = [world.category(t) for t in targets]
+    names = sorted(set(categories))
     tensors = dict(ids=ids, mask=chosen_mask(pipe.layout, ids), reward=torch.tensor(reward, dtype=torch.float32),
                    group=torch.arange(len(captions)).repeat_interleave(settings.k), drawn_logprob=torch.cat(drawn),
-                   codes=codes)
+                   codes=codes,
+                   category=torch.tensor([names.index(c) for c in categories]).repeat_interleave(settings.k))
     if settings.method in ("dpo", "grpo"):
         tensors["old"] = all_logprobs(pipe.gpt, ids, pipe.layout)
         tensors["ref"] = all_logprobs(reference, ids, pipe.layout)
     pipe.release()
+    accepted = {name: float(reward[np.repeat(np.array(categories) == name, settings.k)].mean()) for name in names}
     info = dict(round=round_, captions=captions, plans=plans or None, accepted=float(reward.mean()),
-                seconds=round(time.perf_counter() - start, 1))
+                accepted_by_category=accepted, seconds=round(time.perf_counter() - start, 1))
     return tensors, info
 
 
@@ -268,7 +273,13 @@ def rollout_loss(net, data: dict, rng: np.random.Generator, n: int, layout, sett
         accepted = torch.nonzero(reward > 0)[:, 0].numpy()
         if not len(accepted):
             return None, {}
-        pick = accepted[rng.integers(len(accepted), size=n)]
+        if settings.balance:   # a category first, then one of its accepted drawings
+            by_category = [accepted[data["category"][accepted].numpy() == c] for c in data["category"].unique()]
+            by_category = [index for index in by_category if len(index)]
+            pick = np.array([by_category[c][rng.integers(len(by_category[c]))]
+                             for c in rng.integers(len(by_category), size=n)])
+        else:
+            pick = accepted[rng.integers(len(accepted), size=n)]
         ids, mask = data["ids"][pick], data["mask"][pick]
         visual = layout.is_visual(ids[:, 1:]).float()
         weights = mask * (sequence_options.get("visual_weight", 0.5) * visual + (1 - visual))

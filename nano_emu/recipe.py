@@ -337,7 +337,7 @@ def post_train_run(args) -> dict:
     settings = Settings(method=args.method, rounds=args.rounds, prompts=args.prompts, k=args.k,
                         steps_per_round=args.steps_per_round, batch=args.batch, lr=args.lr, cfg=args.cfg,
                         temperature=args.temperature, beta=args.beta, ce=args.ce, clip=args.clip, kl=args.kl,
-                        judge=args.judge, seed=args.seed)
+                        judge=args.judge, balance=args.balance, seed=args.seed)
     check_output_folder(args.out, args.resume)
     args.out.mkdir(parents=True, exist_ok=True)
     device = cli.resolve_device(args.device)
@@ -391,8 +391,8 @@ def post_train_run(args) -> dict:
     metrics.update(posttrain_minutes=minutes(seconds), method=settings.method,
                    accepted_per_round=[info["accepted"] for info in round_infos(args.out, settings.rounds)])
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    before = json.loads((args.out / "metrics_before.json").read_text()) if (args.out / "metrics_before.json").is_file() \
-        else {}
+    before_path = args.out / "metrics_before.json"
+    before = json.loads(before_path.read_text()) if before_path.is_file() else {}
     print(f"\n{'metric':34s} {'before':>10s} {'after':>10s}")
     for key, value in metrics.items():
         if isinstance(value, (int, float)) and not key.endswith("_s"):
