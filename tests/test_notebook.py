@@ -42,7 +42,7 @@ def test_the_index_lists_every_notebook_and_nothing_else():
 def test_notebook_runs(path, quick_checkpoint, request, monkeypatch):
     if path.stem.startswith("05"):
         pytest.importorskip("transformers")   # 05 writes its tiny released-layout checkpoint with transformers
-    if path.stem.startswith("06"):             # 06 draws scenes: the --world scenes --quick run (conftest.py)
+    if path.stem.startswith(("06", "07")):     # 06 and 07 draw scenes: the --world scenes --quick run (conftest.py)
         monkeypatch.setenv("NANO_EMU_SCENES_CKPT", str(request.getfixturevalue("quick_scenes_run")[0]))
     monkeypatch.setenv("NANO_EMU_CKPT", str(quick_checkpoint))   # the kernel inherits this process's environment
     monkeypatch.setenv("NANO_EMU_NB_QUICK", "1")
