@@ -92,6 +92,8 @@ def draw(pipe: Pipeline, args) -> None:
     STATUS.end()
     print(f"  {n_tokens} tokens per image in {elapsed:.1f}s: {n_tokens * len(prompts) / elapsed:.1f} tokens/s "
           f"({'CFG: 2 rows per image, ' if cfg != 1 else ''}batch {len(prompts)})")
+    for prompt, plan in zip(prompts, rows.plans or []):   # a model trained with --plan wrote these first
+        print(f"  plan for {prompt!r}: {plan}")
     images = pipe.decode(rows.codes, args.frames)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
