@@ -87,6 +87,8 @@ def parse_args(argv=None):
     losses.add_argument("--clip", type=rate, default=DEFAULTS.clip, help="grpo: the ratio's clip")
     losses.add_argument("--kl", type=cli.at_least(0, float), default=DEFAULTS.kl, help="grpo: KL to the reference")
     measure = p.add_argument_group("measuring")
+    measure.add_argument("--sample-cfg", type=cli.above(0), default=None, metavar="G",
+                         help="the post-trained run's own CFG, saved in it (default: the run's)")
     measure.add_argument("--curve-every", type=count, default=2, metavar="R", help="a curve point every R rounds")
     measure.add_argument("--curve-repeats", type=count, default=3, metavar="N", help="draws per curve prompt")
     measure.add_argument("--best-of", type=cli.at_least(2), default=None, metavar="K",

@@ -351,6 +351,8 @@ def post_train_run(args) -> dict:
     source = read_meta(args.run / "gpt.safetensors")
     meta = {k: v for k, v in source.items() if k not in ("step", "steps", "history")}
     meta["posttrained_from"] = str(args.run)
+    if args.sample_cfg is not None:   # how the post-trained run samples by default (both CFGs are evaluated)
+        meta["sampling"] = {**meta.get("sampling", {}), "cfg_scale": args.sample_cfg}
     (args.out / "posttrain.json").write_text(json.dumps({"run": str(args.run), **asdict(settings)}, indent=2))
 
     clock = {"start": time.perf_counter(), "paused": 0.0, "offset": 0.0}
