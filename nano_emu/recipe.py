@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from . import cli, evaluate, plans, scenes, shapes
-from .checkpoint import (SETTINGS_KEY, VQ_HASH_KEY, check_resume, check_same_vq, read_meta, settings_of,
+from .checkpoint import (SETTINGS_KEY, VQ_HASH_KEY, RunMismatch, check_resume, check_same_vq, read_meta, settings_of,
                          weights_hash)
 from .folder import Folder
 from .gpt import GPT, GPTConfig
@@ -353,7 +353,14 @@ def post_train_run(args) -> dict:
     meta["posttrained_from"] = str(args.run)
     if args.sample_cfg is not None:   # how the post-trained run samples by default (both CFGs are evaluated)
         meta["sampling"] = {**meta.get("sampling", {}), "cfg_scale": args.sample_cfg}
-    (args.out / "posttrain.json").write_text(json.dumps({"run": str(args.run), **asdict(settings)}, indent=2))
+    asked = {"run": str(args.run), **asdict(settings)}
+    if args.resume and (args.out / "posttrain.json").is_file():   # a resumed stage takes the steps it would have
+        stored = json.loads((args.out / "posttrain.json").read_text())
+        changed = [f"{k} {stored.get(k)!r} there, {v!r} now" for k, v in asked.items() if stored.get(k) != v]
+        if changed:
+            raise RunMismatch(f"--resume: {args.out} was post-trained with other settings ({'; '.join(changed)}): "
+                              f"resume it with its own, or post-train into a new --out")
+    (args.out / "posttrain.json").write_text(json.dumps(asked, indent=2))
 
     clock = {"start": time.perf_counter(), "paused": 0.0, "offset": 0.0}
     curve = read_curve(args.out) if args.resume else []

@@ -284,3 +284,20 @@ def test_a_folder_run_without_a_judge_is_refused(tmp_path):
     result = run_script("--run", str(run), "--out", str(tmp_path / "out"))
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert "no judge" in result.stderr
+
+
+def test_the_command_writes_a_run_and_refuses_to_resume_it_with_other_settings(quick_run, tmp_path):
+    out = tmp_path / "post"
+    small = ["--run", str(quick_run), "--out", str(out), "--rounds", "2", "--prompts", "4", "--k", "2",
+             "--steps-per-round", "2", "--batch", "4", "--curve-repeats", "1", "--anchor-pool", "32"]
+    result = run_script(*small, "--sample-cfg", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    import json
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"adherence_seen_cfg2", "adherence_seen_cfg1", "memorised_seen", "posttrain_minutes"} <= set(metrics)
+    assert len(metrics["accepted_per_round"]) == 2 and (out / "metrics_before.json").is_file()
+    assert [row["round"] for row in posttrain.read_curve(out)] == [0, 2] and (out / "curve.png").is_file()
+    pipe = load_tiny(out)   # a run folder like any other, sampling unguided by default now
+    assert pipe.guidance.cfg_scale == 1.0
+    result = run_script(*small, "--resume", "--lr", "3e-4")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "lr 0.0001 there" in result.stderr
