@@ -358,13 +358,16 @@ def tqdm_write(text: str) -> None:
 
 
 def quick_scores(pipe: Pipeline, world: World, repeats: int, seed: int) -> dict[str, float]:
-    """The checker's headline (overall) for seen and held-out prompts, at the run's CFG and at cfg 1: the curve's
-    points, on world.draw_tasks(repeats) (the evaluation's prompts, fewer draws each)."""
+    """The curve's points, on world.draw_tasks(repeats) (the evaluation's prompts, fewer draws each): the checker's
+    headline for seen and held-out prompts at the run's CFG and at cfg 1 ("seen_cfg2"), and each of its rates
+    ("seen_cfg2_position", "seen_cfg2_square_fill")."""
     scores, cfg = {}, pipe.guidance.cfg_scale
     for group, (captions, targets) in world.draw_tasks(repeats).items():
         for g in (cfg, 1.0):
             drawn = draw(pipe, captions, frames=world.frames, cfg_scale=g, seed=seed)
-            scores[f"{group}_cfg{g:g}"] = world.score(drawn, targets)["adherence"]
+            rates = world.score(drawn, targets)
+            scores[f"{group}_cfg{g:g}"] = rates.pop("adherence")
+            scores.update({f"{group}_cfg{g:g}_{name}": value for name, value in rates.items()})
     pipe.release()
     return scores
 

@@ -421,7 +421,7 @@ def plot_curve(rows: list[dict], path: Path, method: str) -> None:
     from matplotlib.figure import Figure
     fig = Figure(figsize=(6, 3.6))
     ax = fig.subplots()
-    for key in [k for k in (rows[0] if rows else {}) if k.startswith(("seen_", "heldout_"))]:
+    for key in [k for k in (rows[0] if rows else {}) if k.startswith(("seen_", "heldout_")) and k.count("_") == 1]:
         ax.plot([r["minutes"] for r in rows], [r[key] for r in rows], marker="o", lw=1, label=key.replace("_", ", "))
     ax.set(title=f"post-training ({method}): overall score", xlabel="minutes of post-training", ylim=(0, 1))
     ax.grid(alpha=0.3)
