@@ -23,6 +23,7 @@ p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("--run", action="append", required=True, help="a digits run folder (repeat to compare)")
 p.add_argument("--per-class", type=int, default=20)
 p.add_argument("--seed", type=int, default=1000)
+p.add_argument("--cfg", type=float, default=None, help="draw at this CFG (default: each run's own)")
 args = p.parse_args()
 
 digits = load_digits()
@@ -39,12 +40,12 @@ rows = {}
 for run in args.run:
     pipe = load_tiny(run)
     captions = [str(d) for d in range(10) for _ in range(args.per_class)]
-    drawn = evaluate.draw(pipe, captions, seed=args.seed)
+    drawn = evaluate.draw(pipe, captions, seed=args.seed, cfg_scale=args.cfg)
     read = evaluate.answer(pipe, drawn, [""] * len(drawn))
     mine = np.array([r.strip() == c for r, c in zip(read, captions)])
     theirs = independent(drawn).astype(str) == np.array(captions)
     rows[run] = {"self_judge": round(float(mine.mean()), 3), "independent_judge": round(float(theirs.mean()), 3),
                  "agreement": round(float((mine == theirs).mean()), 3)}
-    print(f"{run}: the model reads {mine.mean():.1%} of its drawings as their digit, the classifier "
+    print(f"{run} (cfg {args.cfg or pipe.guidance.cfg_scale:g}): the model reads {mine.mean():.1%} of its drawings as their digit, the classifier "
           f"{theirs.mean():.1%}; they agree on {(mine == theirs).mean():.1%}")
 print(json.dumps(rows, indent=2))

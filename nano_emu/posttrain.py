@@ -374,12 +374,14 @@ def quick_scores(pipe: Pipeline, world: World, repeats: int, seed: int) -> dict[
 
 def memorised(pipe: Pipeline, world: World, out: Path, repeats: int, seed: int) -> float:
     """The share of the evaluation's seen drawings (at the run's CFG) whose code grid is exactly the grid of a
-    drawing the stage trained on (any round's rollouts): copying, not drawing."""
+    drawing the stage drew (any round's rollouts): copying, not drawing."""
     grids = set()
     for path in sorted((out / "rollouts").glob("round_*.safetensors")):
         tensors, _, _ = load_checkpoint(path)
         grids |= {tuple(c.flatten().tolist()) for c in tensors["codes"]}
-    captions, _ = world.draw_tasks(repeats)["seen"]
+    tasks = world.draw_tasks(repeats)
+    # the evaluation's seen prompts; a world without them (a folder): its showcase captions, 8 drawings each
+    captions = tasks["seen"][0] if "seen" in tasks else [c for c in world.showcase()[0] for _ in range(8)]
     copies = 0
     for i in range(0, len(captions), 512):
         for rows in pipe.draw_stream(captions[i:i + 512], seed=seed + i // 512):
