@@ -16,6 +16,7 @@ from nano_emu.scenes import CATEGORIES
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("--run", action="append", required=True, metavar="NAME=DIR")
 p.add_argument("--curves", default=None, help="also plot the runs' curves (overall, seen) into this PNG")
+p.add_argument("--checked", default=None, help="also put the runs' checked.png side by side into this PNG")
 args = p.parse_args()
 runs = [(name, Path(folder)) for name, folder in (r.split("=", 1) for r in args.run)]
 
@@ -61,3 +62,18 @@ if args.curves:
     fig.tight_layout()
     fig.savefig(args.curves, dpi=110)
     print(f"wrote {args.curves}")
+
+if args.checked:   # the evaluation's drawings per category, read back by the checker, one run beside the other
+    from PIL import Image, ImageDraw
+    pictures = [(name.rstrip("+"), Image.open(folder / "checked.png").convert("RGB")) for name, folder in runs]
+    height = min(picture.height for _, picture in pictures)
+    pictures = [(name, picture.resize((round(picture.width * height / picture.height), height)))
+                for name, picture in pictures]
+    canvas = Image.new("RGB", (sum(picture.width for _, picture in pictures), height + 30), "white")
+    x = 0
+    for name, picture in pictures:
+        canvas.paste(picture, (x, 30))
+        ImageDraw.Draw(canvas).text((x + 10, 8), name, fill="black")
+        x += picture.width
+    canvas.save(args.checked)
+    print(f"wrote {args.checked}")
