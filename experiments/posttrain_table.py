@@ -30,6 +30,8 @@ print("| run | overall seen / held-out, CFG 2 | at cfg 1 | " + " / ".join(c.repl
       + ", seen, CFG 2 | QA seen / held-out | captions exact | memorised | minutes |")
 print("|---|---:|---:|---|---:|---:|---:|---:|")
 for name, folder in runs:
+    if not (folder / "metrics.json").is_file():   # a stage stopped before its evaluation: its curve only
+        continue
     metrics = json.loads((folder / "metrics.json").read_text())
     rows = [(name, metrics)]
     if (folder / "metrics_before.json").is_file() and name.endswith("+"):   # "NAME+": its parent's row first
@@ -43,7 +45,7 @@ for name, folder in runs:
               f"{m.get('posttrain_minutes', '')} |")
 
 if args.curves:
-    fig = Figure(figsize=(11, 3.8))
+    fig = Figure(figsize=(11, 4.6))
     axes = fig.subplots(1, 2)
     for ax, cfg in zip(axes, ("cfg2", "cfg1")):
         for name, folder in runs:
@@ -58,8 +60,8 @@ if args.curves:
         ax.set(title=f"overall score at {'CFG 2' if cfg == 'cfg2' else 'cfg 1 (no guidance)'}",
                xlabel="minutes of post-training (1 thread, shared machine)", ylim=(0, 0.7))
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, ncol=2)
-    fig.tight_layout()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=7)
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     fig.savefig(args.curves, dpi=110)
     print(f"wrote {args.curves}")
 

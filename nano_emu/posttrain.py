@@ -394,7 +394,8 @@ def memorised(pipe: Pipeline, world: World, out: Path, repeats: int, seed: int) 
 def best_of_k(pipe: Pipeline, world: World, captions: list[str], targets: list, k: int, seed: int) -> dict:
     """Test-time selection, no training: draw each prompt k times; pass@k is the checker's best of k (the ceiling
     post-training can sharpen toward), pass@1 its first draw, and self@k the checker's verdict on the one drawing
-    the model itself reads as its prompt (World.self_check; the first drawing where it accepts none)."""
+    the model itself reads as its prompt (World.self_check; the first drawing where it accepts none). Each is the
+    mean over the world's categories of the mean over their prompts, as GenEval's overall."""
     prompts = [c for c in captions for _ in range(k)]
     pixels = draw(pipe, prompts, frames=world.frames, seed=seed).reshape(len(captions), k, *world_shape(world))
     flat = pixels.reshape(len(prompts), *pixels.shape[2:])
@@ -403,9 +404,12 @@ def best_of_k(pipe: Pipeline, world: World, captions: list[str], targets: list, 
                         dtype=bool).reshape(len(captions), k)
     chosen = np.where(accepted.any(1), accepted.argmax(1), 0)
     pipe.release()
-    return {"pass@1": float(right[:, 0].mean()), f"pass@{k}": float(right.any(1).mean()),
-            f"self@{k}": float(right[np.arange(len(captions)), chosen].mean()),
-            "self_accepts": float(accepted.mean())}
+    categories = np.array([world.category(t) for t in targets])
+
+    def overall(hits: np.ndarray) -> float:
+        return float(np.mean([hits[categories == c].mean() for c in dict.fromkeys(categories)]))
+    return {"pass@1": overall(right[:, 0]), f"pass@{k}": overall(right.any(1)),
+            f"self@{k}": overall(right[np.arange(len(captions)), chosen]), "self_accepts": float(accepted.mean())}
 
 
 def world_shape(world: World) -> tuple[int, ...]:
