@@ -68,7 +68,29 @@ class LoRAConfig:
         return self.alpha / self.rank
 
 
-class LoRALinear(nn.Module):
+class Delta(nn.Module):
+    """What the two kinds of update share: a frozen `weight`, the update as a weight (`delta`), and merging it in
+    exactly (the original tensor is kept, so unmerge puts it back bit for bit)."""
+
+    weight: torch.Tensor
+    original: torch.Tensor | None
+
+    def delta(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.original is None:
+            self.original = self.weight.data
+            self.weight.data = (self.original.float() + self.delta()).to(self.original.dtype)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.original is not None:
+            self.weight.data, self.original = self.original, None
+
+
+class LoRALinear(Delta):
     """A frozen bias-free Linear (its `weight` is the base's own Parameter) plus a LoRA update. See the docstring."""
 
     def __init__(self, base: nn.Linear, rank: int, scaling: float, dropout: float = 0.0,
@@ -103,22 +125,11 @@ class LoRALinear(nn.Module):
         b = self.lora_B.weight if lora_B is None else lora_B
         return self.scaling * (b.float() @ a.float())
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.original is None:
-            self.original = self.weight.data
-            self.weight.data = (self.original.float() + self.delta()).to(self.original.dtype)
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.original is not None:
-            self.weight.data, self.original = self.original, None
-
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, rank={self.lora_A.out_features}, scaling={self.scaling:g}"
 
 
-class RowDelta(nn.Module):
+class RowDelta(Delta):
     """A frozen bias-free Linear whose output rows [start, stop) train: weight[start:stop] + delta (Anole)."""
 
     def __init__(self, base: nn.Linear, start: int, stop: int):
@@ -145,19 +156,8 @@ class RowDelta(nn.Module):
         full[self.start:self.stop] = rows.float()
         return full
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.original is None:
-            self.original = self.weight.data
-            self.weight.data = (self.original.float() + self.delta()).to(self.original.dtype)
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.original is not None:
-            self.weight.data, self.original = self.original, None
-
-
-DELTAS = (LoRALinear, RowDelta)
+DELTAS = (LoRALinear, RowDelta)   # every Delta that an adapter can hold
 
 
 def freeze(model: nn.Module) -> None:
