@@ -182,7 +182,8 @@ class Demo:
             f"done: {tokens} tokens in {sampling_s:.2f} s, **{tokens / sampling_s:.0f} tokens/s**, "
             f"{engine.forwards - forwards} forwards" + (f" (SJD, window {window})" if window else "") +
             f" | {w * factor}x{h * factor} px from {h}x{w} codes, seed {seed}, CFG {guidance.cfg_scale:g}, "
-            f"temperature {sampling.temperature:g}, top-k {sampling.top_k or 'off'}")
+            f"temperature {sampling.temperature:g}, top-k {sampling.top_k or 'off'}"
+            + (f" | its plan: *{last.plans[0]}*" if last.plans else ""))   # a model trained with --plan wrote it
 
     def ask(self, image: str | Path | Image.Image | None, question: str = "", clip: str | Path | None = None) -> str:
         """The model's answer about an image (or, for a --video run, a clip: an animated GIF); an empty question
