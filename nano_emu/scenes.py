@@ -408,13 +408,6 @@ def score(image: np.ndarray, prompt: Prompt | str, strict: bool = False) -> bool
     return fits_prompt(objects, p)
 
 
-def described_objects(prompt: Prompt | str) -> list[Obj]:
-    """The objects a caption of describe() says a picture holds (no positions: centroids 0; what it leaves out,
-    None), so that what the model reads can be checked against a prompt."""
-    p = _as_prompt(prompt)
-    return [Obj(t.color, t.shape, t.size, 0.0, 0.0) for t in p.things * p.count]
-
-
 def geneval(images: np.ndarray, prompts_: list[Prompt | str], strict: bool = False) -> dict[str, float]:
     """Accuracy per category present, and "overall": their mean (GenEval's score)."""
     hits: dict[str, list[bool]] = {}

@@ -232,6 +232,12 @@ def qa_score(predictions: list[str], pairs: list[tuple[str, str]]) -> dict[str, 
     return {k: float(np.mean(v)) for k, v in hits.items()}
 
 
+def described_objects(prompt: "scenes.Prompt") -> list["scenes.Obj"]:
+    """The objects a caption of scenes.describe() says a picture holds (no positions: centroids 0; what it leaves
+    out, None), so that what the model reads can be checked against a prompt."""
+    return [scenes.Obj(t.color, t.shape, t.size, 0.0, 0.0) for t in prompt.things * prompt.count]
+
+
 class Scenes(World):
     """scenes.py: GenEval's six categories, scored per category; captions and questions to understand."""
 
@@ -291,12 +297,12 @@ class Scenes(World):
         prompt asks and nothing else; for a position prompt the model must also answer the question the prompt
         implies ("what is left of the blue square?" -> "a red circle"), asked with the colours it read."""
         read = [scenes.parse(c) for c in reader(pixels, "")]
-        right = [r is not None and len(scenes.described_objects(r)) == p.count * len(p.things)
-                 and scenes.fits_prompt(scenes.described_objects(r), p, relation=False) for r, p in zip(read, targets)]
+        right = [r is not None and len(described_objects(r)) == p.count * len(p.things)
+                 and scenes.fits_prompt(described_objects(r), p, relation=False) for r, p in zip(read, targets)]
         asked = [(i, p) for i, (p, ok) in enumerate(zip(targets, right)) if ok and p.relation is not None]
         questions = {}
         for i, p in asked:
-            objects = scenes.described_objects(read[i])
+            objects = described_objects(read[i])
             a = next(o for o in objects if scenes.fits(o, p.things[0]))
             b = next(o for o in objects if scenes.fits(o, p.things[1]))
             questions[i] = (f"what is {p.relation} the {b.color} {b.shape}?", f"a {a.color} {a.shape}")
