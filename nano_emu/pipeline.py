@@ -220,6 +220,38 @@ class Pipeline:
         return texts if isinstance(image, list) else texts[0]
 
     @torch.no_grad()
+    def answer_logprob(self, image: Image.Image | str | Path | np.ndarray | list, answer: str | list[str],
+                       question: str = "") -> float | list[float]:
+        """How likely the model finds `answer` as its answer about the image: log p(answer EOS | image, question),
+        teacher-forced under the mask answers are generated under. A graded reading where `answer` gives only the
+        greedy one (posttrain.best_of_k ranks drawings by it). A list of images takes one answer or a list."""
+        images = image if isinstance(image, list) else [image]
+        answers = answer if isinstance(answer, list) else [answer] * len(images)
+        if len(answers) != len(images):
+            raise ValueError(f"{len(images)} images but {len(answers)} answers: give one answer, or one per image")
+        prompts = self._understanding_prompts([self._pixels(x) for x in images], question, 256)
+        rows = [(prompt, self.tokenizer.encode(text) + [self.layout.eos]) for prompt, text in zip(prompts, answers)]
+        longest = max(len(p) + len(a) for p, a in rows)
+        if longest - 1 > self.gpt.config.max_seq_len:
+            raise ValueError(f"an image's prompt and answer take {longest - 1} tokens, more than the model's context "
+                             f"of {self.gpt.config.max_seq_len}: shorten the answer or the question")
+        device = self.gpt.lm_head.weight.device
+        allowed = self.layout.answer_mask(self.gpt.config.vocab_size, device)
+        scores = []
+        for i in range(0, len(rows), 64):
+            batch = rows[i:i + 64]
+            ids = torch.full((len(batch), max(len(p) + len(a) for p, a in batch)), self.layout.pad, dtype=torch.long)
+            scored = torch.zeros(ids.shape[0], ids.shape[1] - 1, dtype=torch.bool)
+            for j, (prompt, text) in enumerate(batch):   # right padding: causal attention never looks ahead at it
+                ids[j, :len(prompt) + len(text)] = torch.tensor(prompt + text)
+                scored[j, len(prompt) - 1:len(prompt) + len(text) - 1] = True
+            ids = ids.to(device)
+            logits = self.gpt(ids[:, :-1]).float().masked_fill(~allowed, float("-inf"))
+            logprobs = logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+            scores += logprobs.where(scored.to(device), 0.0).sum(1).tolist()
+        return scores if isinstance(image, list) else scores[0]
+
+    @torch.no_grad()
     def answer_clip(self, clip: str | Path | np.ndarray | list, question: str = "", max_new_tokens: int = 256,
                     **sampling) -> str | list[str]:
         """Video understanding, as `answer`: the clip's block ("t*h*w", EOF after every code frame) goes into the
@@ -267,15 +299,7 @@ class Pipeline:
     def _answer(self, pixels: list[torch.Tensor], question: str, chunk: int, max_new_tokens: int,
                 sampling: dict) -> list[str]:
         """Images (3, H, W) or clips (T, 3, H, W) -> VQ codes -> understanding prompts -> one batch of answers."""
-        device, dtype = next(self.vq.parameters()).device, next(self.vq.parameters()).dtype
-        prompts = []
-        for i in range(0, len(pixels), chunk):   # same-size inputs (the toys) encode `chunk` at a time
-            part = pixels[i:i + chunk]
-            batch = [torch.stack(part)] if len({p.shape for p in part}) == 1 else [p[None] for p in part]
-            for x in batch:
-                for codes in self.vq.encode(x.to(device, dtype)).cpu():   # (h, w) or (t, h, w)
-                    prompts.append(self.layout.understanding_prompt(codes, question, self.tokenizer,
-                                                                    self.chat_template))
+        prompts = self._understanding_prompts(pixels, question, chunk)
         allowed = self.layout.answer_mask(self.gpt.config.vocab_size, self.gpt.lm_head.weight.device)
         unknown = sorted(set(sampling) - set(SAMPLING_OPTIONS))
         if unknown:
@@ -285,3 +309,16 @@ class Pipeline:
         answers = generate_text(self.gpt, self.layout, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
                                 allowed=allowed, engine=self.engine)
         return [self.tokenizer.decode(a) for a in answers]
+
+    def _understanding_prompts(self, pixels: list[torch.Tensor], question: str, chunk: int) -> list[list[int]]:
+        """Images (3, H, W) or clips (T, 3, H, W) -> VQ codes -> the understanding prompt of each."""
+        device, dtype = next(self.vq.parameters()).device, next(self.vq.parameters()).dtype
+        prompts = []
+        for i in range(0, len(pixels), chunk):   # same-size inputs (the toys) encode `chunk` at a time
+            part = pixels[i:i + chunk]
+            batch = [torch.stack(part)] if len({p.shape for p in part}) == 1 else [p[None] for p in part]
+            for x in batch:
+                for codes in self.vq.encode(x.to(device, dtype)).cpu():   # (h, w) or (t, h, w)
+                    prompts.append(self.layout.understanding_prompt(codes, question, self.tokenizer,
+                                                                    self.chat_template))
+        return prompts

@@ -394,7 +394,8 @@ def memorised(pipe: Pipeline, world: World, out: Path, repeats: int, seed: int) 
 def best_of_k(pipe: Pipeline, world: World, captions: list[str], targets: list, k: int, seed: int) -> dict:
     """Test-time selection, no training: draw each prompt k times; pass@k is the checker's best of k (the ceiling
     post-training can sharpen toward), pass@1 its first draw, and self@k the checker's verdict on the one drawing
-    the model itself reads as its prompt (World.self_check; the first drawing where it accepts none). Each is the
+    the model itself reads as its prompt: of the drawings World.self_check accepts (all, where it accepts none),
+    the one whose prompt it finds likeliest as its caption (Pipeline.answer_logprob; clips: the first). Each is the
     mean over the world's categories of the mean over their prompts, as GenEval's overall."""
     prompts = [c for c in captions for _ in range(k)]
     pixels = draw(pipe, prompts, frames=world.frames, seed=seed).reshape(len(captions), k, *world_shape(world))
@@ -402,7 +403,9 @@ def best_of_k(pipe: Pipeline, world: World, captions: list[str], targets: list, 
     right = np.array(world.judge(flat, [t for t in targets for _ in range(k)]), dtype=bool).reshape(len(captions), k)
     accepted = np.array(world.self_check(flat, prompts, [t for t in targets for _ in range(k)], reader_of(pipe)),
                         dtype=bool).reshape(len(captions), k)
-    chosen = np.where(accepted.any(1), accepted.argmax(1), 0)
+    likely = np.zeros(accepted.shape) if world.frames else np.reshape(pipe.answer_logprob(list(flat), prompts),
+                                                                       accepted.shape)
+    chosen = np.lexsort((likely, accepted))[:, -1]   # accepted first, then the likeliest reading
     pipe.release()
     categories = np.array([world.category(t) for t in targets])
 

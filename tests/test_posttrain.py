@@ -82,6 +82,27 @@ def test_a_drawings_logprob_is_the_sum_the_sampler_drew_it_with(pipe):
     assert (rows.logprobs <= 0).all() and (rows.logprobs[:, 8] == 0).all()   # a forced EOL: log 1
 
 
+def test_an_answers_logprob_is_its_tokens_log_probs_taken_step_by_step(pipe):
+    """Pipeline.answer_logprob (a right-padded batch of answers of different lengths) equals the log-probs of the
+    answer's words and EOS taken one step at a time, recomputed in full, under the mask answers are drawn under."""
+    images = pipe.draw([shapes.caption("red", "circle", "center"), shapes.caption("blue", "square", "top left")])
+    answers = ["red circle", shapes.caption("blue", "square", "top left")]
+    got = pipe.answer_logprob(images, answers)
+    allowed = pipe.layout.answer_mask(pipe.gpt.config.vocab_size)
+    for image, answer, score in zip(images, answers, got):
+        codes = pipe.vq.encode(pipe._pixels(image)[None])[0]   # as the model reads an image it is given
+        ids, total = pipe.layout.understanding_prompt(codes, "", pipe.tokenizer), 0.0
+        for token in pipe.tokenizer.encode(answer) + [pipe.layout.eos]:
+            with torch.no_grad():
+                logits = pipe.gpt(torch.tensor([ids]))[0, -1].float().masked_fill(~allowed, float("-inf"))
+            total += logits.log_softmax(-1)[token].item()
+            ids.append(token)
+        assert score == pytest.approx(total, abs=1e-4) and score < 0
+    assert pipe.answer_logprob(images[1], answers[1]) == pytest.approx(got[1], abs=1e-5)
+    with pytest.raises(ValueError, match="2 images but 3 answers"):
+        pipe.answer_logprob(images, answers + ["x"])
+
+
 # ------------------------------------------------------------------------------------------------ the judges
 
 
