@@ -150,6 +150,13 @@ class Layout:
         allowed[[t for t in self.answer_forbidden if t < vocab_size]] = False
         return allowed
 
+    def plan_mask(self, vocab_size: int, device=None) -> torch.Tensor:
+        """(vocab_size,) bool: what a plan's words may be (the answer mask's text) and EOP, which ends it; no EOS.
+        The one mask plans are written under (Pipeline.write_plans) and scored under (posttrain.token_logprobs)."""
+        allowed = self.answer_mask(vocab_size, device)
+        allowed[self.eos], allowed[self.eop] = False, True
+        return allowed
+
     def name(self, token: int) -> str:
         """A readable name for error messages."""
         for role in ("pad", "bos", "eos", "img", "boi", "eoi", "eol", "eof", "bop", "eop"):

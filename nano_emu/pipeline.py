@@ -157,8 +157,7 @@ class Pipeline:
                     max_new_tokens: int = 48) -> list[str]:
         """The plan the model writes for each prompt (layout.py's plan segment): BOS caption BOP, then words until
         EOP, drawn with `sampling` (text only: no marker, no visual token, no EOS)."""
-        allowed = self.layout.answer_mask(self.gpt.config.vocab_size, self.gpt.lm_head.weight.device)
-        allowed[self.layout.eos], allowed[self.layout.eop] = False, True
+        allowed = self.layout.plan_mask(self.gpt.config.vocab_size, self.gpt.lm_head.weight.device)
         prompts = [self.layout.plan_prompt(p + self.prompt_suffix, self.tokenizer) for p in prompts]
         written = generate_text(self.gpt, self.layout, prompts, max_new_tokens, sampling=sampling,
                                 generator=generator, allowed=allowed, engine=self.engine, stop=self.layout.eop)

@@ -34,12 +34,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .evaluate import answer, draw
 from .layout import Plan
 from .pipeline import Pipeline
-from .train import Distributed, Pool, batch_rng, fit, linear_to_zero, sequences, weighted_loss
+from .train import VISUAL_WEIGHT, Distributed, Pool, batch_rng, fit, linear_to_zero, sequences, weighted_loss
 from .world import World
 
 METHODS = ("rft", "dpo", "grpo", "continue")
@@ -104,8 +105,7 @@ def token_logprobs(model, ids: torch.Tensor, layout) -> torch.Tensor:
     allowed[1] = False
     allowed[1, layout.first_visual:layout.first_visual + layout.codebook_size] = True
     if layout.has_plans:
-        allowed[2] = layout.answer_mask(vocab, logits.device)
-        allowed[2, layout.eos], allowed[2, layout.eop] = False, True
+        allowed[2] = layout.plan_mask(vocab, logits.device)
     kind = layout.is_visual(ids[:, 1:]).long() + 2 * in_plan(layout, ids).long()   # (B, L-1)
     logits = logits.masked_fill(~allowed[kind.to(logits.device)], float("-inf"))
     return logits.log_softmax(-1).gather(-1, ids[:, 1:, None].to(logits.device))[..., 0]
@@ -171,8 +171,8 @@ def reader_of(pipe: Pipeline):
 
 
 def draw_round(pipe: Pipeline, world: World, settings: Settings, round_: int, reference) -> tuple[dict, dict]:
-    """One round of rollouts: tensors (ids, mask, old and reference log-probs, reward, group, drawn_logprob,
-    codes) and what else to keep (the captions, plans, acceptance, seconds)."""
+    """One round of rollouts: tensors (ids, mask, reward, group, codes, category; DPO: the reference's log-probs,
+    GRPO: the drawing policy's too) and what else to keep (the captions, plans, acceptance, seconds)."""
     start = time.perf_counter()
     rng = np.random.default_rng([settings.seed, 11, round_])
     captions, targets = world.rollout_tasks(settings.prompts, rng)
@@ -180,15 +180,14 @@ def draw_round(pipe: Pipeline, world: World, settings: Settings, round_: int, re
     options = dict(cfg_scale=settings.cfg, temperature=settings.temperature, top_k=None, top_p=None)
     if settings.method == "grpo":   # on-policy: the distribution the loss differentiates
         options.update(cfg_scale=1.0, temperature=1.0)
-    codes, plans, drawn = [], [], []
+    codes, plans = [], []
     chunk = 256
     for i in range(0, len(prompts), chunk):
         for rows in pipe.draw_stream(prompts[i:i + chunk], seed=settings.seed * 100003 + round_ * 1009 + i,
-                                     record=True, **options):
+                                     **options):
             pass
         codes.append(rows.codes.cpu())
         plans += rows.plans or []
-        drawn.append(rows.logprobs.sum(1).cpu())
     codes = torch.cat(codes).view(len(prompts), *rows.codes.shape[1:])
     pixels = np.stack([np.asarray(image) for image in pipe.decode(codes)])
     reader = reader_of(pipe) if settings.judge == "self" or not world.checker else None
@@ -197,11 +196,11 @@ def draw_round(pipe: Pipeline, world: World, settings: Settings, round_: int, re
     categories = [world.category(t) for t in targets]
     names = sorted(set(categories))
     tensors = dict(ids=ids, mask=chosen_mask(pipe.layout, ids), reward=torch.tensor(reward, dtype=torch.float32),
-                   group=torch.arange(len(captions)).repeat_interleave(settings.k), drawn_logprob=torch.cat(drawn),
-                   codes=codes,
+                   group=torch.arange(len(captions)).repeat_interleave(settings.k), codes=codes,
                    category=torch.tensor([names.index(c) for c in categories]).repeat_interleave(settings.k))
-    if settings.method in ("dpo", "grpo"):
+    if settings.method == "grpo":   # the policy that drew them, for the clipped ratio
         tensors["old"] = all_logprobs(pipe.gpt, ids, pipe.layout)
+    if settings.method in ("dpo", "grpo"):
         tensors["ref"] = all_logprobs(reference, ids, pipe.layout)
     pipe.release()
     accepted = {name: float(reward[np.repeat(np.array(categories) == name, settings.k)].mean()) for name in names}
@@ -282,7 +281,7 @@ def rollout_loss(net, data: dict, rng: np.random.Generator, n: int, layout, sett
             pick = accepted[rng.integers(len(accepted), size=n)]
         ids, mask = data["ids"][pick], data["mask"][pick]
         visual = layout.is_visual(ids[:, 1:]).float()
-        weights = mask * (sequence_options.get("visual_weight", 0.5) * visual + (1 - visual))
+        weights = mask * (sequence_options.get("visual_weight", VISUAL_WEIGHT) * visual + (1 - visual))
         loss = weighted_loss(net(ids[:, :-1].to(device)), ids[:, 1:].to(device), weights.to(device))
         return loss, {"rollout": loss.detach()}
     if settings.method == "dpo":
@@ -331,7 +330,7 @@ def post_train(pipe: Pipeline, world: World, settings: Settings, anchor: Pool, s
 
     def log(round_, data):
         rounds.append(round_)
-        tqdm_write(f"round {round_}: {len(data['reward'])} drawings, {float(data['reward'].mean()):.1%} accepted")
+        tqdm.write(f"round {round_}: {len(data['reward'])} drawings, {float(data['reward'].mean()):.1%} accepted")
 
     loss_fn = make_loss(pipe, world, settings, anchor, sequence_options, out, reference, log)
 
@@ -346,11 +345,6 @@ def post_train(pipe: Pipeline, world: World, settings: Settings, anchor: Pool, s
                   desc=f"post-train ({settings.method})")
     pipe.gpt.eval()
     return history
-
-
-def tqdm_write(text: str) -> None:
-    from tqdm import tqdm
-    tqdm.write(text)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -398,12 +392,11 @@ def best_of_k(pipe: Pipeline, world: World, captions: list[str], targets: list, 
     the one whose prompt it finds likeliest as its caption (Pipeline.answer_logprob; clips: the first). Each is the
     mean over the world's categories of the mean over their prompts, as GenEval's overall."""
     prompts = [c for c in captions for _ in range(k)]
-    pixels = draw(pipe, prompts, frames=world.frames, seed=seed).reshape(len(captions), k, *world_shape(world))
-    flat = pixels.reshape(len(prompts), *pixels.shape[2:])
-    right = np.array(world.judge(flat, [t for t in targets for _ in range(k)]), dtype=bool).reshape(len(captions), k)
-    accepted = np.array(world.self_check(flat, prompts, [t for t in targets for _ in range(k)], reader_of(pipe)),
+    pixels = draw(pipe, prompts, frames=world.frames, seed=seed)   # (len(captions) * k, ...)
+    right = np.array(world.judge(pixels, [t for t in targets for _ in range(k)]), dtype=bool).reshape(len(captions), k)
+    accepted = np.array(world.self_check(pixels, prompts, [t for t in targets for _ in range(k)], reader_of(pipe)),
                         dtype=bool).reshape(len(captions), k)
-    likely = np.zeros(accepted.shape) if world.frames else np.reshape(pipe.answer_logprob(list(flat), prompts),
+    likely = np.zeros(accepted.shape) if world.frames else np.reshape(pipe.answer_logprob(list(pixels), prompts),
                                                                        accepted.shape)
     chosen = np.lexsort((likely, accepted))[:, -1]   # accepted first, then the likeliest reading
     pipe.release()
@@ -413,16 +406,6 @@ def best_of_k(pipe: Pipeline, world: World, captions: list[str], targets: list, 
         return float(np.mean([hits[categories == c].mean() for c in dict.fromkeys(categories)]))
     return {"pass@1": overall(right[:, 0]), f"pass@{k}": overall(right.any(1)),
             f"self@{k}": overall(right[np.arange(len(captions)), chosen]), "self_accepts": float(accepted.mean())}
-
-
-def world_shape(world: World) -> tuple[int, ...]:
-    side = world.image_size
-    return (world.frames, side, side, 3) if world.frames else (side, side, 3)
-
-
-def write_curve(out: Path, row: dict) -> None:
-    with open(out / "curve.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
 
 
 def read_curve(out: Path) -> list[dict]:
