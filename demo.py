@@ -13,7 +13,6 @@ One process, the model loaded once (nano_emu/demo.py: every draw and answer hold
 write into each other's KV cache). The page binds 127.0.0.1 unless --host says otherwise.
 """
 
-import argparse
 import importlib.util
 import os
 
@@ -46,7 +45,7 @@ def main(args):
 
 
 def build_parser() -> cli.ArgumentParser:
-    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__)
     source = p.add_argument_group("model (one of; as sample.py takes them)")
     source.add_argument("--ckpt", type=cli.existing_folder,
                         help="a train_tiny.py output folder (vq.safetensors + gpt.safetensors)")

@@ -81,13 +81,8 @@ def draw(pipe: Pipeline, args) -> None:
         eta = elapsed / rows.rows_done * (rows.rows_total - rows.rows_done)
         STATUS.show(f"  row {rows.rows_done:4d}/{rows.rows_total}  {n_tokens * len(prompts) / elapsed:8.1f} "
                     f"tokens/s  ETA {eta:6.1f}s")
-        if args.progress:   # decode the finished rows and paste them onto a black canvas
-            partial = pipe.decode(rows.codes)
-            frame = [Image.new("RGB", (w * pipe.vq.cfg.spatial_factor, h * pipe.vq.cfg.spatial_factor))
-                     for _ in partial]
-            for canvas, image in zip(frame, partial):
-                canvas.paste(image, (0, 0))
-            frames.append(grid_image(frame, args.n))
+        if args.progress:   # the finished rows on a black canvas
+            frames.append(grid_image(pipe.preview(rows, h, w), args.n))
     elapsed = time.time() - start
     STATUS.end()
     print(f"  {n_tokens} tokens per image in {elapsed:.1f}s: {n_tokens * len(prompts) / elapsed:.1f} tokens/s "

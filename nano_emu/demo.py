@@ -28,7 +28,6 @@ from .checkpoint import SETTINGS_KEY, read_meta
 from .image import load_clip
 from .pipeline import Pipeline
 from .tiny import describe_tokenizer
-from .vq import VQConfig
 
 # What the library raises for input that only shows once the model reads it (a word it does not know, a prompt
 # longer than its context, a file that is not an image, a sampling value out of range); shown on the page. Any
@@ -85,20 +84,12 @@ def run_facts(folder: str | Path) -> str:
     how = ", ".join(part for part in (f"preset {settings['preset']}" if "preset" in settings else "",
                                       "--quick" if settings.get("quick") else "",
                                       f"seed {settings['seed']}" if "seed" in settings else "") if part)
-    config, sampling = gpt.get("config", {}), gpt.get("sampling") or {}
-    side, vq_config = gpt.get("image_size", 64), VQConfig(**vq["config"])
-    codes = side // vq_config.spatial_factor
+    sampling = gpt.get("sampling") or {}
     lines = [f"**{folder}**: trained on the world **{world}**" + (f" ({how})" if how else ""),
-             f"- VQ: {side}x{side} px -> {codes}x{codes} codes of {vq_config.codebook_size}, {vq.get('step')} of "
-             f"{vq.get('steps')} steps",
-             f"- GPT: {config.get('n_layer')} layers of width {config.get('dim')}, a context of "
-             f"{config.get('max_seq_len')} tokens, {gpt.get('step')} of {gpt.get('steps')} steps"]
+             f"- trained: the VQ {vq.get('step')} of {vq.get('steps')} steps, the GPT {gpt.get('step')} of "
+             f"{gpt.get('steps')}"]   # the model's size, pictures and sampling: model_facts
     if "tokenizer" in gpt:
         lines.append(f"- captions: {describe_tokenizer(gpt['tokenizer'])}")
-    if sampling:
-        names = {"cfg_scale": "CFG", "temperature": "temperature", "top_k": "top-k"}
-        lines.append("- samples with " + ", ".join(f"{names.get(k, k)} {v:g}" for k, v in sampling.items()
-                                                   if v is not None))
     metrics_path = folder / "metrics.json"
     if not metrics_path.is_file():
         return "\n".join(lines + ["", "*No metrics.json: the run has not finished its evaluation.*"])
@@ -172,9 +163,7 @@ class Demo:
             if rows.rows_done == rows.rows_total:
                 last = rows
                 continue
-            canvas = Image.new("RGB", (w * factor, h * factor), NOT_DRAWN)
-            canvas.paste(pipe.decode(rows.codes)[0], (0, 0))
-            yield canvas, f"row {rows.rows_done} of {rows.rows_total}: {tokens / sampling_s:.0f} tokens/s so far"
+            yield pipe.preview(rows, h, w, fill=NOT_DRAWN)[0], f"row {rows.rows_done} of {rows.rows_total}: {tokens / sampling_s:.0f} tokens/s so far"
             time.sleep(self.pace)
         guidance, sampling = pipe.options(cfg_scale=cfg, temperature=temperature, top_k=int(top_k) if top_k else None)
         tokens = last.tokens.size(1)
@@ -253,9 +242,7 @@ def build_page(demo: Demo, title: str):
                     ask = gr.Button("Ask", variant="primary", elem_id="ask")
                 with gr.Column():
                     answer = gr.Textbox(label="answer", interactive=False, elem_id="answer")
-            ask.click(lambda image, question, clip: demo.ask(image, question, clip), [image, question, clip], answer)
-            question.submit(lambda image, question, clip: demo.ask(image, question, clip), [image, question, clip],
-                            answer)
+            gr.on([ask.click, question.submit], demo.ask, [image, question, clip], answer)
         with gr.Accordion("This model", open=True):
             gr.Markdown(demo.facts or title, elem_id="facts")
     return page

@@ -176,6 +176,15 @@ class Pipeline:
             return [[tensor_to_image(frame) for frame in clip] for clip in pixels]
         return [tensor_to_image(p) for p in pixels]
 
+    def preview(self, rows: Rows, h: int, w: int, fill="black") -> list[Image.Image]:
+        """A drawing in progress (draw_stream's Rows): its finished rows decoded onto a canvas the size of the
+        whole h x w-code picture, the rest `fill`. What sample.py --progress and the demo page show."""
+        factor, canvases = self.vq.cfg.spatial_factor, []
+        for image in self.decode(rows.codes):
+            canvases.append(Image.new("RGB", (w * factor, h * factor), fill))
+            canvases[-1].paste(image, (0, 0))
+        return canvases
+
     def draw(self, prompts: list[str], batch_size: int | None = None, seed: int = 0, frames: int | None = None,
              **kwargs) -> list[Image.Image] | list[list[Image.Image]]:
         """One image per prompt, or with `frames` one clip (a list of PIL frames) per prompt. batch_size splits
