@@ -75,6 +75,9 @@ def write_original_tokenizer(folder: Path) -> None:
 
 
 def write_sharded(folder: Path, tensors: dict, n_shards: int) -> None:
+    if n_shards == 1:                                  # a single model.safetensors, no index
+        save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors")
+        return
     keys, weight_map = sorted(tensors), {}
     for i in range(n_shards):
         name = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
@@ -95,16 +98,15 @@ def perturb(model: nn.Module) -> None:
             m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """(-hf folder, original LLM folder, original VQ folder, the transformers reference model)."""
+def tiny_emu3(tmp_path_factory, hf_shard_size="5GB", llm_shards=1):
+    """(-hf folder, original LLM folder, original VQ folder, the transformers reference model) of one tiny Emu3."""
     torch.manual_seed(0)
     config = transformers.Emu3Config(text_config=TEXT, vq_config=VQ,
                                      vocabulary_map={byte_level(b): b for b in range(256)} | ID)
     ref = transformers.Emu3ForConditionalGeneration(config).eval()
     perturb(ref)
     hf = tmp_path_factory.mktemp("emu3_hf")
-    ref.save_pretrained(hf, max_shard_size="300KB")    # transformers writes the Hub -hf names and an index
+    ref.save_pretrained(hf, max_shard_size=hf_shard_size)    # the Hub -hf names (and an index if sharded)
     write_hf_tokenizer(hf)
     saved = json.loads((hf / "config.json").read_text())
     (hf / "config.json").write_text(json.dumps({**saved, "image_area": SIDE * SIDE}))   # else 720x720
@@ -115,7 +117,7 @@ def checkpoint(tmp_path_factory):
         tensors |= load_file(shard)
     llm, vq = tmp_path_factory.mktemp("emu3_gen"), tmp_path_factory.mktemp("emu3_vision_tokenizer")
     write_sharded(llm, {k.replace("text_model.lm_head.", "lm_head.").replace("text_model.model.", "model."): v
-                        for k, v in tensors.items() if k.startswith("text_model.")}, n_shards=3)
+                        for k, v in tensors.items() if k.startswith("text_model.")}, n_shards=llm_shards)
     (llm / "config.json").write_text(json.dumps({
         "architectures": ["Emu3ForCausalLM"], "model_type": "Emu3", "vocab_size": VOCAB, "hidden_size": 64,
         "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -131,6 +133,12 @@ def checkpoint(tmp_path_factory):
         "num_res_blocks": 1, "attn_resolutions": [1], "codebook_size": N_CODES, "embed_dim": 4, "z_channels": 4,
         "double_z": False, "in_channels": 3, "out_channels": 3, "temporal_downsample_factor": 4, "dropout": 0.0}))
     return hf, llm, vq, ref
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """Sharded both ways: the -hf folder in several shards, the original LLM folder in 3."""
+    return tiny_emu3(tmp_path_factory, hf_shard_size="300KB", llm_shards=3)
 
 
 @pytest.fixture(scope="module")

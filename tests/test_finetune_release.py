@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -19,12 +19,10 @@ pytest.importorskip("tokenizers")
 
 from nano_emu import finetune as stage  # noqa: E402
 from nano_emu import load_emu3, load_llamagen  # noqa: E402
-from nano_emu.emu3 import vq_from_hf  # noqa: E402
 from nano_emu.lora import LoRAConfig  # noqa: E402
 from nano_emu.release import apply_adapter, load_base  # noqa: E402
 from test_chameleon import IMAGE, tiny_reference, tiny_tokenizer  # noqa: E402
-from test_emu3 import ID, SIDE, TEXT, VOCAB, VQ, byte_level, perturb, write_hf_tokenizer  # noqa: E402
-from test_emu3 import write_original_tokenizer  # noqa: E402
+from test_emu3 import SIDE, TEXT, VOCAB, tiny_emu3  # noqa: E402
 
 FIXTURE = Path(__file__).parent / "fixtures" / "llamagen"
 CAPTIONS = ["a red square", "a blue square", "a green square"]
@@ -73,30 +71,8 @@ def ours(gpt, ids):
 
 @pytest.fixture(scope="module")
 def emu3(tmp_path_factory):
-    """(the -hf folder, the original LLM folder, the original VQ folder) of one tiny random Emu3."""
-    torch.manual_seed(0)
-    config = transformers.Emu3Config(text_config=TEXT, vq_config=VQ,
-                                     vocabulary_map={byte_level(b): b for b in range(256)} | ID)
-    ref = transformers.Emu3ForConditionalGeneration(config).eval()
-    perturb(ref)
-    hf = tmp_path_factory.mktemp("emu3_hf")
-    ref.save_pretrained(hf)
-    write_hf_tokenizer(hf)
-    saved = json.loads((hf / "config.json").read_text())
-    (hf / "config.json").write_text(json.dumps({**saved, "image_area": SIDE * SIDE}))
-    tensors = load_file(hf / "model.safetensors")
-    llm, vq = tmp_path_factory.mktemp("emu3_llm"), tmp_path_factory.mktemp("emu3_vq")
-    save_file({k.replace("text_model.lm_head.", "lm_head.").replace("text_model.model.", "model."): v.contiguous()
-               for k, v in tensors.items() if k.startswith("text_model.")}, llm / "model.safetensors")
-    text = {k: v for k, v in TEXT.items() if k != "rope_parameters"}
-    (llm / "config.json").write_text(json.dumps({"model_type": "Emu3", **text, "rope_theta": 5e5,
-                                                 "image_area": SIDE * SIDE}))
-    write_original_tokenizer(llm)
-    save_file({k: v.contiguous() for k, v in vq_from_hf(tensors).items()}, vq / "model.safetensors")
-    (vq / "config.json").write_text(json.dumps({
-        "model_type": "Emu3VisionVQ", "ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [1],
-        "codebook_size": VQ["codebook_size"], "embed_dim": 4, "z_channels": 4, "double_z": False}))
-    return hf, llm, vq
+    """(the -hf folder, the original LLM folder, the original VQ folder) of one tiny random Emu3, unsharded."""
+    return tiny_emu3(tmp_path_factory)[:3]
 
 
 def test_emu3_gen_hf_lora_saves_what_transformers_and_peft_load(emu3, tmp_path):
