@@ -109,7 +109,8 @@ def build_parser() -> cli.ArgumentParser:
     what.add_argument("--full", action="store_true", help="every weight (fp32 masters; FSDP for big models)")
     what.add_argument("--image-head", action="store_true",
                       help="only the output head's rows of the image tokens (Anole's recipe for Chameleon)")
-    what.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
+    what.add_argument("--rank", type=cli.at_least(1, note="rank 0 would train nothing"), default=8,
+                      help="LoRA rank (default 8)")
     what.add_argument("--alpha", type=cli.above(0), default=16.0, help="LoRA alpha: updates scaled by alpha/rank")
     what.add_argument("--lora-dropout", type=cli.checked(float, lambda x: 0 <= x < 1, "in [0, 1)"), default=0.0)
     what.add_argument("--targets", type=targets, default=list(PROJECTIONS),
@@ -156,9 +157,6 @@ def parse_args(argv=None):
         p.error("--vq goes with --weights (Emu3's original layout) or --llamagen")
     if args.full and args.image_head:
         p.error("--full and --image-head are two different choices of what trains: give one")
-    if args.rank < 1:
-        p.error(f"argument --rank: LoRA rank must be a positive integer (the width of the update B A), got "
-                f"{args.rank}: rank 0 would train nothing")
     if (args.image_size or args.gpt_model) and not (args.llamagen or args.chameleon):
         p.error("--image-size and --gpt-model go with --llamagen (--image-size also with --chameleon)")
     if args.class_map and not args.llamagen:

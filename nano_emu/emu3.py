@@ -192,6 +192,14 @@ def load_emu3_vq(path: str | Path, cfg: VQConfig | None = None, device: str | to
     return model.eval()
 
 
+def key_layout(config: dict, keys) -> str:
+    """Which of KEY_LAYOUTS a checkpoint uses, from its config.json and its tensor names: an -hf config has
+    text_config; transformers' in-memory names put the decoder under model.text_model."""
+    if "text_config" not in config:
+        return "original"
+    return "transformers" if any(k.startswith(KEY_LAYOUTS["transformers"]["decoder"]) for k in keys) else "-hf"
+
+
 def gpt_names(keys, layout: dict) -> dict[str, str]:
     """checkpoint key -> GPT key for every key outside the VQ. Unknown keys keep their name, so the strict check
     lists them as unexpected (all at once, not just the first)."""
@@ -257,9 +265,7 @@ def load_emu3(path: str | Path, vq_path: str | Path | None = None, device: str |
 
     # names and shapes of everything, from the headers, before any tensor is read
     checkpoint = open_checkpoint(folder)
-    layout_name = "original"
-    if is_hf:
-        layout_name = "transformers" if any(k.startswith("model.text_model.") for k in checkpoint.shapes) else "-hf"
+    layout_name = key_layout(config, checkpoint.shapes)
     layout = KEY_LAYOUTS[layout_name]
     source = f"{folder} ({layout_name} layout)"
     names = gpt_names(checkpoint.shapes, layout)

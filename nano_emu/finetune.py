@@ -33,8 +33,9 @@ from .finetune_data import FolderData, Recipe, batch, read_folder, tokenize
 from .folder import FolderError
 from .gpt import GPT
 from .lora import LoRAConfig
-from .release import Base, adapter_of, load_base, save_release
+from .release import SETTINGS_FILE, Base, adapter_of, load_base, save_release
 from .train import Distributed, batch_rng, fit, linear_to_zero, setup_distributed, whole_tensor
+from .weights import load_state_dict_strict
 
 MODES = ("lora", "image-head", "full")
 # learning rates by what trains (Options.lr overrides): few adapter numbers take large steps, every weight small ones
@@ -308,7 +309,7 @@ def finish(job: Job, history: list) -> dict | None:
                 "steps": options.steps, "final_loss": history[-1]["loss"] if history else None}
     if options.mode == "lora":
         lora.save_adapter(adapter_of(base, gpt, options.lora, state), job.out / "adapter")
-        (job.out / "adapter" / "finetune.json").write_text(json.dumps(settings, indent=2, default=str))
+        (job.out / "adapter" / SETTINGS_FILE).write_text(json.dumps(settings, indent=2, default=str))
         job.log(f"wrote {job.out / 'adapter'} (peft's format)")
     merged = lora.merged_state(gpt, state)
     if options.mode != "lora" or options.save_merged:
@@ -329,7 +330,8 @@ def plain_gpt(gpt, merged: dict, device, dtype) -> GPT:
     """A plain GPT (no adapters, not sharded) holding the merged weights, for sampling and evaluation."""
     with torch.device("meta"):
         plain = GPT(gpt.config)
-    plain.load_state_dict({k: v.to(device, dtype) for k, v in merged.items()}, strict=True, assign=True)
+    load_state_dict_strict(plain, {k: v.to(device, dtype) for k, v in merged.items()}, "the merged weights",
+                           assign=True)
     return plain
 
 

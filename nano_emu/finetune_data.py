@@ -31,17 +31,14 @@ visual tokens 0.5, answers 2 in the default preset) are its "release's conventio
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from .checkpoint import weights_hash
+from .checkpoint import load_checkpoint, read_meta, save_checkpoint, weights_hash
 from .folder import FolderError, load_square, scan, split_indices
 from .image import MIN_PIXELS, MAX_PIXELS, image_to_tensor, load_image, smart_resize, to_tensor, upright_8bit
 
@@ -181,8 +178,8 @@ class Recipe:
         else:
             dropped = rng is not None and self.p_drop > 0 and rng.random() < self.p_drop
             prompt, rest = self.draw("" if dropped else text + self.pipe.prompt_suffix, codes)
-            first = self.layout.first_visual
-            weights = [self.visual_weight if first <= t < first + self.layout.codebook_size else 1.0 for t in rest]
+            visual = self.layout.is_visual(torch.tensor(rest)).tolist()
+            weights = [self.visual_weight if v else 1.0 for v in visual]
         return prompt + rest, [0.0] * (len(prompt) - 1) + weights
 
     def longest(self, item: Item) -> int:
@@ -209,6 +206,18 @@ def batch(rows: list[tuple[list[int], list[float]]], pad: int):
 # the codes cache
 
 
+def cached_stamp(cache: Path, log) -> dict | None:
+    """What the codes cache was made with; None where there is none, or one this code cannot read (an older
+    format, a torn file): codes are derived data, so such a cache is tokenized again, not refused."""
+    if not cache.is_file():
+        return None
+    try:
+        return read_meta(cache).get("stamp")
+    except ValueError as e:
+        log(f"{cache} cannot be read ({e}): tokenizing the folder again")
+        return None
+
+
 def tokenize(items: list[Item], recipe: Recipe, vq, cache: Path, batch_size: int = 16, log=print
              ) -> dict[str, torch.Tensor]:
     """Codes (h, w) of every item's image by its key, from `cache` where it holds them for this VQ and processing;
@@ -216,11 +225,9 @@ def tokenize(items: list[Item], recipe: Recipe, vq, cache: Path, batch_size: int
     this folder's codes. Unreadable images raise FolderError naming them."""
     stamp = {"vq": weights_hash(vq.state_dict()), "processing": recipe.tag}
     codes = {}
-    if cache.is_file():
-        with safe_open(str(cache), framework="pt") as f:
-            if json.loads((f.metadata() or {}).get("stamp", "{}")) == stamp:
-                wanted = {it.key for it in items} & set(f.keys())
-                codes = {key: f.get_tensor(key).long() for key in wanted}
+    if cached_stamp(cache, log) == stamp:   # (one folder's codes: read whole)
+        wanted = {it.key for it in items}
+        codes = {key: c.long() for key, c in load_checkpoint(cache)[0].items() if key in wanted}
     todo = list({it.key: it for it in items if it.key not in codes}.values())
     if todo:
         log(f"tokenizing {len(todo)} image(s) with the release's VQ ({len(codes)} cached)")
@@ -246,9 +253,5 @@ def tokenize(items: list[Item], recipe: Recipe, vq, cache: Path, batch_size: int
             raise FolderError(f"{len(broken)} image(s) cannot be read (truncated or not images): "
                               f"{', '.join(map(str, broken[:5]))}; fix or remove them")
         small = torch.int16 if vq.cfg.codebook_size <= 2**15 else torch.int32
-        tmp = cache.with_name(cache.name + ".tmp")
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.to(small).contiguous() for k, v in codes.items()}, str(tmp),
-                  metadata={"stamp": json.dumps(stamp)})
-        os.replace(tmp, cache)
+        save_checkpoint(cache, {k: v.to(small) for k, v in codes.items()}, {"stamp": stamp})
     return codes

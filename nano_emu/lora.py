@@ -68,6 +68,11 @@ class LoRAConfig:
         return self.alpha / self.rank
 
 
+def folded(weight: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """weight + update, added in float32 and cast back to the weight's dtype: how every delta is merged."""
+    return (weight.float() + update.to(weight.device)).to(weight.dtype)
+
+
 class Delta(nn.Module):
     """What the two kinds of update share: a frozen `weight`, the update as a weight (`delta`), and merging it in
     exactly (the original tensor is kept, so unmerge puts it back bit for bit)."""
@@ -82,7 +87,7 @@ class Delta(nn.Module):
     def merge(self) -> None:
         if self.original is None:
             self.original = self.weight.data
-            self.weight.data = (self.original.float() + self.delta()).to(self.original.dtype)
+            self.weight.data = folded(self.original, self.delta())
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -218,8 +223,7 @@ def merged_state(model: nn.Module, state: dict[str, torch.Tensor] | None = None)
         else:
             update = module.delta(state.pop(f"{path}.rows"))
         if module.original is None:   # (merged in place, the state already holds base + delta)
-            base = state[f"{path}.weight"]
-            state[f"{path}.weight"] = (base.float() + update.to(base.device)).to(base.dtype)
+            state[f"{path}.weight"] = folded(state[f"{path}.weight"], update)
     return state
 
 

@@ -74,11 +74,8 @@ def fingerprint(gpt) -> str:
 
 
 def emu3_layout(folder: Path) -> str:
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    if "text_config" not in config:
-        return "original"
-    return "transformers" if any(k.startswith("model.text_model.") for k in open_checkpoint(folder).shapes) \
-        else "-hf"
+    """An Emu3 folder's key layout (emu3.key_layout), from its config.json and shard headers."""
+    return emu3.key_layout(emu3.read_config(folder, "Emu3"), open_checkpoint(folder).shapes)
 
 
 def load_base(family: str, path, vq=None, device="cpu", dtype=torch.float32, image_size: int | None = None,
@@ -260,11 +257,13 @@ def save_release(base: Base, state: dict[str, torch.Tensor], out, settings: dict
         names = name_map(base)
         tensors = {released_name(k, names): v for k, v in state.items()}
         # the VQ's tensors as released, untouched: Emu3 -hf keeps them under vqmodel. (also for a source saved with
-        # transformers' in-memory names: -hf is what save_pretrained writes), Chameleon under model.vqmodel.
-        vq_prefixes = {("emu3", "-hf"): ("vqmodel.", "vqmodel."), ("emu3", "transformers"): ("model.vqmodel.",
-                       "vqmodel."), ("chameleon", "transformers"): (chameleon.HF_VQ_PREFIX, chameleon.HF_VQ_PREFIX)}
-        if (base.family, base.layout) in vq_prefixes:
-            prefix, written = vq_prefixes[base.family, base.layout]
+        # transformers' in-memory names: -hf is what save_pretrained writes), Chameleon under model.vqmodel.;
+        # Emu3's original layout has none (its VQ is the separate VisionTokenizer folder)
+        if base.family == "emu3":
+            prefix, written = emu3.KEY_LAYOUTS[base.layout]["vq"], emu3.KEY_LAYOUTS["-hf"]["vq"]
+        else:   # Chameleon: always the transformers layout (load_base refuses the original)
+            prefix = written = chameleon.HF_VQ_PREFIX
+        if prefix is not None:
             checkpoint = open_checkpoint(base.path)
             vq = checkpoint.read([k for k in checkpoint.shapes if k.startswith(prefix)])
             tensors |= {written + k[len(prefix):]: v for k, v in vq.items()}

@@ -37,6 +37,7 @@ from .checkpoint import load_checkpoint, load_extra, save_checkpoint
 from .layout import Layout, Plan
 from .vq import VectorQuantizer
 from .vq_blocks import AttnBlock, CausalConv3d, ResnetBlock, TemporalResnetBlock
+from .weights import check_state_dict
 
 VISUAL_WEIGHT = 0.5   # Emu3 weights the loss on vision tokens by 0.5 relative to text
 
@@ -144,15 +145,8 @@ def _placed_like(tensor: torch.Tensor, reference):
 def _load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str, names) -> None:
     """Copy a checkpoint's whole tensors into the model (into each rank's shard under FSDP2), after checking that
     it holds exactly `names` of the model's state dict with their shapes (one error lists every difference)."""
+    check_state_dict(model, {k: tuple(v.shape) for k, v in state.items()}, source, keys=names)
     current = model.state_dict()
-    expected = {k: tuple(current[k].shape) for k in names}
-    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
-    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {expected[k]}"
-                  for k in sorted(expected.keys() & state.keys()) if tuple(state[k].shape) != expected[k]]
-    if missing or unexpected or mismatched:
-        raise ValueError(f"cannot resume from {source}: " + "; ".join(
-            f"{len(items)} {what}: {', '.join(items[:5])}" for what, items in
-            (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)) if items))
     with torch.no_grad():
         for key, tensor in state.items():
             current[key].copy_(_placed_like(tensor, current[key]))

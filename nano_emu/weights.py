@@ -217,10 +217,13 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
 # strict loading
 
 
-def check_state_dict(module: nn.Module, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+def check_state_dict(module: nn.Module, shapes: dict[str, tuple[int, ...]], source: str, keys=None) -> None:
     """Raise one ValueError listing missing keys, unexpected keys and shape mismatches between `shapes` (key -> shape,
-    e.g. read from checkpoint headers before any tensor is) and the module's state dict."""
+    e.g. read from checkpoint headers before any tensor is) and the module's state dict, or only its `keys` where
+    given (a LoRA run's checkpoint holds the adapters alone)."""
     expected = module.state_dict()
+    if keys is not None:
+        expected = {k: expected[k] for k in keys}
     missing = sorted(expected.keys() - shapes.keys())
     unexpected = sorted(shapes.keys() - expected.keys())
     mismatched = [f"{k}: checkpoint {tuple(shapes[k])} vs model {tuple(expected[k].shape)}"

@@ -150,6 +150,11 @@ def test_the_codes_cache_retokenizes_only_what_changed(base, tmp_path, capsys):
     assert "tokenizing 1 image(s) with the release's VQ (11 cached)" in capsys.readouterr().out
     run(base, folder, tmp_path / "a", "--steps", "1", "--samples", "0", "--resume", "--change", "steps")
     assert "tokenizing" not in capsys.readouterr().out
+    (tmp_path / "a" / "codes.safetensors").write_bytes(b"torn")   # a cache it cannot read is derived data: rebuilt
+    (tmp_path / "a" / "train.safetensors").unlink()
+    run(base, folder, tmp_path / "a", "--steps", "1", "--samples", "0")
+    out = capsys.readouterr().out
+    assert "cannot be read" in out and "tokenizing 12 image(s) with the release's VQ (0 cached)" in out
 
 
 def finetune_cli(*argv):
